@@ -1,0 +1,66 @@
+"""Backends: the primitive kernels of the four passes, chosen by name or automatically.
+
+"torch" (portable, any device) is always present; faster backends register themselves
+with ``register_backend`` and are tried in order of preference by ``backend="auto"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .torch_ops import TorchBackend
+
+
+@dataclass
+class BackendEntry:
+    name: str
+    factory: Callable[[], TorchBackend]
+    device_types: tuple[str, ...]
+    available: Callable[[], str | None]  # None when usable, else the reason it is not
+    priority: int = 0
+
+
+_REGISTRY: dict[str, BackendEntry] = {}
+_INSTANCES: dict[str, TorchBackend] = {}
+
+
+def register_backend(entry: BackendEntry) -> None:
+    """Add a backend; ``auto`` picks the highest priority one usable on the device."""
+    _REGISTRY[entry.name] = entry
+
+
+register_backend(BackendEntry("torch", TorchBackend, ("cpu", "cuda", "mps", "xpu"),
+                              lambda: None, priority=0))
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, device: torch.device) -> TorchBackend:
+    """The backend called ``name`` (or the best for ``device`` when name is "auto")."""
+    if name == "auto":
+        candidates = sorted((e for e in _REGISTRY.values() if device.type in e.device_types),
+                            key=lambda e: -e.priority)
+        for e in candidates:
+            if e.available() is None:
+                return _instance(e)
+        return _instance(_REGISTRY["torch"])
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {backend_names()} or 'auto'")
+    e = _REGISTRY[name]
+    if device.type not in e.device_types:
+        raise ValueError(f"backend {name!r} runs on {e.device_types}, not on {device.type}")
+    why = e.available()
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    return _instance(e)
+
+
+def _instance(e: BackendEntry) -> TorchBackend:
+    if e.name not in _INSTANCES:
+        _INSTANCES[e.name] = e.factory()
+    return _INSTANCES[e.name]

@@ -1,0 +1,98 @@
+"""Argument checks of gradreg_loss: each bad input gets an error that names the problem."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss came out NaN or infinite; raised before any gradient reaches the model."""
+
+
+def check_lam(lam: float) -> float:
+    try:
+        value = float(lam)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"lam must be a real number, got {lam!r}") from e
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lam must be finite and >= 0, got {value}")
+    return value
+
+
+def check_model_and_x(model: nn.Module, x: Tensor) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a batch of shape (B, ...) with B >= 1, got {tuple(x.shape)}")
+    for name, p in model.named_parameters():
+        if p.device != x.device:
+            raise ValueError(f"model parameter {name!r} is on {p.device} but x is on {x.device}")
+        if p.dtype != x.dtype:
+            raise TypeError(f"model parameter {name!r} is {p.dtype} but x is {x.dtype}; "
+                            "cast one to the other")
+
+
+def check_labels(y: Tensor | None, x: Tensor, head: str) -> None:
+    if head == "output":
+        return
+    if y is None:
+        raise ValueError(f"head={head!r} needs labels y")
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                    torch.uint8, torch.int8):
+        what = y.dtype if isinstance(y, Tensor) else type(y).__name__
+        raise TypeError(f"y must be an integer tensor of class labels, got {what}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape (B,) = ({x.shape[0]},) to match x's batch, "
+                         f"got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+
+
+def check_label_range(y: Tensor, logits: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError("a softmax head needs (B, K) logits from the model, got shape "
+                         f"{tuple(logits.shape)}")
+    num_classes = logits.shape[1]
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels must lie in [0, {num_classes}) for the model's {num_classes} "
+                         f"outputs; y[{i}] = {int(y[i])}")
+
+
+def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape "
+                         f"{tuple(x.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    return mask.to(x.dtype)
+
+
+def check_finite_input(x: Tensor, mask: Tensor | None) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
+    if mask is not None and not bool(torch.isfinite(mask).all()):
+        raise ValueError("mask holds non-finite values")
+
+
+def check_finite_loss(data: Tensor, penalty: Tensor) -> None:
+    if not bool(torch.isfinite(data)) or not bool(torch.isfinite(penalty)):
+        raise NonFiniteLossError(
+            f"non-finite loss: data term = {float(data)}, penalty = {float(penalty)}; no "
+            "gradient was produced (lower the learning rate or lam, or check the inputs)")

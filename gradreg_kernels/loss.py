@@ -1,0 +1,181 @@
+"""gradreg_loss: batch-mean data term + λ · mean_n ‖M ⊙ ∇_{x_n} ℓ_n‖², fused when possible.
+
+    loss = w · (1/B) Σ_n data_n  +  λ · (1/B) Σ_n ‖M ⊙ g_n‖²,   g = ∇_X Σ_n ℓ_n
+
+(data = CE, or the critic's output for head="output"; w = value_weight, 1 by default).
+The fused path wraps the four-pass schedule in one autograd.Function: its forward runs
+passes 1-2, its backward passes 3-4, seeded with r = (2λ/B) M² ⊙ g and z̄ = w ∇data/B.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import checks
+from .backends import get_backend
+from .fallback import autograd_terms
+from .plan import Plan, Unsupported, UnsupportedModelError, build_plan
+from .rules.heads import HEADS, make_head
+from .schedule import Schedule
+
+
+class FallbackWarning(UserWarning):
+    """The model runs through plain autograd double backprop, not the fused schedule."""
+
+
+@dataclass
+class GradRegOutput:
+    """What gradreg_loss returns. Only ``loss`` carries gradients."""
+
+    loss: Tensor      # 0-dim: w · mean data + λ · penalty
+    ce: Tensor        # 0-dim, detached: the batch-mean data term (CE; mean output for "output")
+    penalty: Tensor   # 0-dim, detached: mean_n ‖M ⊙ ∇_{x_n} ℓ_n‖² (before λ)
+    logits: Tensor    # (B, K), detached model output
+    backend: str      # which path ran: "torch", "cpu", "triton", "cuda" or "autograd"
+
+
+class _Runner:
+    """State of one fused call, shared by the Function's forward and backward."""
+
+    def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
+                 lam: float, value_weight: float, check_finite: bool, head: str) -> None:
+        self.schedule, self.x, self.y, self.mask = schedule, x, y, mask
+        self.lam, self.w, self.check_finite, self.head = lam, value_weight, check_finite, head
+
+    def forward(self) -> Tensor:
+        x, mask = self.x, self.mask
+        b = x.shape[0]
+        z = self.schedule.forward(x)
+        if self.head != "output" and self.check_finite:
+            checks.check_label_range(self.y, z)
+        ev = self.schedule.head.evaluate(z, self.y)
+        g = self.schedule.chain(ev.pen_grad)
+        gm = g if mask is None else g * mask
+        self.data = ev.data.mean()
+        self.penalty = gm.pow(2).sum() / b
+        if self.check_finite:
+            checks.check_finite_loss(self.data, self.penalty)
+        self.logits, self.data_grad = z, ev.data_grad
+        self.g = None if self.lam == 0 else (gm if mask is None else gm * mask)
+        return self.w * self.data + self.lam * self.penalty
+
+    def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
+        b = self.x.shape[0]
+        r = None if self.g is None else self.g * (go * (2.0 * self.lam / b))
+        zbar = self.data_grad * (go * (self.w / b))
+        xgrad = self.schedule.adjoint_and_backward(r, zbar, need_input_grad)
+        self.g = self.data_grad = None
+        return self.schedule.param_grads(), xgrad
+
+
+class _FusedGradReg(torch.autograd.Function):
+    """loss(θ, x): forward = passes 1-2, backward = passes 3-4 (once differentiable)."""
+
+    @staticmethod
+    def forward(ctx, runner: _Runner, params: list[nn.Parameter], x: Tensor, *flat: Tensor):
+        ctx.runner, ctx.params = runner, params
+        return runner.forward()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go: Tensor):
+        grads, xgrad = ctx.runner.backward(go, ctx.needs_input_grad[2])
+        by_param = {id(p): g for p, g in grads}
+        return (None, None, xgrad, *[by_param.get(id(p)) for p in ctx.params])
+
+
+_WARNED: set[tuple[type, str]] = set()
+
+
+def _warn_fallback(model: nn.Module, why: Unsupported) -> None:
+    key = (type(model), str(why))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"gradreg_loss runs plain autograd double backprop: {why}",
+                      FallbackWarning, stacklevel=3)
+
+
+def gradreg_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None = None,
+    lam: float = 1.0,
+    *,
+    head: str = "ce",
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    strict: bool = False,
+    value_weight: float = 1.0,
+    check_finite: bool = True,
+) -> GradRegOutput:
+    """Input-gradient-regularized loss of ``model`` on the batch (x, y).
+
+    loss = value_weight · mean_n data_n + lam · mean_n ‖mask ⊙ ∇_{x_n} ℓ_n‖²
+
+    Args:
+        model: the network; nested nn.Sequential of supported layers runs fused, anything
+            else through plain autograd (one FallbackWarning naming the module).
+        x: (B, ...) floating-point inputs, same device and dtype as the model.
+        y: (B,) integer labels in [0, K) (unused for head="output").
+        lam: penalty weight λ >= 0 (λ = λ_paper / (2B) in the paper code's convention).
+        head: "ce" (ℓ = CE), "logprob_sum" (ℓ = −mean_k log p_k), "output" (ℓ = Σ output).
+        mask: annotation mask broadcastable to x; penalises ‖mask ⊙ ∇ℓ‖².
+        backend: "auto", "torch" or a registered fast backend.
+        strict: raise UnsupportedModelError instead of falling back.
+        value_weight: weight w of the data term (0 gives the penalty alone, e.g. for R1).
+        check_finite: check x, mask and labels, and raise NonFiniteLossError on a NaN/inf
+            loss before any gradient is produced (each check syncs with the device).
+
+    Returns:
+        GradRegOutput; ``out.loss.backward()`` fills p.grad of every parameter that
+        requires one (and x.grad when x requires grad).
+    """
+    lam = checks.check_lam(lam)
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    checks.check_model_and_x(model, x)
+    checks.check_labels(y, x, head)
+    mask = checks.check_mask(mask, x)
+    if check_finite:
+        checks.check_finite_input(x, mask)
+    value_weight = float(value_weight)
+
+    plan = build_plan(model)
+    if isinstance(plan, Unsupported):
+        if strict:
+            raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
+        _warn_fallback(model, plan)
+        return _autograd_loss(model, x, y, lam, head, mask, value_weight, check_finite)
+    return _fused_loss(plan, model, x, y, lam, head, mask, backend, value_weight, check_finite)
+
+
+def _fused_loss(plan: Plan, model: nn.Module, x: Tensor, y: Tensor | None, lam: float,
+                head: str, mask: Tensor | None, backend: str, value_weight: float,
+                check_finite: bool) -> GradRegOutput:
+    bk = get_backend(backend, x.device)
+    rules = plan.rules(bk)
+    head_obj = make_head(head, bk)
+    if head != "output":
+        y = y.long()
+    runner = _Runner(Schedule(rules, head_obj), x, y, mask, lam, value_weight, check_finite,
+                     head)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = _FusedGradReg.apply(runner, params, x, *params)
+    return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
+                         runner.logits.detach(), bk.name)
+
+
+def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, head: str,
+                   mask: Tensor | None, value_weight: float, check_finite: bool
+                   ) -> GradRegOutput:
+    data, pen, z = autograd_terms(model, x, y, head, mask, check_finite)
+    data_mean, pen_mean = data.mean(), pen.mean()
+    if check_finite:
+        checks.check_finite_loss(data_mean.detach(), pen_mean.detach())
+    loss = value_weight * data_mean + lam * pen_mean
+    return GradRegOutput(loss, data_mean.detach(), pen_mean.detach(), z.detach(), "autograd")

@@ -1,0 +1,1 @@
+"""Layer rules: each layer kind's part in the four passes, in one place per kind."""

@@ -1,0 +1,172 @@
+"""Elementwise activations and their first two derivatives, written in plain torch ops.
+
+Each activation is described by ``ActivationSpec``: a name, its hyper-parameters, whether its
+second derivative is non-zero (``smooth``), and three functions of the pre-activation z:
+value σ(z), first derivative σ'(z) and second derivative σ''(z). These match, at every z
+including the kinks, the derivatives PyTorch's own autograd formulas use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_C = 0.044715
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """σ, σ', σ'' of one activation kind with fixed hyper-parameters.
+
+    name:   kind ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu", "gelu_tanh", "elu")
+    params: hyper-parameters (slope, beta/threshold, alpha), as floats
+    smooth: whether σ'' is not identically zero (piecewise-linear kinds skip that work)
+    """
+
+    name: str
+    params: tuple[float, ...]
+    smooth: bool
+    value: Callable[[Tensor], Tensor]
+    d1: Callable[[Tensor], Tensor]
+    d2: Callable[[Tensor], Tensor]
+
+
+def _relu() -> ActivationSpec:
+    return ActivationSpec(
+        "relu", (), False, torch.relu, lambda z: (z > 0).to(z.dtype), lambda z: torch.zeros_like(z)
+    )
+
+
+def _leaky_relu(slope: float) -> ActivationSpec:
+    def d1(z: Tensor) -> Tensor:
+        return torch.where(z > 0, 1.0, slope).to(z.dtype)
+
+    return ActivationSpec(
+        "leaky_relu", (slope,), False, lambda z: F.leaky_relu(z, slope), d1,
+        lambda z: torch.zeros_like(z),
+    )
+
+
+def _softplus(beta: float, threshold: float) -> ActivationSpec:
+    # σ' = sigmoid(βz) where βz ≤ threshold, else 1; σ'' = β s (1 − s) there, else 0.
+    def d1(z: Tensor) -> Tensor:
+        bz = z * beta
+        return torch.where(bz > threshold, torch.ones_like(z), torch.sigmoid(bz))
+
+    def d2(z: Tensor) -> Tensor:
+        bz = z * beta
+        s = torch.sigmoid(bz)
+        return torch.where(bz > threshold, torch.zeros_like(z), beta * s * (1 - s))
+
+    return ActivationSpec(
+        "softplus", (beta, threshold), True, lambda z: F.softplus(z, beta, threshold), d1, d2
+    )
+
+
+def _tanh() -> ActivationSpec:
+    def d1(z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return 1 - t * t
+
+    def d2(z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+
+    return ActivationSpec("tanh", (), True, torch.tanh, d1, d2)
+
+
+def _sigmoid() -> ActivationSpec:
+    def d1(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+
+    def d2(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (1 - 2 * s)
+
+    return ActivationSpec("sigmoid", (), True, torch.sigmoid, d1, d2)
+
+
+def _gelu() -> ActivationSpec:
+    # σ = z Φ(z);  σ' = Φ(z) + z φ(z);  σ'' = φ(z) (2 − z²)
+    def pdf(z: Tensor) -> Tensor:
+        return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+    def d1(z: Tensor) -> Tensor:
+        return 0.5 * (1 + torch.erf(z * _INV_SQRT_2)) + z * pdf(z)
+
+    def d2(z: Tensor) -> Tensor:
+        return pdf(z) * (2 - z * z)
+
+    return ActivationSpec("gelu", (), True, F.gelu, d1, d2)
+
+
+def _gelu_tanh() -> ActivationSpec:
+    # σ = ½ z (1 + t), t = tanh(u), u = k (z + c z³)
+    # σ' = ½ (1 + t) + ½ z (1 − t²) u'
+    # σ'' = (1 − t²) (u' + ½ z (u'' − 2 t u'²)),  u' = k (1 + 3c z²),  u'' = 6 k c z
+    def parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
+        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * z * z)
+        return t, du, 6 * _SQRT_2_OVER_PI * _GELU_C * z
+
+    def d1(z: Tensor) -> Tensor:
+        t, du, _ = parts(z)
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
+
+    def d2(z: Tensor) -> Tensor:
+        t, du, ddu = parts(z)
+        return (1 - t * t) * (du + 0.5 * z * (ddu - 2 * t * du * du))
+
+    return ActivationSpec(
+        "gelu_tanh", (), True, lambda z: F.gelu(z, approximate="tanh"), d1, d2
+    )
+
+
+def _elu(alpha: float) -> ActivationSpec:
+    # σ' = 1 for z > 0, α eᶻ for z ≤ 0 (PyTorch's convention at 0); σ'' = 0 / α eᶻ.
+    def d1(z: Tensor) -> Tensor:
+        return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(torch.clamp(z, max=0)))
+
+    def d2(z: Tensor) -> Tensor:
+        return torch.where(z > 0, torch.zeros_like(z), alpha * torch.exp(torch.clamp(z, max=0)))
+
+    return ActivationSpec("elu", (alpha,), True, lambda z: F.elu(z, alpha), d1, d2)
+
+
+def activation_spec(module: nn.Module) -> ActivationSpec | None:
+    """The spec of a supported activation module, or None if the module is not one."""
+    if isinstance(module, nn.ReLU):
+        return _relu()
+    if isinstance(module, nn.LeakyReLU):
+        return _leaky_relu(float(module.negative_slope))
+    if isinstance(module, nn.Softplus):
+        return _softplus(float(module.beta), float(module.threshold))
+    if isinstance(module, nn.Tanh):
+        return _tanh()
+    if isinstance(module, nn.Sigmoid):
+        return _sigmoid()
+    if isinstance(module, nn.GELU):
+        return _gelu_tanh() if module.approximate == "tanh" else _gelu()
+    if isinstance(module, nn.ELU):
+        return _elu(float(module.alpha))
+    return None
+
+
+def spec_by_name(name: str, *params: float) -> ActivationSpec:
+    """The spec of an activation given by name and hyper-parameters (for functional use)."""
+    makers: dict[str, Callable[..., ActivationSpec]] = {
+        "relu": _relu, "leaky_relu": _leaky_relu, "softplus": _softplus, "tanh": _tanh,
+        "sigmoid": _sigmoid, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "elu": _elu,
+    }
+    if name not in makers:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(makers)}")
+    return makers[name](*params)

@@ -1,0 +1,49 @@
+"""The interface every layer rule implements: one layer's part in each of the four passes.
+
+For a layer y = F(a; θ) with Jacobian J = ∂y/∂a (notation of docs/math.md):
+
+- ``forward(a)``        pass 1: y = F(a; θ), saving what later passes need.
+- ``chain(d)``          pass 2: Jᵀ d (the input-gradient chain), saving d if needed.
+- ``tangent(r)``        pass 3: J r (the adjoint of the chain, run forward); accumulates the
+                        θ-gradient of ⟨d, J r⟩ and keeps the second-order term at a.
+- ``backward(abar)``    pass 4: Jᵀ ā + (second-order term); accumulates (∂F/∂θ)ᵀ ā.
+
+After pass 4, ``param_grads()`` lists (parameter, gradient) for every parameter that
+requires a gradient. A rule object serves one call of the schedule.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Rule:
+    """Base class: a parameter-free, identity layer. Subclasses override what they change."""
+
+    #: the module this rule stands for (for messages and parameter bookkeeping)
+    module: nn.Module | None = None
+
+    def forward(self, a: Tensor) -> Tensor:
+        return a
+
+    def chain(self, d: Tensor) -> Tensor:
+        return d
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return r
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return abar if need_input_grad else None
+
+    def param_grads(self) -> list[tuple[nn.Parameter, Tensor]]:
+        return []
+
+
+def wants_grad(p: Tensor | None) -> bool:
+    """Whether a parameter exists and asks for a gradient."""
+    return p is not None and p.requires_grad
+
+
+def add_grad(acc: Tensor | None, g: Tensor) -> Tensor:
+    """acc + g, taking g as the accumulator when acc is still empty."""
+    return g if acc is None else acc.add_(g)

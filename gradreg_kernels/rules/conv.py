@@ -1,0 +1,69 @@
+"""nn.Conv2d (zero padding, any stride / padding / dilation / groups): z = W ⋆ a + b.
+
+chain:    Jᵀd = Wᵀ ⋆ d (transposed convolution)     tangent:  J r = W ⋆ r,   ΔW += G(d, r)
+backward: ā = Wᵀ ⋆ z̄,  ΔW += G(z̄, a),  Δb += Σ_{n,h,w} z̄
+G(d, a) = ∂⟨d, W ⋆ a⟩/∂W is the convolution's weight gradient.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import Rule, wants_grad
+
+
+def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric integer padding of a Conv2d, or None when 'same' needs asymmetric padding."""
+    p = module.padding
+    if p == "valid":
+        return (0, 0)
+    if p == "same":
+        pads = []
+        for k, dil in zip(module.kernel_size, module.dilation):
+            total = dil * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return (pads[0], pads[1])
+    return (int(p[0]), int(p[1]))
+
+
+class Conv2dRule(Rule):
+    def __init__(self, module: nn.Conv2d, bk) -> None:
+        self.module, self.bk = module, bk
+        self.w, self.b = module.weight, module.bias
+        self.geom = (tuple(module.stride), conv_padding(module), tuple(module.dilation),
+                     module.groups)
+        self.need_w = wants_grad(self.w)
+        self.a = self.d = self.r = None
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.in_shape = a.shape
+        if self.need_w:
+            self.a = a
+        return self.bk.conv2d(a, self.w, self.b, self.geom)
+
+    def chain(self, d: Tensor) -> Tensor:
+        if self.need_w:
+            self.d = d
+        return self.bk.conv2d_input_grad(d, self.w, self.in_shape, self.geom)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        if self.need_w:
+            self.r = r
+        return self.bk.conv2d(r, self.w, None, self.geom)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        if self.need_w:
+            pairs = [(abar, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
+            self.gw = self.bk.conv2d_weight_grad(pairs, self.w, self.geom)
+            self.a = self.d = self.r = None
+        if wants_grad(self.b):
+            self.gb = abar.sum((0, 2, 3))
+        if not need_input_grad:
+            return None
+        return self.bk.conv2d_input_grad(abar, self.w, self.in_shape, self.geom)
+
+    def param_grads(self):
+        out = [(self.w, self.gw)] if self.need_w else []
+        return out + ([(self.b, self.gb)] if wants_grad(self.b) else [])

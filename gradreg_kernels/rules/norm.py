@@ -1,0 +1,153 @@
+"""BatchNorm1d / BatchNorm2d, eval mode (affine) and train mode (batch statistics).
+
+Eval mode (running statistics): y = c ⊙ a + (β − c μ_run) with c = γ/√(v_run + ε) per
+channel: an affine layer.  chain: c d;  tangent: c r, Δγ += Σ d r/√(v_run + ε);
+backward: c ā, Δγ += Σ ā (a − μ_run)/√(v_run + ε), Δβ += Σ ā.
+
+Train mode, per channel over its N = batch × spatial values: x̂ = (a − μ)/σ,
+σ = √(var + ε), y = γ x̂ + β. With the projection P v = v − mean(v) − x̂ mean(x̂ v),
+which is symmetric, the Jacobian is J = (γ/σ) P, so
+  chain:    Jᵀ d = (γ/σ) P d
+  tangent:  J r  = (γ/σ) P r,           Δγ += Σ d ⊙ P r / σ
+  backward: ā_in = (γ/σ) P ā + s,       Δγ += Σ ā x̂,  Δβ += Σ ā
+where s = ∂/∂a ⟨d, (γ/σ) P r⟩ (the dependence of σ and x̂ on a) is
+  s = −(γ/(N σ²)) [ x̂ ⟨d, P r⟩ + S_r P d + S_d P r ],  S_v = Σ x̂ v.
+Derivation: ∂σ/∂a_i = x̂_i/N and ∂x̂_j/∂a_i = (δ_ij − 1/N − x̂_i x̂_j/N)/σ, so
+∂S_v/∂a = P v/σ and ∂(γ/σ)/∂a = −γ x̂/(N σ²); ⟨d, P r⟩ = Σ d r − Σd Σr/N − S_d S_r/N.
+
+Running statistics are updated once in pass 1, exactly as nn.BatchNorm's forward does
+(unbiased variance, momentum or cumulative average, num_batches_tracked).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Rule, add_grad, wants_grad
+
+
+def _chan(v: Tensor, like: Tensor) -> Tensor:
+    return v.view([1, -1] + [1] * (like.dim() - 2))
+
+
+def _csum(t: Tensor) -> Tensor:
+    return t.sum(dim=[0] + list(range(2, t.dim())))
+
+
+def uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
+    """nn.BatchNorm's own rule for when the batch statistics are used."""
+    return m.training or (m.running_mean is None and m.running_var is None)
+
+
+class BatchNormEvalRule(Rule):
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk=None) -> None:
+        self.module = module
+        m = module
+        self.inv = torch.rsqrt(m.running_var + m.eps)
+        self.gamma, self.beta = m.weight, m.bias
+        self.scale = self.inv if self.gamma is None else self.inv * self.gamma.detach()
+        self.a = self.d = self.g_gamma = None
+
+    def forward(self, a: Tensor) -> Tensor:
+        m = self.module
+        self._check(a)
+        if wants_grad(self.gamma):
+            self.a = a
+        shift = -m.running_mean * self.scale
+        if self.beta is not None:
+            shift = shift + self.beta
+        return a * _chan(self.scale, a) + _chan(shift, a)
+
+    def _check(self, a: Tensor) -> None:
+        if a.dim() < 2 or a.shape[1] != self.scale.numel():
+            raise ValueError(f"{type(self.module).__name__} expects {self.scale.numel()} "
+                             f"channels in dim 1, got input of shape {tuple(a.shape)}")
+
+    def chain(self, d: Tensor) -> Tensor:
+        if wants_grad(self.gamma):
+            self.d = d
+        return d * _chan(self.scale, d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        if wants_grad(self.gamma):
+            self.g_gamma = _csum(self.d * r) * self.inv
+            self.d = None
+        return r * _chan(self.scale, r)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        m = self.module
+        if wants_grad(self.gamma):
+            g = _csum(abar * (self.a - _chan(m.running_mean, abar))) * self.inv
+            self.g_gamma = add_grad(self.g_gamma, g)
+            self.a = None
+        if wants_grad(self.beta):
+            self.g_beta = _csum(abar)
+        return abar * _chan(self.scale, abar) if need_input_grad else None
+
+    def param_grads(self):
+        out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
+        return out + ([(self.beta, self.g_beta)] if wants_grad(self.beta) else [])
+
+
+class BatchNormTrainRule(Rule):
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk) -> None:
+        self.module, self.bk = module, bk
+        self.gamma, self.beta = module.weight, module.bias
+        self.g_gamma = None
+        self.s = None
+
+    def forward(self, a: Tensor) -> Tensor:
+        m = self.module
+        n = a.numel() // a.shape[1] if a.dim() >= 2 else 0
+        if a.dim() < 2 or a.shape[1] != m.num_features:
+            raise ValueError(f"{type(m).__name__} expects {m.num_features} channels in dim 1, "
+                             f"got input of shape {tuple(a.shape)}")
+        if n <= 1:
+            raise ValueError(f"{type(m).__name__} in train mode needs more than 1 value per "
+                             f"channel, got input of shape {tuple(a.shape)}")
+        gamma = None if self.gamma is None else self.gamma.detach()
+        beta = None if self.beta is None else self.beta.detach()
+        y, self.xhat, self.inv_std, mean, var = self.bk.bn_train_forward(a, gamma, beta, m.eps)
+        self.gamma_c = (_chan(gamma, a) if gamma is not None else a.new_ones(()))
+        self.k = self.gamma_c * self.inv_std
+        if m.training and m.track_running_stats:
+            self._update_running_stats(mean, var, n)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
+        m = self.module
+        m.num_batches_tracked.add_(1)
+        f = (1.0 / float(m.num_batches_tracked)) if m.momentum is None else m.momentum
+        m.running_mean.mul_(1 - f).add_(mean.to(m.running_mean.dtype), alpha=f)
+        m.running_var.mul_(1 - f).add_((var * (n / (n - 1))).to(m.running_var.dtype), alpha=f)
+
+    def chain(self, d: Tensor) -> Tensor:
+        self.d = d
+        self.pd, self.mxd = self.bk.bn_project(d, self.xhat)
+        return self.k * self.pd
+
+    def tangent(self, r: Tensor) -> Tensor:
+        pr, mxr = self.bk.bn_project(r, self.xhat)
+        if wants_grad(self.gamma):
+            self.g_gamma = _csum(self.d * pr) * self.inv_std.flatten()
+        self.s = self.bk.bn_second_order(self.xhat, self.inv_std, self.gamma_c, self.d, r,
+                                         self.pd, pr, self.mxd, mxr)
+        self.d = self.pd = self.mxd = None
+        return self.k * pr
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        if wants_grad(self.gamma):
+            self.g_gamma = add_grad(self.g_gamma, _csum(abar * self.xhat))
+        if wants_grad(self.beta):
+            self.g_beta = _csum(abar)
+        if not need_input_grad:
+            return None
+        pa, _ = self.bk.bn_project(abar, self.xhat)
+        out = self.k * pa
+        return out if self.s is None else out.add_(self.s)
+
+    def param_grads(self):
+        out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
+        return out + ([(self.beta, self.g_beta)] if wants_grad(self.beta) else [])

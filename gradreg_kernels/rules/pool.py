@@ -1,0 +1,69 @@
+"""Pooling: both kinds are linear once the forward pass has fixed them.
+
+MaxPool2d: y = gather(a, idx) with idx the argmax of each window (saved in pass 1);
+    chain / backward scatter-add into the input positions, tangent gathers at idx.
+AvgPool2d: y = A a with A the fixed averaging operator;
+    chain / backward apply Aᵀ, tangent applies A.
+Neither has parameters or a second-order term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Rule
+
+
+class MaxPool2dRule(Rule):
+    def __init__(self, module: nn.MaxPool2d, bk) -> None:
+        self.module, self.bk = module, bk
+        m = module
+        self.args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.in_shape = a.shape
+        y, self.idx = self.bk.max_pool2d(a, *self.args)
+        return y
+
+    def chain(self, d: Tensor) -> Tensor:
+        return self.bk.pool_scatter(d, self.idx, self.in_shape)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return self.bk.pool_gather(r, self.idx)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return self.bk.pool_scatter(abar, self.idx, self.in_shape) if need_input_grad else None
+
+
+class AvgPool2dRule(Rule):
+    def __init__(self, module: nn.AvgPool2d, bk) -> None:
+        self.module = module
+        m = module
+        stride = m.stride if m.stride is not None else m.kernel_size
+        self.args = (m.kernel_size, stride, m.padding, m.ceil_mode, m.count_include_pad,
+                     m.divisor_override)
+
+    def _apply(self, a: Tensor) -> Tensor:
+        return F.avg_pool2d(a, *self.args)
+
+    def _transpose(self, d: Tensor) -> Tensor:
+        k, s, p, ceil, inc, div = self.args
+        pair = torch.nn.modules.utils._pair
+        like = d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
+        return torch.ops.aten.avg_pool2d_backward(d, like, pair(k), pair(s), pair(p), ceil, inc,
+                                                  div)
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.in_shape = a.shape
+        return self._apply(a)
+
+    def chain(self, d: Tensor) -> Tensor:
+        return self._transpose(d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return self._apply(r)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return self._transpose(abar) if need_input_grad else None
