@@ -69,7 +69,6 @@ class _Runner:
         r = None if self.g is None else self.g * (go * (2.0 * self.lam / b))
         zbar = self.data_grad * (go * (self.w / b))
         xgrad = self.schedule.adjoint_and_backward(r, zbar, need_input_grad)
-        self.g = self.data_grad = None
         return self.schedule.param_grads(), xgrad
 
 

@@ -52,9 +52,10 @@ class TorchBackend:
     ) -> Tensor:
         """The transposed convolution: (N, O, H', W') → (N, C, H, W)."""
         stride, padding, dilation, groups = geom
+        like = d.new_empty((1,) * len(input_shape)).expand(input_shape)  # shape only
         return torch.ops.aten.convolution_backward(
-            d, d.new_empty((1,) * len(input_shape)).expand(input_shape), w, None, stride, padding, dilation,
-            False, (0, 0), groups, (True, False, False),
+            d, like, w, None, stride, padding, dilation, False, (0, 0), groups,
+            (True, False, False),
         )[0]
 
     def conv2d_weight_grad(
@@ -81,9 +82,7 @@ class TorchBackend:
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         """σ'(z) ⊙ d."""
-        if spec.name == "relu":
-            return d * saved
-        return spec.d1(saved) * d
+        return _d1_times(spec, saved, d)
 
     def act_tangent(
         self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
@@ -99,7 +98,7 @@ class TorchBackend:
         self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
     ) -> Tensor:
         """σ'(z) ⊙ ā + s."""
-        out = self.act_chain(spec, saved, abar)
+        out = _d1_times(spec, saved, abar)
         return out if s is None else out.add_(s)
 
     # ---- heads ------------------------------------------------------------------------
@@ -168,6 +167,11 @@ class TorchBackend:
         dots = self._cmean(delta * p_r)  # ⟨δ, Pṙ⟩ / N
         coef = -gamma_c * inv_std * inv_std
         return coef * (xhat * dots + mx_r * p_delta + mx_delta * p_r)
+
+
+def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
+    """σ'(z) ⊙ t from what act_forward saved."""
+    return t * saved if spec.name == "relu" else spec.d1(saved) * t
 
 
 def _chan(v: Tensor, like: Tensor) -> Tensor:

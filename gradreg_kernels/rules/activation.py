@@ -29,12 +29,9 @@ class ActivationRule(Rule):
 
     def tangent(self, r: Tensor) -> Tensor:
         out, self.s = self.bk.act_tangent(self.spec, self.saved, r, self.u)
-        self.u = None
         return out
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if not need_input_grad:
             return None
-        out = self.bk.act_backward(self.spec, self.saved, abar, self.s)
-        self.s = self.saved = None
-        return out
+        return self.bk.act_backward(self.spec, self.saved, abar, self.s)

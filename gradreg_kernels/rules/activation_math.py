@@ -47,7 +47,7 @@ def _relu() -> ActivationSpec:
 
 def _leaky_relu(slope: float) -> ActivationSpec:
     def d1(z: Tensor) -> Tensor:
-        return torch.where(z > 0, 1.0, slope).to(z.dtype)
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
 
     return ActivationSpec(
         "leaky_relu", (slope,), False, lambda z: F.leaky_relu(z, slope), d1,

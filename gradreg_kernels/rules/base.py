@@ -43,7 +43,3 @@ def wants_grad(p: Tensor | None) -> bool:
     """Whether a parameter exists and asks for a gradient."""
     return p is not None and p.requires_grad
 
-
-def add_grad(acc: Tensor | None, g: Tensor) -> Tensor:
-    """acc + g, taking g as the accumulator when acc is still empty."""
-    return g if acc is None else acc.add_(g)

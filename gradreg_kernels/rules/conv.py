@@ -57,7 +57,6 @@ class Conv2dRule(Rule):
         if self.need_w:
             pairs = [(abar, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
             self.gw = self.bk.conv2d_weight_grad(pairs, self.w, self.geom)
-            self.a = self.d = self.r = None
         if wants_grad(self.b):
             self.gb = abar.sum((0, 2, 3))
         if not need_input_grad:

@@ -23,6 +23,9 @@ class LinearRule(Rule):
         return t.reshape(-1, width)
 
     def forward(self, a: Tensor) -> Tensor:
+        if a.dim() < 1 or a.shape[-1] != self.w.shape[1]:
+            raise ValueError(f"Linear expects inputs of width {self.w.shape[1]} in the last "
+                             f"dimension, got shape {tuple(a.shape)}")
         self.lead = a.shape[:-1]
         a2 = self._flat(a, self.w.shape[1])
         if self.need_w:
@@ -46,7 +49,6 @@ class LinearRule(Rule):
         if self.need_w:
             pairs = [(z, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
             self.gw = self.bk.linear_weight_grad(pairs)
-            self.a = self.d = self.r = None
         if wants_grad(self.b):
             self.gb = z.sum(0)
         if not need_input_grad:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, add_grad, wants_grad
+from .base import Rule, wants_grad
 
 
 def _chan(v: Tensor, like: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ class BatchNormEvalRule(Rule):
         self.inv = torch.rsqrt(m.running_var + m.eps)
         self.gamma, self.beta = m.weight, m.bias
         self.scale = self.inv if self.gamma is None else self.inv * self.gamma.detach()
-        self.a = self.d = self.g_gamma = None
+        self.a = self.d = self.tan_gamma = None
 
     def forward(self, a: Tensor) -> Tensor:
         m = self.module
@@ -71,16 +71,14 @@ class BatchNormEvalRule(Rule):
 
     def tangent(self, r: Tensor) -> Tensor:
         if wants_grad(self.gamma):
-            self.g_gamma = _csum(self.d * r) * self.inv
-            self.d = None
+            self.tan_gamma = _csum(self.d * r) * self.inv
         return r * _chan(self.scale, r)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         m = self.module
         if wants_grad(self.gamma):
             g = _csum(abar * (self.a - _chan(m.running_mean, abar))) * self.inv
-            self.g_gamma = add_grad(self.g_gamma, g)
-            self.a = None
+            self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
         if wants_grad(self.beta):
             self.g_beta = _csum(abar)
         return abar * _chan(self.scale, abar) if need_input_grad else None
@@ -94,8 +92,7 @@ class BatchNormTrainRule(Rule):
     def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk) -> None:
         self.module, self.bk = module, bk
         self.gamma, self.beta = module.weight, module.bias
-        self.g_gamma = None
-        self.s = None
+        self.tan_gamma = self.s = None
 
     def forward(self, a: Tensor) -> Tensor:
         m = self.module
@@ -131,15 +128,15 @@ class BatchNormTrainRule(Rule):
     def tangent(self, r: Tensor) -> Tensor:
         pr, mxr = self.bk.bn_project(r, self.xhat)
         if wants_grad(self.gamma):
-            self.g_gamma = _csum(self.d * pr) * self.inv_std.flatten()
+            self.tan_gamma = _csum(self.d * pr) * self.inv_std.flatten()
         self.s = self.bk.bn_second_order(self.xhat, self.inv_std, self.gamma_c, self.d, r,
                                          self.pd, pr, self.mxd, mxr)
-        self.d = self.pd = self.mxd = None
         return self.k * pr
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if wants_grad(self.gamma):
-            self.g_gamma = add_grad(self.g_gamma, _csum(abar * self.xhat))
+            g = _csum(abar * self.xhat)
+            self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
         if wants_grad(self.beta):
             self.g_beta = _csum(abar)
         if not need_input_grad:

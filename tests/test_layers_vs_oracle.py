@@ -1,0 +1,152 @@
+"""Every supported layer kind, every head, with and without a mask, against the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import check_against_oracle, randomize_bn
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.13),
+    "softplus": lambda: nn.Softplus(beta=1.7, threshold=3.0),
+    "tanh": lambda: nn.Tanh(),
+    "sigmoid": lambda: nn.Sigmoid(),
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "elu": lambda: nn.ELU(alpha=0.8),
+}
+
+
+def mlp(act: str, widths=(7, 13, 11, 5)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATIONS[act]())
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_activation_mlp(act, dtype):
+    x = torch.randn(9, 7)
+    y = torch.randint(0, 5, (9,))
+    check_against_oracle(mlp(act), x, y, dtype=dtype)
+
+
+@pytest.mark.parametrize("head", ["ce", "logprob_sum", "output"])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_heads_masks_batches(head, with_mask, batch):
+    widths = (7, 13, 11, 1 if head == "output" else 5)
+    x = torch.randn(batch, 7)
+    y = None if head == "output" else torch.randint(0, 5, (batch,))
+    mask = (torch.rand(1, 7) > 0.3).double() if with_mask else None
+    check_against_oracle(mlp("softplus", widths), x, y, head=head, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=(3, 2), stride=2, padding=(1, 0)),
+        dict(kernel_size=3, dilation=2, padding=2, bias=False),
+        dict(kernel_size=5, padding="same"),
+        dict(kernel_size=3, padding="valid", stride=(1, 2)),
+        dict(kernel_size=3, padding=1, groups=2),
+    ],
+    ids=["pad1", "stride2-rect", "dilated-nobias", "same", "valid", "groups"],
+)
+def test_conv2d(conv, dtype):
+    model = nn.Sequential(nn.Conv2d(4, 6, **conv), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(3, 4, 9, 10)
+    model(x)  # materialize the lazy layer
+    check_against_oracle(model, x, torch.randint(0, 3, (3,)), dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        lambda: nn.MaxPool2d(2),
+        lambda: nn.MaxPool2d(3, stride=2, padding=1),
+        lambda: nn.MaxPool2d(3, stride=1, dilation=2, ceil_mode=True),
+        lambda: nn.AvgPool2d(2),
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False, ceil_mode=True),
+        lambda: nn.AvgPool2d(2, divisor_override=3),
+    ],
+    ids=["max2", "max3-overlap", "max-dilated-ceil", "avg2", "avg3-pad-ceil", "avg-divisor"],
+)
+def test_pooling(pool):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Softplus(), pool(), nn.Flatten(),
+                          nn.LazyLinear(4))
+    x = torch.randn(3, 2, 11, 9)
+    model(x)
+    check_against_oracle(model, x, torch.randint(0, 4, (3,)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm2d(train, affine, dtype):
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5, affine=affine), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(5 * 5 * 5, 4))
+    randomize_bn(model)
+    model.train(train)
+    x = torch.randn(3, 3, 7, 7)
+    check_against_oracle(model, x, torch.randint(0, 4, (3,)), dtype=dtype)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm1d(train, momentum):
+    model = nn.Sequential(nn.Linear(6, 9), nn.BatchNorm1d(9, momentum=momentum), nn.GELU(),
+                          nn.Linear(9, 4))
+    randomize_bn(model)
+    model.train(train)
+    check_against_oracle(model, torch.randn(5, 6), torch.randint(0, 4, (5,)))
+
+
+def test_batchnorm_without_running_stats():
+    model = nn.Sequential(nn.Linear(6, 9), nn.BatchNorm1d(9, track_running_stats=False),
+                          nn.ReLU(), nn.Linear(9, 4)).eval()
+    check_against_oracle(model, torch.randn(5, 6), torch.randint(0, 4, (5,)))
+
+
+def test_batchnorm1d_sequence_input():
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 2))
+    check_against_oracle(model, torch.randn(5, 3, 4), torch.randint(0, 2, (5,)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dropout_mask_reused(train):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Softplus(), nn.Dropout(0.4), nn.Linear(16, 3))
+    model.train(train)
+    check_against_oracle(model, torch.randn(6, 8), torch.randint(0, 3, (6,)), seed=7)
+
+
+def test_non_contiguous_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    x = torch.randn(7, 7, 3, 5).permute(3, 2, 0, 1)  # (5, 3, 7, 7), not contiguous
+    assert not x.is_contiguous()
+    check_against_oracle(model, x, torch.randint(0, 3, (5,)))
+
+
+def test_value_weight_zero_is_penalty_alone():
+    x = torch.randn(4, 7)
+    check_against_oracle(mlp("tanh", (7, 9, 1)), x, None, head="output", value_weight=0.0)
+
+
+def test_lam_zero_is_ordinary_gradient():
+    check_against_oracle(mlp("relu"), torch.randn(5, 7), torch.randint(0, 5, (5,)), lam=0.0)
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = mlp("tanh").double()
+    model[0].weight.requires_grad_(False)
+    out = check_against_oracle(model, torch.randn(4, 7), torch.randint(0, 5, (4,)))
+    assert model[0].weight.grad is None
+    assert out.backend == "torch"

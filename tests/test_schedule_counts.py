@@ -1,0 +1,91 @@
+"""The schedule does 6L − 1 product-units for an L-layer MLP and recomputes nothing.
+
+A product-unit of layer i is one (B × w_{i−1} × w_i) matrix product; the counting backend
+records the FLOPs of every product and how often each primitive runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from gradreg_kernels import gradreg_loss
+from gradreg_kernels.backends import _INSTANCES, _REGISTRY, BackendEntry, register_backend
+from gradreg_kernels.backends.torch_ops import TorchBackend
+
+
+class CountingBackend(TorchBackend):
+    """The portable backend, counting calls of every primitive and FLOPs of every product."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.flops = 0
+
+    def __getattribute__(self, attr):
+        value = object.__getattribute__(self, attr)
+        if callable(value) and not attr.startswith("_") and attr in dir(TorchBackend):
+            object.__getattribute__(self, "calls")[attr] += 1
+        return value
+
+    def linear(self, a, w, b):
+        self.flops += 2 * a.shape[0] * w.shape[0] * w.shape[1]
+        return super().linear(a, w, b)
+
+    def linear_input_grad(self, d, w):
+        self.flops += 2 * d.shape[0] * w.shape[0] * w.shape[1]
+        return super().linear_input_grad(d, w)
+
+    def linear_weight_grad(self, pairs):
+        for d, a in pairs:
+            self.flops += 2 * d.shape[0] * d.shape[1] * a.shape[1]
+        return super().linear_weight_grad(pairs)
+
+
+@pytest.fixture
+def counting():
+    register_backend(BackendEntry("counting", CountingBackend, ("cpu",), lambda: None, -1))
+    yield
+    _REGISTRY.pop("counting")
+    _INSTANCES.pop("counting", None)
+
+
+@pytest.mark.parametrize("widths", [(13, 7), (20, 17, 9), (31, 23, 19, 11, 5)])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Softplus])
+def test_six_l_minus_one_products(counting, widths, act):
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1]), act()]
+    model = nn.Sequential(*layers[:-1])
+    n_layers, batch = len(widths) - 1, 17
+    x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
+    out = gradreg_loss(model, x, y, 1.0, backend="counting")
+    out.loss.backward()
+    bk = _INSTANCES["counting"]
+    units = [2 * batch * widths[i] * widths[i + 1] for i in range(n_layers)]
+    assert bk.flops == 6 * sum(units) - units[0]  # 6 units per layer, 5 for the first
+    assert bk.flops / (sum(units) / n_layers) == pytest.approx(6 * n_layers - 1, rel=0.5)
+    c = bk.calls
+    assert c["linear"] == 2 * n_layers  # pass 1 and pass 3
+    assert c["linear_input_grad"] == 2 * n_layers - 1  # pass 2, and pass 4 minus the input
+    assert c["linear_weight_grad"] == n_layers  # both terms in one doubled-batch call
+    n_act = n_layers - 1
+    for step in ("act_forward", "act_chain", "act_tangent", "act_backward"):
+        assert c[step] == n_act, step
+    assert c["softmax_ce"] == 1 and c["softmax_hvp"] == 1
+
+
+def test_uniform_width_mlp_is_exactly_6l_minus_1_units(counting):
+    n_layers, width, batch = 4, 16, 8
+    layers: list[nn.Module] = []
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    gradreg_loss(model, torch.randn(batch, width), torch.randint(0, width, (batch,)), 1.0,
+                 backend="counting").loss.backward()
+    unit = 2 * batch * width * width
+    assert _INSTANCES["counting"].flops == (6 * n_layers - 1) * unit

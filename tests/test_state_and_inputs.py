@@ -1,0 +1,136 @@
+"""Model state after a step, the gradient at the input, RNG use, and the fallback path."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+from gradreg_kernels import FallbackWarning, UnsupportedModelError, gradreg_loss
+from reference import oracle_loss
+
+
+def small_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Softplus(), nn.Dropout(0.3),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+
+
+def test_parameters_untouched_and_buffers_like_a_forward():
+    model = small_cnn()
+    ref = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    torch.manual_seed(2)
+    gradreg_loss(model, x, y, 1.0).loss.backward()
+    torch.manual_seed(2)
+    ref(x)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    for (n, b), b_ref in zip(model.named_buffers(), ref.buffers()):
+        assert torch.allclose(b, b_ref, rtol=1e-12, atol=1e-14), n
+    assert int(model[1].num_batches_tracked) == 1
+    # the generator advanced exactly as a plain forward advances it
+    torch.manual_seed(2)
+    gradreg_loss(copy.deepcopy(ref), x, y, 1.0)
+    after_fused = torch.rand(3)
+    torch.manual_seed(2)
+    ref(x)
+    assert torch.equal(after_fused, torch.rand(3))
+
+
+def test_input_gradient_when_x_requires_grad():
+    model = small_cnn().eval()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (4,))
+    mask = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    gradreg_loss(model, x, y, 2.5, mask=mask, head="logprob_sum").loss.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    loss, *_ = _oracle_loss_with_x(model, x2, y, mask)
+    (gx,) = torch.autograd.grad(loss, x2)
+    assert rel_err(x.grad, gx) < 1e-10
+
+
+def _oracle_loss_with_x(model, x, y, mask):
+    z = model(x)
+    logp = torch.log_softmax(z, 1)
+    ce = -logp.gather(1, y[:, None]).squeeze(1)
+    (g,) = torch.autograd.grad(-logp.mean(1).sum(), x, create_graph=True)
+    return ce.mean() + 2.5 * ((g * mask) ** 2).flatten(1).sum(1).mean(), None
+
+
+def test_grad_output_scaling():
+    model = small_cnn().eval()
+    x, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    (3.5 * gradreg_loss(model, x, y, 1.0).loss).backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    gradreg_loss(model, x, y, 1.0).loss.backward()
+    for a, p in zip(g1, model.parameters()):
+        assert rel_err(a, 3.5 * p.grad) < 1e-12
+
+
+def test_combines_with_other_losses_in_one_graph():
+    model = small_cnn().eval()
+    x, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    extra = sum(p.pow(2).sum() for p in model.parameters())
+    (gradreg_loss(model, x, y, 1.0).loss + 0.1 * extra).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref, *_ = oracle_loss(model, x, y, 1.0)
+    (ref + 0.1 * sum(p.pow(2).sum() for p in model.parameters())).backward()
+    for a, p in zip(grads, model.parameters()):
+        assert rel_err(a, p.grad) < 1e-10
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x) * 2
+
+
+def test_unsupported_module_falls_back_once_and_matches():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Twice()).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with pytest.warns(FallbackWarning, match=r"'2' \(Twice\)"):
+        out = gradreg_loss(model, x, y, 0.9)
+    assert out.backend == "autograd"
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref, *_ = oracle_loss(model, x, y, 0.9)
+    ref.backward()
+    for a, p in zip(grads, model.parameters()):
+        assert rel_err(a, p.grad) < 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradreg_loss(model, x, y, 0.9)  # warned once already
+
+
+def test_strict_raises_naming_the_module():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.LayerNorm(5)), nn.Linear(5, 2))
+    with pytest.raises(UnsupportedModelError, match=r"'1\.0' \(LayerNorm\)"):
+        gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
+
+
+def test_forward_hooks_are_not_silently_skipped():
+    model = nn.Sequential(nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(UnsupportedModelError, match="hooks"):
+        gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
+
+
+def test_sequential_subclass_with_own_forward_is_not_flattened():
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    model = Scaled(nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match="Scaled"):
+        gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
