@@ -77,7 +77,7 @@ class TorchBackend:
         """y = σ(z) and what later passes need (here z itself, or a mask for ReLU)."""
         if spec.name == "relu":
             mask = z > 0
-            return z * mask, mask
+            return torch.where(mask, z, 0.0), mask
         return spec.value(z), z
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
@@ -89,7 +89,7 @@ class TorchBackend:
     ) -> tuple[Tensor, Tensor | None]:
         """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
         if spec.name == "relu":
-            return r * saved, None
+            return torch.where(saved, r, 0.0), None
         z = saved
         s = spec.d2(z) * u * r if spec.smooth else None
         return spec.d1(z) * r, s
@@ -151,10 +151,17 @@ class TorchBackend:
         return y, xhat, inv_std, mean.flatten(), var.flatten()
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
-        """P v = v − mean(v) − x̂ mean(x̂ v) per channel, and S = Σ x̂ v per channel."""
-        m = self._cmean(v)
-        mx = self._cmean(xhat * v)
-        return v - m - xhat * mx, mx
+        """P v = v − mean(v) − x̂ mean(x̂ v) per channel, and mean(x̂ v) (broadcastable).
+
+        One call of ATen's batch-norm backward with x̂ as the input (mean 0, inverse
+        standard deviation 1, unit weight) computes both in a single sweep.
+        """
+        c = xhat.shape[1]
+        ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
+        pv, sxv, _ = torch.ops.aten.native_batch_norm_backward(
+            v, xhat, ones, None, None, zeros, ones, True, 0.0, (True, True, False))
+        n = xhat.numel() // c
+        return pv, _chan(sxv / n, xhat)
 
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
@@ -171,7 +178,7 @@ class TorchBackend:
 
 def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
     """σ'(z) ⊙ t from what act_forward saved."""
-    return t * saved if spec.name == "relu" else spec.d1(saved) * t
+    return torch.where(saved, t, 0.0) if spec.name == "relu" else spec.d1(saved) * t
 
 
 def _chan(v: Tensor, like: Tensor) -> Tensor:
