@@ -78,3 +78,13 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
 def _seed_and_threads():
     torch.manual_seed(1234)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skip them cleanly without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -50,13 +50,18 @@ class TorchBackend:
     def conv2d_input_grad(
         self, d: Tensor, w: Tensor, input_shape: Sequence[int], geom: ConvGeom
     ) -> Tensor:
-        """The transposed convolution: (N, O, H', W') → (N, C, H, W)."""
+        """The transposed convolution: (N, O, H', W') → (N, C, H, W).
+
+        output_padding restores the rows/columns a strided forward dropped.
+        """
         stride, padding, dilation, groups = geom
-        like = d.new_empty((1,) * len(input_shape)).expand(input_shape)  # shape only
-        return torch.ops.aten.convolution_backward(
-            d, like, w, None, stride, padding, dilation, False, (0, 0), groups,
-            (True, False, False),
-        )[0]
+        out_pad = tuple(
+            input_shape[2 + i]
+            - ((d.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+               + dilation[i] * (w.shape[2 + i] - 1) + 1)
+            for i in range(2)
+        )
+        return F.conv_transpose2d(d, w, None, stride, padding, out_pad, groups, dilation)
 
     def conv2d_weight_grad(
         self, pairs: Sequence[tuple[Tensor, Tensor]], w: Tensor, geom: ConvGeom
@@ -162,6 +167,13 @@ class TorchBackend:
             v, xhat, ones, None, None, zeros, ones, True, 0.0, (True, True, False))
         n = xhat.numel() // c
         return pv, _chan(sxv / n, xhat)
+
+    def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """k ⊙ P ā, Σ ā ⊙ x̂ and Σ ā per channel (k = γ/σ per channel, (C,)), in one sweep."""
+        c = xhat.shape[1]
+        ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
+        return torch.ops.aten.native_batch_norm_backward(
+            abar, xhat, k, None, None, zeros, ones, True, 0.0, (True, True, True))
 
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,

@@ -134,15 +134,13 @@ class BatchNormTrainRule(Rule):
         return self.k * pr
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        out, g_xhat, g_sum = self.bk.bn_backward(abar, self.xhat, self.k.flatten())
         if wants_grad(self.gamma):
-            g = _csum(abar * self.xhat)
-            self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
+            self.g_gamma = g_xhat if self.tan_gamma is None else g_xhat + self.tan_gamma
         if wants_grad(self.beta):
-            self.g_beta = _csum(abar)
+            self.g_beta = g_sum
         if not need_input_grad:
             return None
-        pa, _ = self.bk.bn_project(abar, self.xhat)
-        out = self.k * pa
         return out if self.s is None else out.add_(self.s)
 
     def param_grads(self):
