@@ -134,3 +134,13 @@ def test_sequential_subclass_with_own_forward_is_not_flattened():
     model = Scaled(nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match="Scaled"):
         gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
+
+
+def test_loss_parts_under_no_grad_for_logging():
+    model = small_cnn().eval()
+    x, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with torch.no_grad():
+        out = gradreg_loss(model, x, y, 1.5)
+    assert not out.loss.requires_grad
+    _, ce, pen, _ = oracle_loss(model, x, y, 1.5)
+    assert rel_err(out.ce, ce.detach()) < 1e-12 and rel_err(out.penalty, pen.detach()) < 1e-12
