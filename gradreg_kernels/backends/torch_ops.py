@@ -39,7 +39,10 @@ class TorchBackend:
         d0, a0 = pairs[0]
         out = d0.t().mm(a0)
         for d, a in pairs[1:]:
-            out.addmm_(d.t(), a)
+            if d.dtype == a.dtype == out.dtype:
+                out.addmm_(d.t(), a)
+            else:  # mixed dtypes under autocast: the out-of-place product is autocast
+                out = torch.addmm(out, d.t(), a)
         return out
 
     def conv2d(self, a: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeom) -> Tensor:

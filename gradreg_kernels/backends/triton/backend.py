@@ -30,6 +30,15 @@ class ActState:
     code: int
     params: tuple[float, ...]
     tensor: Tensor
+    zdtype: torch.dtype
+
+    def out_dtype(self, *ts: Tensor | None) -> torch.dtype:
+        """The dtype TorchBackend's step gives: ReLU keeps the operand's, others promote z's."""
+        dt = ts[0].dtype
+        for t in ts[1:]:
+            if t is not None:
+                dt = torch.promote_types(dt, t.dtype)
+        return dt if self.code == 0 else torch.promote_types(dt, self.zdtype)
 
 
 def _portable(saved: ActState, like: Tensor) -> Tensor:
@@ -62,14 +71,15 @@ class TritonBackend(TorchBackend):
         if code is None or not supported(z):
             return super().act_forward(spec, z)
         y, t = elementwise.act_forward(code, spec.params, z)
-        return y, ActState(code, spec.params, t)
+        return y, ActState(code, spec.params, t, z.dtype)
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_chain(spec, saved, d)
         if not supported(d) or d.shape != saved.tensor.shape:
             return super().act_chain(spec, _portable(saved, d), d)
-        return elementwise.act_chain(saved.code, saved.params, saved.tensor, d)
+        return elementwise.act_chain(saved.code, saved.params, saved.tensor, d,
+                                     out_dtype=saved.out_dtype(d))
 
     def act_tangent(self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
                     ) -> tuple[Tensor, Tensor | None]:
@@ -78,8 +88,12 @@ class TritonBackend(TorchBackend):
         if not supported(r, u) or r.shape != saved.tensor.shape:
             return super().act_tangent(spec, _portable(saved, r), r, u)
         if saved.code in elementwise.PIECEWISE:
-            return elementwise.act_chain(saved.code, saved.params, saved.tensor, r), None
-        return elementwise.act_tangent(saved.code, saved.params, saved.tensor, r, u)
+            out = elementwise.act_chain(saved.code, saved.params, saved.tensor, r,
+                                        out_dtype=saved.out_dtype(r))
+            return out, None
+        return elementwise.act_tangent(saved.code, saved.params, saved.tensor, r, u,
+                                       out_dtype=saved.out_dtype(r),
+                                       s_dtype=saved.out_dtype(r, u))
 
     def act_backward(self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
                      ) -> Tensor:
@@ -87,7 +101,8 @@ class TritonBackend(TorchBackend):
             return super().act_backward(spec, saved, abar, s)
         if not supported(abar, s) or abar.shape != saved.tensor.shape:
             return super().act_backward(spec, _portable(saved, abar), abar, s)
-        return elementwise.act_chain(saved.code, saved.params, saved.tensor, abar, s)
+        return elementwise.act_chain(saved.code, saved.params, saved.tensor, abar, s,
+                                     out_dtype=saved.out_dtype(abar))
 
     # ---- heads ------------------------------------------------------------------------
     def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

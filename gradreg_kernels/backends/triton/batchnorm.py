@@ -149,8 +149,10 @@ def bn_train_forward(a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
     mean = shift + dm
     var = (s2 / m_size - dm * dm).clamp_min(0.0)
     inv = torch.rsqrt(var + eps)
-    y, xhat = torch.empty_like(a), torch.empty_like(a)
     affine = gamma is not None
+    y_dt = torch.promote_types(torch.promote_types(a.dtype, gamma.dtype), beta.dtype) \
+        if affine else a.dtype  # as γ x̂ + β promotes in torch
+    y, xhat = torch.empty_like(a, dtype=y_dt), torch.empty_like(a)
     g = gamma.float().contiguous() if affine else inv
     b = beta.float().contiguous() if affine else inv
     _bn_normalize_kernel[flat_grid(a.numel())](a, mean, inv, g, b, y, xhat, a.numel(), c, s,
@@ -160,15 +162,15 @@ def bn_train_forward(a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
 
 
 def bn_project(v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
-    """(P v, mean(x̂ v) broadcastable) as TorchBackend.bn_project; P v in v's dtype."""
+    """(P v, mean(x̂ v) broadcastable) as TorchBackend.bn_project, in their promoted dtype."""
     v, xhat = v.contiguous(), xhat.contiguous()
     n, c, s = _geometry(v)
     sv, sxv = channel_sums(v, xhat, MODE_PAIR)
     mean, mx = sv / (n * s), sxv / (n * s)
-    out = torch.empty_like(v)
+    out = torch.empty_like(v, dtype=torch.promote_types(v.dtype, xhat.dtype))
     _bn_project_kernel[flat_grid(v.numel())](v, xhat, mean, mx, out, v.numel(), c, s,
                                               BLOCK=ELEMENT_BLOCK)
-    return out, mx.to(v.dtype).view(_chan_shape(v))
+    return out, mx.to(out.dtype).view(_chan_shape(v))
 
 
 def bn_second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor,
@@ -181,7 +183,9 @@ def bn_second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tenso
     dots = dots / (n * s)
     inv = inv_std.float().reshape(-1).expand(c)
     coef = (-gamma_c.float().reshape(-1).expand(c) * inv * inv).contiguous()
-    dt = torch.promote_types(torch.promote_types(xhat.dtype, delta.dtype), p_r.dtype)
+    dt = xhat.dtype
+    for t in (inv_std, gamma_c, delta, p_delta, p_r, mx_delta, mx_r):
+        dt = torch.promote_types(dt, t.dtype)
     out = torch.empty(xhat.shape, dtype=dt, device=xhat.device)
     _bn_second_kernel[flat_grid(xhat.numel())](
         xhat, p_delta, p_r, coef, dots, mx_r.float().reshape(-1).expand(c).contiguous(),

@@ -179,10 +179,10 @@ def act_forward(code: int, params: tuple[float, ...], z: Tensor) -> tuple[Tensor
 
 
 def act_chain(code: int, params: tuple[float, ...], saved: Tensor, d: Tensor,
-              s: Tensor | None = None) -> Tensor:
-    """σ'(z) ⊙ d (+ s), in d's dtype."""
+              s: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """σ'(z) ⊙ d (+ s), in out_dtype (d's dtype by default)."""
     d = d.contiguous()
-    out = torch.empty_like(d)
+    out = torch.empty_like(d, dtype=out_dtype or d.dtype)
     s_arg = d if s is None else s.contiguous()
     n = d.numel()
     p0, p1 = _params(params)
@@ -191,11 +191,13 @@ def act_chain(code: int, params: tuple[float, ...], saved: Tensor, d: Tensor,
     return out
 
 
-def act_tangent(code: int, params: tuple[float, ...], z: Tensor, r: Tensor, u: Tensor
+def act_tangent(code: int, params: tuple[float, ...], z: Tensor, r: Tensor, u: Tensor,
+                out_dtype: torch.dtype | None = None, s_dtype: torch.dtype | None = None
                 ) -> tuple[Tensor, Tensor]:
-    """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) for a smooth σ, in r's dtype."""
+    """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) for a smooth σ, in out_dtype and s_dtype (r's default)."""
     r, u = r.contiguous(), u.contiguous()
-    out, s = torch.empty_like(r), torch.empty_like(r)
+    out = torch.empty_like(r, dtype=out_dtype or r.dtype)
+    s = torch.empty_like(r, dtype=s_dtype or r.dtype)
     n = r.numel()
     p0, p1 = _params(params)
     _act_tangent_kernel[flat_grid(n)](z, r, u, out, s, n, p0, p1, ACT=code,
