@@ -94,14 +94,20 @@ class CudaBackend(TorchBackend):
         z = z.contiguous()
         p0, p1 = _params(spec.params)
         y, mask = self.ext.act_forward(z, code, p0, p1, code in PIECEWISE, _stream(z))
-        return y, (code, spec.params, mask if code in PIECEWISE else z)
+        return y, (code, spec.params, mask if code in PIECEWISE else z, z.dtype)
 
     def _run_chain(self, spec, saved, d: Tensor, s: Tensor | None) -> Tensor | None:
-        """σ'(z) ⊙ d (+ s) by the kernel, or None where the operands don't fit it."""
-        if not (isinstance(saved, tuple) and len(saved) == 3):
+        """σ'(z) ⊙ d (+ s) by the kernel, or None where the operands don't fit it.
+
+        The kernel writes d's dtype; TorchBackend promotes with z's dtype except for ReLU,
+        so where those differ the portable path runs (the dtypes downstream stay the same).
+        """
+        if not (isinstance(saved, tuple) and len(saved) == 4):
             return None
-        code, params, state = saved
+        code, params, state, zdtype = saved
         if not _ok(d, s) or state.numel() != d.numel():
+            return None
+        if code != 0 and torch.promote_types(zdtype, d.dtype) != d.dtype:
             return None
         if code not in PIECEWISE and state.dtype != d.dtype:
             return None
@@ -111,7 +117,7 @@ class CudaBackend(TorchBackend):
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         out = self._run_chain(spec, saved, d, None)
-        return out if out is not None else super().act_chain(spec, _portable(saved, d), d)
+        return out if out is not None else super().act_chain(spec, _portable(saved), d)
 
     def act_tangent(self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
                     ) -> tuple[Tensor, Tensor | None]:
@@ -120,19 +126,19 @@ class CudaBackend(TorchBackend):
             if out is not None:
                 return out, None
         elif isinstance(saved, tuple) and _ok(saved[2], r, u):
-            code, params, z = saved
+            code, params, z, _ = saved
             p0, p1 = _params(params)
             out, s = self.ext.act_tangent(z, r.contiguous(), u.contiguous(), code, p0, p1,
                                           _stream(r))
             return out, s
-        return super().act_tangent(spec, _portable(saved, r), r, u)
+        return super().act_tangent(spec, _portable(saved), r, u)
 
     def act_backward(self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
                      ) -> Tensor:
         out = self._run_chain(spec, saved, abar, s)
         if out is not None:
             return out
-        return super().act_backward(spec, _portable(saved, abar), abar, s)
+        return super().act_backward(spec, _portable(saved), abar, s)
 
     # ---- heads ------------------------------------------------------------------------
     def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,9 +159,12 @@ def _params(params: tuple[float, ...]) -> tuple[float, float]:
     return p[0], p[1]
 
 
-def _portable(saved: object, like: Tensor) -> object:
-    """The state as TorchBackend's activation steps read it (a 0/1 mask acts as z)."""
-    if not (isinstance(saved, tuple) and len(saved) == 3):
+def _portable(saved: object) -> object:
+    """The state as TorchBackend's steps read it: ReLU's bool mask, or z, for which a 0/1
+    mask in z's dtype stands (LeakyReLU's σ' depends only on the sign)."""
+    if not (isinstance(saved, tuple) and len(saved) == 4):
         return saved
-    code, _, state = saved
-    return state.to(like.dtype) if code in PIECEWISE else state
+    code, _, state, zdtype = saved
+    if code == 0:
+        return state.bool()  # ReLU's portable state is its mask
+    return state.to(zdtype) if code in PIECEWISE else state

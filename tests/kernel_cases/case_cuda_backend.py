@@ -5,6 +5,8 @@ Runs only on a CUDA device (the extension is built on first use, which takes min
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import DEVICE, TOL, rel_err
@@ -22,7 +24,11 @@ REF = TorchBackend()
 @pytest.fixture(scope="module")
 def bk():
     from gradreg_kernels.backends.cuda import CudaBackend
+    from gradreg_kernels.backends.gpu_entries import cuda_unavailable
 
+    why = cuda_unavailable()
+    if why is not None or os.environ.get("GRADREG_TEST_CUDA_BACKEND", "1") != "1":
+        pytest.skip(f"CUDA C++ backend not built here: {why or 'GRADREG_TEST_CUDA_BACKEND=0'}")
     return CudaBackend()
 
 

@@ -18,8 +18,16 @@ from torch import nn
 from gradreg_kernels import gradreg_loss
 from reference import oracle_grads
 
-BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and os.environ.get(
-    "GRADREG_TEST_CUDA_BACKEND", "1") == "1" else [])
+
+def _cuda_backend_testable() -> bool:
+    if DEVICE != "cuda" or os.environ.get("GRADREG_TEST_CUDA_BACKEND", "1") != "1":
+        return False
+    from gradreg_kernels.backends.gpu_entries import cuda_unavailable
+
+    return cuda_unavailable() is None
+
+
+BACKENDS = ["triton"] + (["cuda"] if _cuda_backend_testable() else [])
 
 
 def mlp() -> tuple[nn.Module, tuple[int, ...]]:

@@ -41,10 +41,13 @@ class ActState:
         return dt if self.code == 0 else torch.promote_types(dt, self.zdtype)
 
 
-def _portable(saved: ActState, like: Tensor) -> Tensor:
-    """The state in the form TorchBackend's activation steps read (a 0/1 mask acts as z)."""
+def _portable(saved: ActState) -> Tensor:
+    """The state as TorchBackend's steps read it: ReLU's bool mask, or z, for which a 0/1
+    mask in z's dtype stands (LeakyReLU's σ' depends only on the sign)."""
+    if saved.code == 0:
+        return saved.tensor.bool()
     if saved.code in elementwise.PIECEWISE:
-        return saved.tensor.to(like.dtype)
+        return saved.tensor.to(saved.zdtype)
     return saved.tensor
 
 
@@ -77,7 +80,7 @@ class TritonBackend(TorchBackend):
         if not isinstance(saved, ActState):
             return super().act_chain(spec, saved, d)
         if not supported(d) or d.shape != saved.tensor.shape:
-            return super().act_chain(spec, _portable(saved, d), d)
+            return super().act_chain(spec, _portable(saved), d)
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, d,
                                      out_dtype=saved.out_dtype(d))
 
@@ -86,7 +89,7 @@ class TritonBackend(TorchBackend):
         if not isinstance(saved, ActState):
             return super().act_tangent(spec, saved, r, u)
         if not supported(r, u) or r.shape != saved.tensor.shape:
-            return super().act_tangent(spec, _portable(saved, r), r, u)
+            return super().act_tangent(spec, _portable(saved), r, u)
         if saved.code in elementwise.PIECEWISE:
             out = elementwise.act_chain(saved.code, saved.params, saved.tensor, r,
                                         out_dtype=saved.out_dtype(r))
@@ -100,7 +103,7 @@ class TritonBackend(TorchBackend):
         if not isinstance(saved, ActState):
             return super().act_backward(spec, saved, abar, s)
         if not supported(abar, s) or abar.shape != saved.tensor.shape:
-            return super().act_backward(spec, _portable(saved, abar), abar, s)
+            return super().act_backward(spec, _portable(saved), abar, s)
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, abar, s,
                                      out_dtype=saved.out_dtype(abar))
 

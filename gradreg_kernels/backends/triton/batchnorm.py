@@ -13,6 +13,8 @@ float32 cancellation small.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,7 @@ MODE_PAIR = 1     # (Σ x, Σ x·y)
 MODE_DOT = 2      # (Σ x·y, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_size", "chunk"])
 def _channel_sums_kernel(x_ptr, y_ptr, out_ptr, c_count, s_size, m_size, chunk,
                          MODE: tl.constexpr, BLOCK: tl.constexpr):
     """out[c, split, :] = two sums over the split's share of channel c's M values."""
@@ -60,7 +62,7 @@ def _channel_sums_kernel(x_ptr, y_ptr, out_ptr, c_count, s_size, m_size, chunk,
     tl.store(out_ptr + (c * n_splits + sp) * 2 + 1, tl.sum(acc2, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _bn_normalize_kernel(a_ptr, mean_ptr, inv_ptr, g_ptr, b_ptr, y_ptr, xhat_ptr, n,
                          c_count, s_size, AFFINE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -74,7 +76,7 @@ def _bn_normalize_kernel(a_ptr, mean_ptr, inv_ptr, g_ptr, b_ptr, y_ptr, xhat_ptr
     tl.store(y_ptr + offs, xh.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _bn_project_kernel(v_ptr, xhat_ptr, mean_ptr, mx_ptr, out_ptr, n, c_count, s_size,
                        BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -87,7 +89,7 @@ def _bn_project_kernel(v_ptr, xhat_ptr, mean_ptr, mx_ptr, out_ptr, n, c_count, s
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _bn_second_kernel(xhat_ptr, pd_ptr, pr_ptr, coef_ptr, dots_ptr, mxr_ptr, mxd_ptr, out_ptr,
                       n, c_count, s_size, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -109,13 +111,14 @@ def _geometry(t: Tensor) -> tuple[int, int, int]:
     return n, c, t.numel() // max(1, n * c)
 
 
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index or 0).multi_processor_count
+
+
 def _splits(m_size: int, c: int, device: torch.device) -> tuple[int, int]:
     """How many programs share one channel's reduction, and each one's chunk (≥ 1 block)."""
-    if device.type == "cpu":
-        target = 1
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, (4 * sms) // max(1, c))
+    target = 1 if device.type == "cpu" else max(1, (4 * _sm_count(device.index)) // max(1, c))
     splits = max(1, min(target, triton.cdiv(m_size, _SUM_BLOCK)))
     chunk = triton.cdiv(triton.cdiv(m_size, splits), _SUM_BLOCK) * _SUM_BLOCK
     return triton.cdiv(m_size, chunk), chunk

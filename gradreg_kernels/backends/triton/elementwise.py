@@ -122,7 +122,7 @@ def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, p0, p1):
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, ACT: tl.constexpr,
                         SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """y = σ(z); for piecewise-linear σ also mask = (z > 0) as uint8."""
@@ -134,7 +134,7 @@ def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, ACT: tl.constexpr,
         tl.store(mask_ptr + offs, (z > 0).to(tl.uint8), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.constexpr,
                       HAS_S: tl.constexpr, BLOCK: tl.constexpr):
     """out = σ'(z) ⊙ d (+ s)."""
@@ -147,7 +147,7 @@ def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.const
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _act_tangent_kernel(z_ptr, r_ptr, u_ptr, out_ptr, s_ptr, n, p0, p1, ACT: tl.constexpr,
                         BLOCK: tl.constexpr):
     """Smooth σ: out = σ'(z) ⊙ r and s = σ''(z) ⊙ u ⊙ r, z loaded once."""

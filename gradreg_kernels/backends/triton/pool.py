@@ -17,7 +17,7 @@ from torch import Tensor
 from ._common import ELEMENT_BLOCK, flat_grid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _pool_gather_kernel(r_ptr, idx_ptr, out_ptr, n, out_plane, in_plane, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -27,7 +27,7 @@ def _pool_gather_kernel(r_ptr, idx_ptr, out_ptr, n, out_plane, in_plane, BLOCK: 
     tl.store(out_ptr + offs, v, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _pool_scatter_kernel(d_ptr, idx_ptr, acc_ptr, n, out_plane, in_plane, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n

@@ -21,7 +21,7 @@ def _block_m(k: int) -> int:
     return max(1, min(64, 4096 // triton.next_power_of_2(k)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _softmax_ce_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, n, k, stride_z,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,7 +41,7 @@ def _softmax_ce_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, n, k, stride_z,
     tl.store(p_ptr + rows[:, None] * k + cols[None, :], p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _softmax_hvp_kernel(p_ptr, t_ptr, out_ptr, n, k, stride_t,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

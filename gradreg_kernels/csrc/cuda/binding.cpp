@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace gradreg {
@@ -76,7 +77,7 @@ std::vector<at::Tensor> act_forward(const at::Tensor& z, int64_t act, double p0,
 
 // σ'(z) ⊙ d (+ s); saved is the uint8 mask (piecewise σ) or z with d's dtype.
 at::Tensor act_chain(const at::Tensor& saved, const at::Tensor& d,
-                     const c10::optional<at::Tensor>& s, int64_t act, double p0, double p1,
+                     const std::optional<at::Tensor>& s, int64_t act, double p0, double p1,
                      int64_t stream) {
   check_cuda(d, "d");
   const bool mask_state = saved.scalar_type() == at::kByte;
