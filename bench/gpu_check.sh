@@ -39,7 +39,7 @@ stage info 60 bash -c "nvidia-smi; which nvcc && nvcc --version | tail -1; \
   $PY -c 'import pytest, pytest_benchmark; print(\"pytest\", pytest.__version__)'"
 
 SKIP=""
-if stage build_cuda 180 "$PY" -c "
+if stage build_cuda 150 "$PY" -c "
 from gradreg_kernels.backends.gpu_entries import cuda_unavailable
 why = cuda_unavailable()
 if why: raise SystemExit('CUDA backend unavailable: ' + why)
@@ -52,9 +52,9 @@ else
   SKIP="--skip-backends cuda"
 fi
 
-stage gpu_tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rsP tests/ || true
-# the per-case detail of the child run (every kernel case) is printed by that test
-stage gpu_bench 240 "$PY" bench/gpu_bench.py --out "$OUT" --budget-s 170 $SKIP ${GPU_BENCH_ARGS:-} || true
+# -s: the child run of every kernel case streams its progress into gpu_tests.log
+stage gpu_tests 240 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider -rs tests/ || true
+stage gpu_bench 210 "$PY" bench/gpu_bench.py --out "$OUT" --budget-s 150 $SKIP ${GPU_BENCH_ARGS:-} || true
 
 echo "+++ done in $(( $(date +%s) - T0 )) s" | tee -a "$SUMMARY"
 cat "$SUMMARY"

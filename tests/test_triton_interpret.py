@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_kernel_cases(env_extra: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run the kernel cases in a child pytest with the given environment additions."""
+    """Run the kernel cases in a child pytest with the given environment additions.
+
+    The child's output is echoed line by line as it comes (visible live with ``pytest -s``)
+    and returned in ``stdout``.
+    """
     env = dict(os.environ)
     env.update(env_extra)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-           "-o", "python_files=case_*.py", str(ROOT / "tests" / "kernel_cases")]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "--durations=10", "-p",
+           "no:cacheprovider", "-o", "python_files=case_*.py",
+           str(ROOT / "tests" / "kernel_cases")]
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+            if time.monotonic() > deadline:
+                proc.kill()
+                lines.append(f"\n[killed after {timeout} s]\n")
+                break
+        rc = proc.wait()
+    return subprocess.CompletedProcess(cmd, rc, "".join(lines), "")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")

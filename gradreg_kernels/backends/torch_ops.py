@@ -115,6 +115,13 @@ class TorchBackend:
         """Hessian of −log softmax times t: p ⊙ t − p (pᵀt), row by row (N, K)."""
         return p * (t - (p * t).sum(1, keepdim=True))
 
+    # ---- the penalty ------------------------------------------------------------------
+    def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(Σ (M ⊙ g)², M² ⊙ g): the penalty's sum over the batch and, up to the factor
+        2λ/B, the seed r of pass 3; M = 1 when mask is None. g: (B, ...) = ∇_X Σ ℓ."""
+        gm = g if mask is None else g * mask
+        return gm.pow(2).sum(), (gm if mask is None else gm * mask)
+
     # ---- pooling ----------------------------------------------------------------------
     def max_pool2d(
         self, a: Tensor, kernel, stride, padding, dilation, ceil_mode: bool

@@ -67,3 +67,9 @@ def test_cuda_softmax_head(bk, n, k, dtype, device, poison):
     assert rel_err(ce, ce_ref) < tol and rel_err(p, p_ref) < tol
     t = torch.randn(n, k, generator=g).to(device, dtype)
     assert rel_err(bk.softmax_hvp(p, t), REF.softmax_hvp(p_ref, t.double())) < tol
+
+
+def test_cuda_softmax_ce_out_of_range_label_gives_nan(bk, device):
+    z = torch.randn(3, 5, device=device)
+    ce, _ = bk.softmax_ce(z, torch.tensor([0, 5, -1], device=device))
+    assert torch.isfinite(ce[0]) and torch.isnan(ce[1:]).all()

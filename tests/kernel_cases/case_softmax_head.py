@@ -43,3 +43,9 @@ def test_softmax_ce_extreme_logits_stay_finite(device):
     ce_ref, p_ref = REF.softmax_ce(z.double(), y)
     assert torch.isfinite(ce).all() and rel_err(ce, ce_ref) < 1e-6
     assert rel_err(p, p_ref) < 1e-6
+
+
+def test_softmax_ce_out_of_range_label_gives_nan(device):
+    z = torch.randn(3, 5, device=device)
+    ce, _ = _triton().softmax_ce(z, torch.tensor([0, 5, -1], device=device))
+    assert torch.isfinite(ce[0]) and torch.isnan(ce[1:]).all()

@@ -1,7 +1,7 @@
 """TritonBackend: the primitive kernels of the four passes as Triton kernels on CUDA tensors.
 
 Replaces the elementwise activation steps, the softmax-CE head and its Hessian-vector
-product, train-mode BatchNorm, and the max-pool gather/scatter; products and convolutions
+product, train-mode BatchNorm, the max-pool gather/scatter, and the penalty reduction; products and convolutions
 stay on cuBLAS/cuDNN (``matmul="triton"`` routes Linear's forward products through the
 autotuned Triton product instead). Operands of other dtypes (float64) take the portable
 path, so the backend is exact wherever it is used. Under TRITON_INTERPRET=1 the same
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...rules.activation_math import ActivationSpec
 from ..torch_ops import TorchBackend
-from . import batchnorm, elementwise, pool, softmax_head
+from . import batchnorm, elementwise, penalty, pool, softmax_head
 from ._common import supported
 from .matmul import linear_act
 
@@ -118,6 +118,12 @@ class TritonBackend(TorchBackend):
                 or p.shape[1] > softmax_head.MAX_K:
             return super().softmax_hvp(p, t)
         return softmax_head.softmax_hvp(p, t)
+
+    # ---- the penalty ------------------------------------------------------------------
+    def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if not supported(g, mask) or (mask is not None and mask.shape != g.shape):
+            return super().penalty_terms(g, mask)
+        return penalty.penalty_terms(g, mask)
 
     # ---- pooling ----------------------------------------------------------------------
     def pool_gather(self, r: Tensor, idx: Tensor) -> Tensor:

@@ -36,7 +36,8 @@ def _softmax_ce_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, n, k, stride_z,
     lse = zmax + tl.log(tot)
     y = tl.load(y_ptr + rows, mask=rm, other=0)
     zy = tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    tl.store(ce_ptr + rows, (lse - zy).to(ce_ptr.dtype.element_ty), mask=rm)
+    ce = tl.where((y >= 0) & (y < k), lse - zy, float("nan"))  # unchecked bad label: NaN
+    tl.store(ce_ptr + rows, ce.to(ce_ptr.dtype.element_ty), mask=rm)
     p = e / tot[:, None]
     tl.store(p_ptr + rows[:, None] * k + cols[None, :], p.to(p_ptr.dtype.element_ty), mask=m2)
 

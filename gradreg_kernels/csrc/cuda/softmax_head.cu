@@ -35,7 +35,10 @@ __global__ void softmax_ce_kernel(const T* __restrict__ z, const int64_t* __rest
   float inv = 1.0f / tot;
   float* pr = p + row * k;
   for (int64_t j = lane; j < k; j += 32) pr[j] = expf(to_f32(zr[j]) - mx) * inv;
-  if (lane == 0) ce[row] = mx + logf(tot) - to_f32(zr[y[row]]);
+  if (lane == 0) {
+    const int64_t label = y[row];  // out of range (unchecked labels): NaN, never a stray read
+    ce[row] = (label >= 0 && label < k) ? mx + logf(tot) - to_f32(zr[label]) : NAN;
+  }
 }
 
 template <typename T>
