@@ -269,7 +269,7 @@ def bench_model(name, batch, args, device, t_start, log) -> dict:
             row["events_ms"] = events_ms(fn, device)
             if "graph" in label:  # the graph's memory pool is taken at capture: count it
                 del fn
-                row["peak_mb"] = peak_mb(lambda: make()(), device)
+                row["peak_mb"] = peak_mb(lambda mk=make: mk()(), device)
             else:
                 row["peak_mb"] = peak_mb(fn, device)
         except Exception as e:  # noqa: BLE001 - one failure must not stop the others

@@ -1,11 +1,11 @@
 """TritonBackend: the primitive kernels of the four passes as Triton kernels on CUDA tensors.
 
 Replaces the elementwise activation steps, the softmax-CE head and its Hessian-vector
-product, train-mode BatchNorm, the max-pool gather/scatter, and the penalty reduction; products and convolutions
-stay on cuBLAS/cuDNN (``matmul="triton"`` routes Linear's forward products through the
-autotuned Triton product instead). Operands of other dtypes (float64) take the portable
-path, so the backend is exact wherever it is used. Under TRITON_INTERPRET=1 the same
-kernels run on CPU tensors (for tests).
+product, train-mode BatchNorm, the max-pool gather/scatter and the penalty reduction;
+products and convolutions stay on cuBLAS/cuDNN (``matmul="triton"`` routes Linear's
+forward products through the autotuned Triton product instead). Operands of other dtypes
+(float64) take the portable path, so the backend is exact wherever it is used. Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (for tests).
 """
 
 from __future__ import annotations
