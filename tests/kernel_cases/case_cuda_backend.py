@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
+from kernel_check import DEVICE, TOL, rel_err
 
 from gradreg_kernels.backends.torch_ops import TorchBackend
 from gradreg_kernels.rules.activation_math import spec_by_name

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from kernel_check import DEVICE, rel_err
 from torch import nn
 
 from gradreg_kernels import gradreg_loss

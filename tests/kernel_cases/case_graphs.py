@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from kernel_check import DEVICE, rel_err
 from torch import nn
 
 from gradreg_kernels import gradreg_loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from kernel_check import rel_err
 
 
 @pytest.mark.parametrize("bias", [True, False])

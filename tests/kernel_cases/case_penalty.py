@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, rel_err
+from kernel_check import TOL, rel_err
 
 from gradreg_kernels.backends.torch_ops import TorchBackend
 

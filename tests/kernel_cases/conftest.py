@@ -7,14 +7,11 @@ interpreter, so without TRITON_INTERPRET=1 they skip instead of importing triton
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-DEVICE = os.environ.get("GRADREG_KERNEL_DEVICE", "cpu")
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernel_check import DEVICE, INTERPRET
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,15 +52,3 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
