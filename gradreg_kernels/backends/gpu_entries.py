@@ -7,6 +7,7 @@ Under TRITON_INTERPRET=1 the Triton backend also accepts CPU tensors (kernels in
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -25,6 +26,7 @@ def triton_device_types() -> tuple[str, ...]:
     return ("cuda", "cpu") if triton_interpreting() else ("cuda",)
 
 
+@functools.cache  # checked on every "auto" call: once per process is enough
 def triton_unavailable() -> str | None:
     """None when the Triton backend can run, else why not."""
     if importlib.util.find_spec("triton") is None:
@@ -40,6 +42,7 @@ def make_triton() -> TorchBackend:
     return TritonBackend()
 
 
+@functools.cache
 def cuda_unavailable() -> str | None:
     """None when the CUDA C++ backend can be built and run, else why not."""
     if not torch.cuda.is_available() or torch.version.cuda is None:
