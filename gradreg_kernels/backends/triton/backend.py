@@ -52,7 +52,7 @@ def _portable(saved: ActState) -> Tensor:
 
 
 class TritonBackend(TorchBackend):
-    """Triton kernels for the elementwise, head, BatchNorm and pooling steps."""
+    """Triton kernels for the elementwise, head, BatchNorm, pooling and penalty steps."""
 
     name = "triton"
 
