@@ -31,7 +31,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAM
   return "$rc"
 }
 
-stage info 60 bash -c "nvidia-smi; which nvcc && nvcc --version | tail -1; \
+stage info 30 bash -c "nvidia-smi; which nvcc && nvcc --version | tail -1; \
   $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \
 \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'; \
   $PY -c 'import triton; print(\"triton\", triton.__version__)'; \
@@ -53,8 +53,10 @@ else
 fi
 
 # -s: the child run of every kernel case streams its progress into gpu_tests.log
-stage gpu_tests 240 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider -rs tests/ || true
-stage gpu_bench 210 "$PY" bench/gpu_bench.py --out "$OUT" --budget-s 150 $SKIP ${GPU_BENCH_ARGS:-} || true
+stage gpu_tests 200 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider -rs tests/ || true
+grep -E "(passed|failed|error|skipped)" "$OUT/gpu_tests.log" | tail -4 >> "$SUMMARY"
+stage gpu_bench 180 "$PY" bench/gpu_bench.py --out "$OUT" --budget-s 130 $SKIP ${GPU_BENCH_ARGS:-} || true
 
+grep -E "^(### |Goals|Relative error)" "$OUT/gpu_bench.md" >> "$SUMMARY" 2>/dev/null
 echo "+++ done in $(( $(date +%s) - T0 )) s" | tee -a "$SUMMARY"
 cat "$SUMMARY"
