@@ -43,9 +43,10 @@ class _Runner:
     """State of one fused call, shared by the Function's forward and backward."""
 
     def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
-                 lam: float, value_weight: float, check_finite: bool, head: str) -> None:
+                 lam: float, value_weight: float, check_finite: bool, head: str, bk) -> None:
         self.schedule, self.x, self.y, self.mask = schedule, x, y, mask
         self.lam, self.w, self.check_finite, self.head = lam, value_weight, check_finite, head
+        self.bk = bk
 
     def forward(self) -> Tensor:
         x, mask = self.x, self.mask
@@ -55,13 +56,13 @@ class _Runner:
             checks.check_label_range(self.y, z)
         ev = self.schedule.head.evaluate(z, self.y)
         g = self.schedule.chain(ev.pen_grad)
-        gm = g if mask is None else g * mask
+        pen_sum, seed = self.bk.penalty_terms(g, mask)
         self.data = ev.data.mean()
-        self.penalty = gm.pow(2).sum() / b
+        self.penalty = pen_sum / b
         if self.check_finite:
             checks.check_finite_loss(self.data, self.penalty)
         self.logits, self.data_grad = z, ev.data_grad
-        self.g = None if self.lam == 0 else (gm if mask is None else gm * mask)
+        self.g = None if self.lam == 0 else seed
         return self.w * self.data + self.lam * self.penalty
 
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
@@ -162,7 +163,7 @@ def _fused_loss(plan: Plan, model: nn.Module, x: Tensor, y: Tensor | None, lam: 
     if head != "output":
         y = y.long()
     runner = _Runner(Schedule(rules, head_obj), x, y, mask, lam, value_weight, check_finite,
-                     head)
+                     head, bk)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),

@@ -64,3 +64,15 @@ def _instance(e: BackendEntry) -> TorchBackend:
     if e.name not in _INSTANCES:
         _INSTANCES[e.name] = e.factory()
     return _INSTANCES[e.name]
+
+
+def _register_gpu_backends() -> None:
+    from . import gpu_entries as g
+
+    register_backend(BackendEntry("triton", g.make_triton, g.triton_device_types(),
+                                  g.triton_unavailable, priority=20))
+    register_backend(BackendEntry("cuda", g.make_cuda, ("cuda",), g.cuda_unavailable,
+                                  priority=15))
+
+
+_register_gpu_backends()

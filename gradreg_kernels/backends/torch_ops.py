@@ -39,7 +39,10 @@ class TorchBackend:
         d0, a0 = pairs[0]
         out = d0.t().mm(a0)
         for d, a in pairs[1:]:
-            out.addmm_(d.t(), a)
+            if d.dtype == a.dtype == out.dtype:
+                out.addmm_(d.t(), a)
+            else:  # mixed dtypes under autocast: the out-of-place product is autocast
+                out = torch.addmm(out, d.t(), a)
         return out
 
     def conv2d(self, a: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeom) -> Tensor:
@@ -115,6 +118,13 @@ class TorchBackend:
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
         """Hessian of −log softmax times t: p ⊙ t − p (pᵀt), row by row (N, K)."""
         return p * (t - (p * t).sum(1, keepdim=True))
+
+    # ---- the penalty ------------------------------------------------------------------
+    def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(Σ (M ⊙ g)², M² ⊙ g): the penalty's sum over the batch and, up to the factor
+        2λ/B, the seed r of pass 3; M = 1 when mask is None. g: (B, ...) = ∇_X Σ ℓ."""
+        gm = g if mask is None else g * mask
+        return gm.pow(2).sum(), (gm if mask is None else gm * mask)
 
     # ---- pooling ----------------------------------------------------------------------
     def max_pool2d(

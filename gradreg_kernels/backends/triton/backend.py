@@ -1,0 +1,159 @@
+"""TritonBackend: the primitive kernels of the four passes as Triton kernels on CUDA tensors.
+
+Replaces the elementwise activation steps, the softmax-CE head and its Hessian-vector
+product, train-mode BatchNorm, the max-pool gather/scatter and the penalty reduction;
+products and convolutions stay on cuBLAS/cuDNN (``matmul="triton"`` routes Linear's
+forward products through the autotuned Triton product instead). Operands of other dtypes
+(float64) take the portable path, so the backend is exact wherever it is used. Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors (for tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...rules.activation_math import ActivationSpec
+from ..torch_ops import TorchBackend
+from . import batchnorm, elementwise, penalty, pool, softmax_head
+from ._common import supported
+from .matmul import linear_act
+
+
+@dataclass
+class ActState:
+    """What act_forward keeps: a uint8 mask (ReLU, LeakyReLU) or the pre-activation z."""
+
+    code: int
+    params: tuple[float, ...]
+    tensor: Tensor
+    zdtype: torch.dtype
+
+    def out_dtype(self, *ts: Tensor | None) -> torch.dtype:
+        """The dtype TorchBackend's step gives: ReLU keeps the operand's, others promote z's."""
+        dt = ts[0].dtype
+        for t in ts[1:]:
+            if t is not None:
+                dt = torch.promote_types(dt, t.dtype)
+        return dt if self.code == 0 else torch.promote_types(dt, self.zdtype)
+
+
+def _portable(saved: ActState) -> Tensor:
+    """The state as TorchBackend's steps read it: ReLU's bool mask, or z, for which a 0/1
+    mask in z's dtype stands (LeakyReLU's σ' depends only on the sign)."""
+    if saved.code == 0:
+        return saved.tensor.bool()
+    if saved.code in elementwise.PIECEWISE:
+        return saved.tensor.to(saved.zdtype)
+    return saved.tensor
+
+
+class TritonBackend(TorchBackend):
+    """Triton kernels for the elementwise, head, BatchNorm, pooling and penalty steps."""
+
+    name = "triton"
+
+    def __init__(self, matmul: str = "cublas") -> None:
+        if matmul not in ("cublas", "triton"):
+            raise ValueError(f"matmul must be 'cublas' or 'triton', got {matmul!r}")
+        self.matmul = matmul
+
+    # ---- products ---------------------------------------------------------------------
+    def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if (self.matmul == "triton" and supported(a) and a.dtype == w.dtype
+                and not torch.is_autocast_enabled(a.device.type)):
+            return linear_act(a, w, b)[0]
+        return super().linear(a, w, b)
+
+    # ---- elementwise activation steps -------------------------------------------------
+    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
+        code = elementwise.ACT_CODES.get(spec.name)
+        if code is None or not supported(z):
+            return super().act_forward(spec, z)
+        y, t = elementwise.act_forward(code, spec.params, z)
+        return y, ActState(code, spec.params, t, z.dtype)
+
+    def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
+        if not isinstance(saved, ActState):
+            return super().act_chain(spec, saved, d)
+        if not supported(d) or d.shape != saved.tensor.shape:
+            return super().act_chain(spec, _portable(saved), d)
+        return elementwise.act_chain(saved.code, saved.params, saved.tensor, d,
+                                     out_dtype=saved.out_dtype(d))
+
+    def act_tangent(self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
+                    ) -> tuple[Tensor, Tensor | None]:
+        if not isinstance(saved, ActState):
+            return super().act_tangent(spec, saved, r, u)
+        if not supported(r, u) or r.shape != saved.tensor.shape:
+            return super().act_tangent(spec, _portable(saved), r, u)
+        if saved.code in elementwise.PIECEWISE:
+            out = elementwise.act_chain(saved.code, saved.params, saved.tensor, r,
+                                        out_dtype=saved.out_dtype(r))
+            return out, None
+        return elementwise.act_tangent(saved.code, saved.params, saved.tensor, r, u,
+                                       out_dtype=saved.out_dtype(r),
+                                       s_dtype=saved.out_dtype(r, u))
+
+    def act_backward(self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
+                     ) -> Tensor:
+        if not isinstance(saved, ActState):
+            return super().act_backward(spec, saved, abar, s)
+        if not supported(abar, s) or abar.shape != saved.tensor.shape:
+            return super().act_backward(spec, _portable(saved), abar, s)
+        return elementwise.act_chain(saved.code, saved.params, saved.tensor, abar, s,
+                                     out_dtype=saved.out_dtype(abar))
+
+    # ---- heads ------------------------------------------------------------------------
+    def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if z.dim() != 2 or not supported(z) or z.shape[1] > softmax_head.MAX_K:
+            return super().softmax_ce(z, y)
+        return softmax_head.softmax_ce(z, y)
+
+    def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
+        if p.dim() != 2 or not supported(p, t) or p.shape != t.shape \
+                or p.shape[1] > softmax_head.MAX_K:
+            return super().softmax_hvp(p, t)
+        return softmax_head.softmax_hvp(p, t)
+
+    # ---- the penalty ------------------------------------------------------------------
+    def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if not supported(g, mask) or (mask is not None and mask.shape != g.shape):
+            return super().penalty_terms(g, mask)
+        return penalty.penalty_terms(g, mask)
+
+    # ---- pooling ----------------------------------------------------------------------
+    def pool_gather(self, r: Tensor, idx: Tensor) -> Tensor:
+        if not supported(r) or r.dim() != 4:
+            return super().pool_gather(r, idx)
+        return pool.pool_gather(r, idx)
+
+    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
+        if not supported(d) or d.dim() != 4:
+            return super().pool_scatter(d, idx, input_shape)
+        return pool.pool_scatter(d, idx, input_shape)
+
+    # ---- train-mode batch norm --------------------------------------------------------
+    def bn_train_forward(self, a: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        if not supported(a, gamma, beta):
+            return super().bn_train_forward(a, gamma, beta, eps)
+        return batchnorm.bn_train_forward(a, gamma, beta, eps)
+
+    def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
+        if not supported(v, xhat) or v.shape != xhat.shape:
+            return super().bn_project(v, xhat)
+        return batchnorm.bn_project(v, xhat)
+
+    def bn_second_order(
+        self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
+        p_delta: Tensor, p_r: Tensor, mx_delta: Tensor, mx_r: Tensor,
+    ) -> Tensor:
+        if not supported(xhat, delta, p_delta, p_r):
+            return super().bn_second_order(xhat, inv_std, gamma_c, delta, r, p_delta, p_r,
+                                           mx_delta, mx_r)
+        return batchnorm.bn_second_order(xhat, inv_std, gamma_c, delta, p_delta, p_r,
+                                         mx_delta, mx_r)

@@ -1,0 +1,205 @@
+"""Fused elementwise activation steps of the four passes, one kernel per step.
+
+With z the pre-activation and σ one of the supported activations:
+    forward:  y = σ(z), and the saved state (a 1-byte mask z > 0 for ReLU / LeakyReLU,
+              z itself for smooth σ)
+    chain:    σ'(z) ⊙ d (+ s)             (also the pass-4 backward, with s)
+    tangent:  σ'(z) ⊙ r  and  s = σ''(z) ⊙ u ⊙ r   (s only for smooth σ)
+Every kernel loads its operands once, computes in float32 and stores in the operand dtype.
+Activation codes (constexpr ACT): see ``ACT_CODES``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import ELEMENT_BLOCK, flat_grid
+
+ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
+             "gelu_tanh": 6, "elu": 7}
+PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
+
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_C = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 2 sigmoid(2x) − 1 (exact limits ±1, abs. error ~1e-7)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act_value(z, ACT: tl.constexpr, p0, p1):
+    """σ(z) in float32; p0, p1 the activation's parameters."""
+    if ACT == 0:
+        out = tl.where(z > 0, z, 0.0)
+    elif ACT == 1:
+        out = tl.where(z > 0, z, z * p0)
+    elif ACT == 2:
+        bz = z * p0
+        soft = (tl.maximum(bz, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(bz)))) / p0
+        out = tl.where(bz > p1, z, soft)
+    elif ACT == 3:
+        out = _tanh(z)
+    elif ACT == 4:
+        out = tl.sigmoid(z)
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+    elif ACT == 6:
+        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z)))
+    else:
+        out = tl.where(z > 0, z, p0 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    return out
+
+
+@triton.jit
+def _act_d1(z, ACT: tl.constexpr, p0, p1):
+    """σ'(z) of a smooth activation (codes ≥ 2), float32."""
+    if ACT == 2:
+        bz = z * p0
+        out = tl.where(bz > p1, 1.0, tl.sigmoid(bz))
+    elif ACT == 3:
+        t = _tanh(z)
+        out = 1.0 - t * t
+    elif ACT == 4:
+        s = tl.sigmoid(z)
+        out = s * (1.0 - s)
+    elif ACT == 5:
+        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        out = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2)) + z * pdf
+    elif ACT == 6:
+        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+    else:
+        out = tl.where(z > 0, 1.0, p0 * tl.exp(tl.minimum(z, 0.0)))
+    return out
+
+
+@triton.jit
+def _act_d2(z, ACT: tl.constexpr, p0, p1):
+    """σ''(z) of a smooth activation (codes ≥ 2), float32."""
+    if ACT == 2:
+        bz = z * p0
+        s = tl.sigmoid(bz)
+        out = tl.where(bz > p1, 0.0, p0 * s * (1.0 - s))
+    elif ACT == 3:
+        t = _tanh(z)
+        out = -2.0 * t * (1.0 - t * t)
+    elif ACT == 4:
+        s = tl.sigmoid(z)
+        out = s * (1.0 - s) * (1.0 - 2.0 * s)
+    elif ACT == 5:
+        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        out = pdf * (2.0 - z * z)
+    elif ACT == 6:
+        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
+        ddu = 6.0 * _SQRT_2_OVER_PI * _GELU_C * z
+        out = (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
+    else:
+        out = tl.where(z > 0, 0.0, p0 * tl.exp(tl.minimum(z, 0.0)))
+    return out
+
+
+@triton.jit
+def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, p0, p1):
+    """σ'(z) from the saved state: the mask for piecewise-linear σ, else z."""
+    if ACT == 0:
+        out = tl.load(saved_ptr + offs, mask=m, other=0).to(tl.float32)
+    elif ACT == 1:
+        keep = tl.load(saved_ptr + offs, mask=m, other=0)
+        out = tl.where(keep != 0, 1.0, p0)
+    else:
+        z = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        out = _act_d1(z, ACT, p0, p1)
+    return out
+
+
+@triton.jit(do_not_specialize=["n"])
+def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, ACT: tl.constexpr,
+                        SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """y = σ(z); for piecewise-linear σ also mask = (z > 0) as uint8."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, _act_value(z, ACT, p0, p1).to(y_ptr.dtype.element_ty), mask=m)
+    if SAVE_MASK:
+        tl.store(mask_ptr + offs, (z > 0).to(tl.uint8), mask=m)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.constexpr,
+                      HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+    """out = σ'(z) ⊙ d (+ s)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    out = _saved_d1(saved_ptr, offs, m, ACT, p0, p1) * d
+    if HAS_S:
+        out += tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _act_tangent_kernel(z_ptr, r_ptr, u_ptr, out_ptr, s_ptr, n, p0, p1, ACT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Smooth σ: out = σ'(z) ⊙ r and s = σ''(z) ⊙ u ⊙ r, z loaded once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (_act_d1(z, ACT, p0, p1) * r).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + offs, (_act_d2(z, ACT, p0, p1) * u * r).to(s_ptr.dtype.element_ty), mask=m)
+
+
+def _params(params: tuple[float, ...]) -> tuple[float, float]:
+    p = tuple(float(v) for v in params) + (0.0, 0.0)
+    return p[0], p[1]
+
+
+def act_forward(code: int, params: tuple[float, ...], z: Tensor) -> tuple[Tensor, Tensor]:
+    """y = σ(z) (z's dtype) and the state: uint8 mask (piecewise σ) or z (contiguous)."""
+    z = z.contiguous()
+    y = torch.empty_like(z)
+    piecewise = code in PIECEWISE
+    mask = torch.empty(z.shape, dtype=torch.uint8, device=z.device) if piecewise else z
+    n = z.numel()
+    p0, p1 = _params(params)
+    _act_forward_kernel[flat_grid(n)](z, y, mask, n, p0, p1, ACT=code, SAVE_MASK=piecewise,
+                                      BLOCK=ELEMENT_BLOCK)
+    return y, mask
+
+
+def act_chain(code: int, params: tuple[float, ...], saved: Tensor, d: Tensor,
+              s: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """σ'(z) ⊙ d (+ s), in out_dtype (d's dtype by default)."""
+    d = d.contiguous()
+    out = torch.empty_like(d, dtype=out_dtype or d.dtype)
+    s_arg = d if s is None else s.contiguous()
+    n = d.numel()
+    p0, p1 = _params(params)
+    _act_chain_kernel[flat_grid(n)](saved, d, s_arg, out, n, p0, p1, ACT=code,
+                                    HAS_S=s is not None, BLOCK=ELEMENT_BLOCK)
+    return out
+
+
+def act_tangent(code: int, params: tuple[float, ...], z: Tensor, r: Tensor, u: Tensor,
+                out_dtype: torch.dtype | None = None, s_dtype: torch.dtype | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) for a smooth σ, in out_dtype and s_dtype (r's default)."""
+    r, u = r.contiguous(), u.contiguous()
+    out = torch.empty_like(r, dtype=out_dtype or r.dtype)
+    s = torch.empty_like(r, dtype=s_dtype or r.dtype)
+    n = r.numel()
+    p0, p1 = _params(params)
+    _act_tangent_kernel[flat_grid(n)](z, r, u, out, s, n, p0, p1, ACT=code,
+                                      BLOCK=ELEMENT_BLOCK)
+    return out, s

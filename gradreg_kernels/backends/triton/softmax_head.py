@@ -1,0 +1,85 @@
+"""The softmax cross-entropy head: value and probabilities in one pass, and its HVP.
+
+For logits z (N, K) and labels y (N,):
+    CE_n = logsumexp(z_n) − z_{n, y_n},   p = softmax(z)        (_softmax_ce_kernel)
+    H t  = p ⊙ t − p (pᵀ t) row by row                          (_softmax_hvp_kernel)
+Each program holds BLOCK_M whole rows (BLOCK_K ≥ K) in registers; float32 math.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: widest row the one-block kernels take; wider heads use the portable path.
+MAX_K = 8192
+
+
+def _block_m(k: int) -> int:
+    return max(1, min(64, 4096 // triton.next_power_of_2(k)))
+
+
+@triton.jit(do_not_specialize=["n"])
+def _softmax_ce_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, n, k, stride_z,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    rm = rows < n
+    m2 = rm[:, None] & (cols[None, :] < k)
+    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=m2,
+                other=-float("inf")).to(tl.float32)
+    zmax = tl.where(rm, tl.max(z, axis=1), 0.0)  # rows past n: keep the math finite
+    e = tl.where(m2, tl.exp(z - zmax[:, None]), 0.0)
+    tot = tl.where(rm, tl.sum(e, axis=1), 1.0)
+    lse = zmax + tl.log(tot)
+    y = tl.load(y_ptr + rows, mask=rm, other=0)
+    zy = tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    ce = tl.where((y >= 0) & (y < k), lse - zy, float("nan"))  # unchecked bad label: NaN
+    tl.store(ce_ptr + rows, ce.to(ce_ptr.dtype.element_ty), mask=rm)
+    p = e / tot[:, None]
+    tl.store(p_ptr + rows[:, None] * k + cols[None, :], p.to(p_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _softmax_hvp_kernel(p_ptr, t_ptr, out_ptr, n, k, stride_t,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    m2 = (rows[:, None] < n) & (cols[None, :] < k)
+    p = tl.load(p_ptr + rows[:, None] * k + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=m2,
+                other=0.0).to(tl.float32)
+    pt = tl.sum(p * t, axis=1)
+    out = p * (t - pt[:, None])
+    tl.store(out_ptr + rows[:, None] * k + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m2)
+
+
+def _rows(z: Tensor) -> Tensor:
+    return z if z.stride(1) == 1 else z.contiguous()
+
+
+def softmax_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(CE (N,), p (N, K)) in float32 for 16-bit logits (as autocast's log_softmax), else z's."""
+    z = _rows(z)
+    n, k = z.shape
+    out_dt = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+    ce = torch.empty(n, dtype=out_dt, device=z.device)
+    p = torch.empty((n, k), dtype=out_dt, device=z.device)
+    bk, bm = triton.next_power_of_2(k), _block_m(k)
+    _softmax_ce_kernel[(triton.cdiv(n, bm),)](z, y.contiguous(), ce, p, n, k, z.stride(0),
+                                              BLOCK_M=bm, BLOCK_K=bk)
+    return ce, p
+
+
+def softmax_hvp(p: Tensor, t: Tensor) -> Tensor:
+    """p ⊙ t − p (pᵀt) row by row, (N, K), in the promoted dtype of p and t."""
+    p, t = p.contiguous(), _rows(t)
+    n, k = p.shape
+    out = torch.empty((n, k), dtype=torch.promote_types(p.dtype, t.dtype), device=p.device)
+    bk, bm = triton.next_power_of_2(k), _block_m(k)
+    _softmax_hvp_kernel[(triton.cdiv(n, bm),)](p, t, out, n, k, t.stride(0),
+                                               BLOCK_M=bm, BLOCK_K=bk)
+    return out

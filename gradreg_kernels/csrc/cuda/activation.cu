@@ -1,0 +1,166 @@
+// Fused elementwise activation steps of the four passes (see backends/cuda.py):
+//   forward:  y = σ(z), mask = (z > 0) for piecewise-linear σ (ReLU, LeakyReLU)
+//   chain:    out = σ'(z) ⊙ d (+ s)          (σ' from the mask or from z)
+//   tangent:  out = σ'(z) ⊙ r,  s = σ''(z) ⊙ u ⊙ r   (smooth σ)
+// Activation codes: 0 relu, 1 leaky_relu(p0 = slope), 2 softplus(p0 = β, p1 = threshold),
+// 3 tanh, 4 sigmoid, 5 gelu (erf), 6 gelu_tanh, 7 elu(p0 = α). Math in float32.
+#include "common.cuh"
+
+namespace gradreg {
+namespace {
+
+constexpr float kInvSqrt2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluC = 0.044715f;
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ float act_value(float z, int act, float p0, float p1) {
+  switch (act) {
+    case 0: return z > 0.0f ? z : 0.0f;
+    case 1: return z > 0.0f ? z : z * p0;
+    case 2: {
+      float bz = z * p0;
+      return bz > p1 ? z : log1pf(expf(bz)) / p0;
+    }
+    case 3: return tanhf(z);
+    case 4: return sigmoidf(z);
+    case 5: return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
+    case 6: return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z)));
+    default: return z > 0.0f ? z : p0 * expm1f(z);
+  }
+}
+
+__device__ float act_d1(float z, int act, float p0, float p1) {
+  switch (act) {
+    case 0: return z > 0.0f ? 1.0f : 0.0f;
+    case 1: return z > 0.0f ? 1.0f : p0;
+    case 2: {
+      float bz = z * p0;
+      return bz > p1 ? 1.0f : sigmoidf(bz);
+    }
+    case 3: {
+      float t = tanhf(z);
+      return 1.0f - t * t;
+    }
+    case 4: {
+      float s = sigmoidf(z);
+      return s * (1.0f - s);
+    }
+    case 5: return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
+    case 6: {
+      float t = tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z));
+      float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluC * z * z);
+      return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
+    }
+    default: return z > 0.0f ? 1.0f : p0 * expf(fminf(z, 0.0f));
+  }
+}
+
+__device__ float act_d2(float z, int act, float p0, float p1) {
+  switch (act) {
+    case 2: {
+      float bz = z * p0;
+      float s = sigmoidf(bz);
+      return bz > p1 ? 0.0f : p0 * s * (1.0f - s);
+    }
+    case 3: {
+      float t = tanhf(z);
+      return -2.0f * t * (1.0f - t * t);
+    }
+    case 4: {
+      float s = sigmoidf(z);
+      return s * (1.0f - s) * (1.0f - 2.0f * s);
+    }
+    case 5: return expf(-0.5f * z * z) * kInvSqrt2Pi * (2.0f - z * z);
+    case 6: {
+      float t = tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z));
+      float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluC * z * z);
+      float ddu = 6.0f * kSqrt2OverPi * kGeluC * z;
+      return (1.0f - t * t) * (du + 0.5f * z * (ddu - 2.0f * t * du * du));
+    }
+    case 7: return z > 0.0f ? 0.0f : p0 * expf(fminf(z, 0.0f));
+    default: return 0.0f;
+  }
+}
+
+template <typename T>
+__global__ void act_forward_kernel(const T* __restrict__ z, T* __restrict__ y,
+                                   uint8_t* __restrict__ mask, int64_t n, int act, float p0,
+                                   float p1) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float v = to_f32(z[i]);
+    y[i] = from_f32<T>(act_value(v, act, p0, p1));
+    if (mask != nullptr) mask[i] = v > 0.0f ? 1 : 0;
+  }
+}
+
+// saved is a uint8 mask when mask_state, else z of type T.
+template <typename T>
+__global__ void act_chain_kernel(const void* __restrict__ saved, bool mask_state,
+                                 const T* __restrict__ d, const T* __restrict__ s,
+                                 T* __restrict__ out, int64_t n, int act, float p0, float p1) {
+  const uint8_t* m = static_cast<const uint8_t*>(saved);
+  const T* z = static_cast<const T*>(saved);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float g;
+    if (mask_state) {
+      g = m[i] ? 1.0f : (act == 1 ? p0 : 0.0f);
+    } else {
+      g = act_d1(to_f32(z[i]), act, p0, p1);
+    }
+    float v = g * to_f32(d[i]);
+    if (s != nullptr) v += to_f32(s[i]);
+    out[i] = from_f32<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void act_tangent_kernel(const T* __restrict__ z, const T* __restrict__ r,
+                                   const T* __restrict__ u, T* __restrict__ out,
+                                   T* __restrict__ s, int64_t n, int act, float p0, float p1) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    float zv = to_f32(z[i]);
+    float rv = to_f32(r[i]);
+    out[i] = from_f32<T>(act_d1(zv, act, p0, p1) * rv);
+    s[i] = from_f32<T>(act_d2(zv, act, p0, p1) * to_f32(u[i]) * rv);
+  }
+}
+
+constexpr int kThreads = 256;
+
+}  // namespace
+
+#define GRADREG_DISPATCH(dtype, ...)                          \
+  switch (dtype) {                                            \
+    case kFloat32: { using T = float; __VA_ARGS__; break; }   \
+    case kFloat16: { using T = __half; __VA_ARGS__; break; }  \
+    default: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
+  }
+
+void launch_act_forward(int dtype, const void* z, void* y, uint8_t* mask, int64_t n, int act,
+                        float p0, float p1, cudaStream_t stream) {
+  GRADREG_DISPATCH(dtype, act_forward_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+      static_cast<const T*>(z), static_cast<T*>(y), mask, n, act, p0, p1));
+}
+
+void launch_act_chain(int dtype, const void* saved, bool mask_state, const void* d,
+                      const void* s, void* out, int64_t n, int act, float p0, float p1,
+                      cudaStream_t stream) {
+  GRADREG_DISPATCH(dtype, act_chain_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+      saved, mask_state, static_cast<const T*>(d), static_cast<const T*>(s),
+      static_cast<T*>(out), n, act, p0, p1));
+}
+
+void launch_act_tangent(int dtype, const void* z, const void* r, const void* u, void* out,
+                        void* s, int64_t n, int act, float p0, float p1, cudaStream_t stream) {
+  GRADREG_DISPATCH(dtype, act_tangent_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+      static_cast<const T*>(z), static_cast<const T*>(r), static_cast<const T*>(u),
+      static_cast<T*>(out), static_cast<T*>(s), n, act, p0, p1));
+}
+
+}  // namespace gradreg

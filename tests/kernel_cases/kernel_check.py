@@ -1,0 +1,23 @@
+"""Shared constants and the error measure of the kernel cases (imported by name, so the
+cases never depend on which conftest module Python last saw)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE = os.environ.get("GRADREG_KERNEL_DEVICE", "cpu")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: relative tolerance of one kernel step against its float64 reference, per operand dtype
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
