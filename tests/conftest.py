@@ -1,77 +1,9 @@
-"""Shared helpers: the float64 oracle comparison every fast path goes through."""
+"""Test-wide fixtures and the skipping of GPU tests without CUDA."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from torch import nn
-
-from gradreg_kernels import gradreg_loss
-from reference import oracle_grads
-
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
-    """‖a − b‖ / max(‖b‖, floor), computed in float64; NaN never passes."""
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).norm() / max(float(b.norm()), floor, 1e-300))
-
-
-def randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BatchNorm affine parameters and running statistics."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-
-
-def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=torch.float64,
-                         seed=0, backend="torch", value_weight=1.0):
-    """Run the fused path in ``dtype`` and the oracle in float64 on upcast copies; compare.
-
-    Returns the fused output. Every parameter's gradient must be within TOL[dtype] relative
-    of the oracle's (relative to max(‖ref_p‖, 1e-3 · max_p ‖ref_p‖) so that gradients that are
-    exactly zero in theory, such as a bias before train-mode BatchNorm, are judged on the
-    scale of the model's gradient), and loss parts and logits likewise.
-    """
-    model = model.to(dtype)
-    ref_model = copy.deepcopy(model).double()
-    x = x.to(dtype)
-    mask64 = None if mask is None else mask.double()
-    mask_t = None if mask is None else mask.to(dtype)
-    for p in model.parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    out = gradreg_loss(model, x, y, lam, head=head, mask=mask_t, backend=backend,
-                       value_weight=value_weight)
-    out.loss.backward()
-    torch.manual_seed(seed)
-    ref, loss, ce, pen = oracle_grads(ref_model, x.double(), y, lam, head, mask64, value_weight)
-    tol = TOL[dtype]
-    assert out.backend != "autograd"
-    assert rel_err(out.loss.detach(), loss) < tol
-    assert rel_err(out.ce, ce) < tol
-    assert rel_err(out.penalty, pen, 1e-12) < tol
-    scale = max(float(g.norm()) for g in ref.values())
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            assert p.grad is None
-            continue
-        err = rel_err(p.grad, ref[name], 1e-3 * scale)
-        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
-    for b1, b2 in zip(model.buffers(), ref_model.buffers()):
-        assert rel_err(b1, b2.to(b1.dtype), 1e-12) < tol, "running statistics differ"
-    return out
 
 
 @pytest.fixture(autouse=True)

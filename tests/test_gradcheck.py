@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_bn
+from oracle_check import randomize_bn
 from torch import nn
 
 from gradreg_kernels import gradreg_loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import check_against_oracle, randomize_bn
+from oracle_check import check_against_oracle, randomize_bn
 from torch import nn
 
 

@@ -73,11 +73,12 @@ class TorchBackend:
         stride, padding, dilation, groups = geom
         out = None
         for d, a in pairs:
+            d, a = _common_dtype(d, a)  # they differ under autocast
             gw = torch.ops.aten.convolution_backward(
-                d, a, w, None, stride, padding, dilation, False, (0, 0), groups,
+                d, a, w.to(a.dtype), None, stride, padding, dilation, False, (0, 0), groups,
                 (False, True, False),
             )[1]
-            out = gw if out is None else out.add_(gw)
+            out = gw if out is None else out.add_(gw.to(out.dtype))
         return out
 
     # ---- elementwise activation steps -------------------------------------------------
@@ -171,6 +172,7 @@ class TorchBackend:
         One call of ATen's batch-norm backward with x̂ as the input (mean 0, inverse
         standard deviation 1, unit weight) computes both in a single sweep.
         """
+        v, xhat = _common_dtype(v, xhat)
         c = xhat.shape[1]
         ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
         pv, sxv, _ = torch.ops.aten.native_batch_norm_backward(
@@ -180,10 +182,11 @@ class TorchBackend:
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """k ⊙ P ā, Σ ā ⊙ x̂ and Σ ā per channel (k = γ/σ per channel, (C,)), in one sweep."""
+        abar, xhat = _common_dtype(abar, xhat)
         c = xhat.shape[1]
         ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
         return torch.ops.aten.native_batch_norm_backward(
-            abar, xhat, k, None, None, zeros, ones, True, 0.0, (True, True, True))
+            abar, xhat, k.to(xhat.dtype), None, None, zeros, ones, True, 0.0, (True, True, True))
 
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
@@ -201,6 +204,12 @@ class TorchBackend:
 def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
     """σ'(z) ⊙ t from what act_forward saved."""
     return torch.where(saved, t, 0.0) if spec.name == "relu" else spec.d1(saved) * t
+
+
+def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """a and b in their promoted dtype (they differ under autocast)."""
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dt), b.to(dt)
 
 
 def _chan(v: Tensor, like: Tensor) -> Tensor:
