@@ -83,6 +83,8 @@ class TorchBackend:
         """σ'(z) ⊙ d."""
         if spec.name == "relu":
             return d * saved
+        if spec.name == "leaky_relu":  # one fused pass instead of compare, select, multiply
+            return torch.ops.aten.leaky_relu_backward(d, saved, spec.params[0], False)
         return spec.d1(saved) * d
 
     def act_tangent(
@@ -93,7 +95,7 @@ class TorchBackend:
             return r * saved, None
         z = saved
         s = spec.d2(z) * u * r if spec.smooth else None
-        return spec.d1(z) * r, s
+        return self.act_chain(spec, z, r), s
 
     def act_backward(
         self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
