@@ -69,7 +69,8 @@ def test_generic_residual_with_smooth_branches(shortcut):
     sc = None if shortcut == "identity" else nn.Sequential(nn.Linear(9, 9), nn.Softplus())
     model = nn.Sequential(
         nn.Linear(7, 9), nn.Tanh(),
-        Residual(nn.Sequential(nn.Linear(9, 9), nn.BatchNorm1d(9), nn.Tanh(), nn.Linear(9, 9)),
+        Residual(nn.Sequential(nn.Linear(9, 9, bias=False), nn.BatchNorm1d(9), nn.Tanh(),
+                               nn.Linear(9, 9)),
                  sc),
         Residual(Residual(nn.Sequential(nn.Linear(9, 9), nn.GELU()))),
         nn.Linear(9, 4)).double()
