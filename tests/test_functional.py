@@ -19,18 +19,22 @@ from gradreg_kernels.functional import (
 )
 
 
-def _usable_backends() -> list[str]:
-    names = []
-    for name in backend_names():
-        try:
-            get_backend(name, torch.device("cpu"))
-        except (RuntimeError, ValueError):
-            continue
-        names.append(name)
-    return names
+def _usable_backends() -> list[tuple[str, str]]:
+    """(device, backend) pairs: every registered backend usable on each present device."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    pairs = []
+    for dev in devices:
+        for name in backend_names():
+            try:
+                get_backend(name, torch.device(dev))
+            except (RuntimeError, ValueError):
+                continue
+            pairs.append((dev, name))
+    return pairs
 
 
-BACKENDS = _usable_backends()
+BACKENDS = [f"{dev}:{name}" for dev, name in _usable_backends()]
+_DEVICE = {"dev": "cpu"}
 ACTS = {  # name → (act_args, torch reference)
     "linear": ((), lambda z: z),
     "relu": ((), F.relu),
@@ -44,8 +48,17 @@ ACTS = {  # name → (act_args, torch reference)
 }
 
 
-def _r(*shape, gen=None):
-    return torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+def _r(*shape):
+    return torch.randn(*shape, dtype=torch.float64, device=_DEVICE["dev"], requires_grad=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """A backend name; tensors made by _r live on its device for the test."""
+    dev, name = request.param.split(":")
+    _DEVICE["dev"] = dev
+    yield name
+    _DEVICE["dev"] = "cpu"
 
 
 def _check(fn, inputs, fast: bool = True):
@@ -54,7 +67,6 @@ def _check(fn, inputs, fast: bool = True):
     assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", sorted(ACTS))
 def test_bias_act(act, backend):
     args, ref = ACTS[act]
@@ -65,7 +77,6 @@ def test_bias_act(act, backend):
     _check(lambda x: bias_act(x, None, act, args, backend=backend), (_r(2, 3),))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", sorted(ACTS))
 def test_linear_act(act, backend):
     args, ref = ACTS[act]
@@ -75,7 +86,6 @@ def test_linear_act(act, backend):
     _check(lambda x, w, b: linear_act(x, w, b, act, args, backend=backend), (x, w, b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ["linear", "relu", "softplus", "elu"])
 @pytest.mark.parametrize("geom", [((1, 1), (1, 0), (1, 1), 1), ((2, 1), (1, 1), (1, 2), 1),
                                   ((1, 2), (0, 1), (1, 1), 2)])
@@ -92,14 +102,15 @@ def test_conv2d_act(act, geom, backend):
     _check(f, (x, w, b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(5, 3), (3, 2, 3, 3)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_train(shape, affine, backend):
     c = shape[1]
     x = _r(*shape)
     g, b = (_r(c), _r(c)) if affine else (None, None)
-    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    dev = x.device
+    rm = torch.randn(c, dtype=torch.float64, device=dev)
+    rv = torch.rand(c, dtype=torch.float64, device=dev) + 0.5
     rm_ref, rv_ref = rm.clone(), rv.clone()
     y = batch_norm(x, rm, rv, g, b, training=True, momentum=0.3, eps=1e-3, backend=backend)
     y_ref = F.batch_norm(x, rm_ref, rv_ref, g, b, training=True, momentum=0.3, eps=1e-3)
@@ -127,7 +138,6 @@ def test_batch_norm_eval(shape, affine):
     _check(lambda x, g=None, b=None: batch_norm(x, rm, rv, g, b, False, eps=1e-3), inputs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cfg", [(2, None, 0, 1, False), (3, 2, 1, 1, True), (2, 1, 0, 2, False)])
 def test_max_pool2d(cfg, backend):
     k, s, p, d, ceil = cfg
@@ -137,18 +147,16 @@ def test_max_pool2d(cfg, backend):
     _check(lambda x: max_pool2d(x, k, s, p, d, ceil, backend=backend), (x,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_softmax_cross_entropy(reduction, backend):
     z = _r(5, 7)
-    y = torch.randint(0, 7, (5,))
+    y = torch.randint(0, 7, (5,), device=z.device)
     out = softmax_cross_entropy(z, y, reduction, backend)
     torch.testing.assert_close(out, F.cross_entropy(z, y, reduction=reduction),
                                rtol=1e-12, atol=1e-12)
     _check(lambda z: softmax_cross_entropy(z, y, reduction, backend), (z,))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_products_are_differentiable_to_third_order(backend):
     """The bilinear products reuse each other, so derivatives of any order exist."""
     x, w = _r(3, 4), _r(2, 4)

@@ -53,7 +53,8 @@ class TorchBackend:
         """The transposed convolution: (N, O, H', W') → (N, C, H, W)."""
         stride, padding, dilation, groups = geom
         return torch.ops.aten.convolution_backward(
-            d, d.new_empty((1,) * len(input_shape)).expand(input_shape), w, None, stride, padding, dilation,
+            # a contiguous shape-only input: an expanded one is made contiguous (a full copy)
+            d, d.new_empty(input_shape), w, None, stride, padding, dilation,
             False, (0, 0), groups, (True, False, False),
         )[0]
 

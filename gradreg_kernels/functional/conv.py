@@ -23,8 +23,9 @@ ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
 
 def _shape_only(like: Tensor, shape: Sequence[int]) -> Tensor:
-    """A tensor of ``shape`` without storage, for kernels that only read a shape from it."""
-    return like.new_empty((1,) * len(shape)).expand(*shape)
+    """An uninitialised tensor of ``shape``, for kernels that only read a shape from it
+    (contiguous: kernels copy an expanded one to make it contiguous)."""
+    return like.new_empty(shape)
 
 
 class Conv2dInputGrad(torch.autograd.Function):

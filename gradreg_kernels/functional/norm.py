@@ -39,7 +39,8 @@ class BatchNormTrainGrad(torch.autograd.Function):
         gamma_c = channel(gamma, dy) if gamma is not None else dy.new_ones(())
         pd, mxd = bk.bn_project(dy, xhat)
         dx = gamma_c * inv_std * pd if want[0] else None
-        dgamma = channel_sum(dy * xhat) if want[1] else None
+        n = dy.numel() // dy.shape[1]
+        dgamma = mxd.flatten() * n if want[1] else None  # Σ dy x̂ = N mean(x̂ dy)
         dbeta = channel_sum(dy) if want[2] else None
         ctx.save_for_backward(dy, gamma, xhat, inv_std, pd, mxd)
         ctx.set_materialize_grads(False)
