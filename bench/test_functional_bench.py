@@ -8,8 +8,9 @@ Groups (compare the medians inside a group; the machine is shared and noisy):
 
     PYTHONPATH=. python -m pytest bench/test_functional_bench.py --benchmark-columns=median,iqr
 
-Environment: GK_BENCH_DEVICE (cpu / cuda; cuda when present), GK_BENCH_BATCH (64 on a GPU,
-16 on the CPU), GK_BENCH_ROUNDS (rounds per variant).
+Environment: GK_BENCH_DEVICE (cpu / cuda; cuda when present), GK_BENCH_BATCH (64),
+GK_BENCH_ROUNDS (rounds per variant), GK_BENCH_THREADS (torch CPU threads; on an
+oversubscribed shared CPU, 1 thread gives stable timings where several stall each other).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from gradreg_kernels.nn import cifar_resnet, convert, dcgan_critic
 DEVICE = torch.device(os.environ.get("GK_BENCH_DEVICE",
                                      "cuda" if torch.cuda.is_available() else "cpu"))
 ON_GPU = DEVICE.type == "cuda"
-BATCH = int(os.environ.get("GK_BENCH_BATCH", "64" if ON_GPU else "16"))
+BATCH = int(os.environ.get("GK_BENCH_BATCH", "64"))
 ROUNDS = int(os.environ.get("GK_BENCH_ROUNDS", "30" if ON_GPU else "9"))
+if "GK_BENCH_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["GK_BENCH_THREADS"]))
 R1_GAMMA = 10.0
 GP_LAM = 1.0
 
@@ -102,7 +105,7 @@ def resnet_setup():
 def test_dcgan_critic_r1(benchmark, critic_setup, variant):
     eager, converted, x = critic_setup
     benchmark.group = f"DCGAN critic R1 step, B={BATCH}, 64x64, {DEVICE.type}"
-    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE))
+    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), threads=torch.get_num_threads())
     if variant == "plain_step":
         _run(benchmark, lambda: plain_step(eager, lambda m: m(x).mean()))
     else:
@@ -113,7 +116,7 @@ def test_dcgan_critic_r1(benchmark, critic_setup, variant):
 def test_resnet_gradreg(benchmark, resnet_setup, variant):
     eager, converted, x, y = resnet_setup
     benchmark.group = f"ResNet-8 (16-32-64) gradreg step, B={BATCH}, 32x32, {DEVICE.type}"
-    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE))
+    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), threads=torch.get_num_threads())
     if variant == "plain_step":
         _run(benchmark, lambda: plain_step(eager, lambda m: F.cross_entropy(m(x), y)))
     elif variant == "fused_gradreg_loss":

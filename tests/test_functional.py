@@ -193,3 +193,12 @@ def test_bad_arguments_name_the_problem():
         softmax_cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="running_mean"):
         batch_norm(torch.randn(2, 3), None, None, training=False)
+
+
+def test_inplace_change_of_a_saved_output_is_caught():
+    """The ReLU output doubles as its derivative mask; autograd's version check guards it."""
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(2, 4)
+    y = linear_act(x, w, None, "relu")
+    y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -74,16 +74,16 @@ class TorchBackend:
 
     # ---- elementwise activation steps -------------------------------------------------
     def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
-        """y = σ(z) and what later passes need (here z itself, or a mask for ReLU)."""
+        """y = σ(z) and what later passes need (here z itself, or y for ReLU: σ'(z) = [y > 0])."""
         if spec.name == "relu":
-            mask = z > 0
-            return z * mask, mask
+            y = torch.relu(z)
+            return y, y
         return spec.value(z), z
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         """σ'(z) ⊙ d."""
-        if spec.name == "relu":
-            return d * saved
+        if spec.name == "relu":  # one pass, no bool-mask conversion
+            return torch.ops.aten.threshold_backward(d, saved, 0)
         if spec.name == "leaky_relu":  # one fused pass instead of compare, select, multiply
             return torch.ops.aten.leaky_relu_backward(d, saved, spec.params[0], False)
         return spec.d1(saved) * d
@@ -93,7 +93,7 @@ class TorchBackend:
     ) -> tuple[Tensor, Tensor | None]:
         """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
         if spec.name == "relu":
-            return r * saved, None
+            return self.act_chain(spec, saved, r), None
         z = saved
         s = spec.d2(z) * u * r if spec.smooth else None
         return self.act_chain(spec, z, r), s

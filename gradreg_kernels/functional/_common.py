@@ -78,6 +78,24 @@ def input_needed(ctx, i: int) -> bool:
         return True
 
 
+def save_with_act(ctx, tensors: tuple, act_saved: object) -> None:
+    """save_for_backward of the inputs and of what ``act_forward`` kept, so autograd's
+    version check catches an in-place change of either (the ReLU output, say)."""
+    if isinstance(act_saved, Tensor):
+        ctx.save_for_backward(*tensors, act_saved)
+        ctx.act_saved = None
+    else:
+        ctx.save_for_backward(*tensors, None)
+        ctx.act_saved = act_saved
+
+
+def load_with_act(ctx, n: int) -> tuple[tuple, object]:
+    """The inputs saved by ``save_with_act`` and the activation's saved state (detached:
+    the backward treats it as a constant)."""
+    *tensors, act = ctx.saved_tensors
+    return tuple(tensors), (ctx.act_saved if act is None else act.detach())
+
+
 def channel(v: Tensor, like: Tensor) -> Tensor:
     """A (C,) vector shaped to broadcast over channel dim 1 of ``like``."""
     return v.view([1, -1] + [1] * (like.dim() - 2))

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from ..rules.activation_math import ActivationSpec
-from ._common import input_needed, last_differentiable, record_inputs, resolve_act, resolve_backend
+from ._common import (
+    input_needed,
+    last_differentiable,
+    load_with_act,
+    record_inputs,
+    resolve_act,
+    resolve_backend,
+    save_with_act,
+)
 
 #: s, the inputs z was made from, which of them need a gradient → their gradients
 Pullback = Callable[[Tensor, Sequence[Tensor | None], Sequence[bool]], Sequence[Tensor | None]]
@@ -80,8 +88,8 @@ class _BiasAct(torch.autograd.Function):
         record_inputs(ctx, x, b, spec, bk, dim)
         z = x if b is None else x + b.view(_bias_shape(b, x, dim))
         y, saved = bk.act_forward(spec, z)
-        ctx.spec, ctx.bk, ctx.dim, ctx.saved = spec, bk, dim, saved
-        ctx.save_for_backward(x, b)
+        ctx.spec, ctx.bk, ctx.dim = spec, bk, dim
+        save_with_act(ctx, (x, b), saved)
         ctx.set_materialize_grads(False)
         return y
 
@@ -89,8 +97,8 @@ class _BiasAct(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None):
         if dy is None:
             return None, None, None, None, None
-        x, b = ctx.saved_tensors
-        dz = ActivationGrad.apply(dy, ctx.saved, ctx.spec, ctx.bk, _bias_pullback(ctx.dim), x, b)
+        (x, b), act_saved = load_with_act(ctx, 2)
+        dz = ActivationGrad.apply(dy, act_saved, ctx.spec, ctx.bk, _bias_pullback(ctx.dim), x, b)
         dims = [i for i in range(dz.dim()) if i != ctx.dim]
         db = dz.sum(dims) if b is not None and input_needed(ctx, 1) else None
         return dz, db, None, None, None

@@ -16,7 +16,14 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ..rules.activation_math import ActivationSpec
-from ._common import input_needed, record_inputs, resolve_act, resolve_backend
+from ._common import (
+    input_needed,
+    load_with_act,
+    record_inputs,
+    resolve_act,
+    resolve_backend,
+    save_with_act,
+)
 from .activation import ActivationGrad
 
 ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
@@ -94,24 +101,24 @@ class Conv2dAct(torch.autograd.Function):
                 spec: ActivationSpec | None, bk) -> Tensor:
         record_inputs(ctx, a, w, b, geom, spec, bk)
         ctx.geom, ctx.spec, ctx.bk = geom, spec, bk
-        ctx.save_for_backward(a, w, b)
         ctx.set_materialize_grads(False)
         z = bk.conv2d(a, w, b, geom)
         if spec is None:
+            save_with_act(ctx, (a, w, b), None)
             return z
-        y, ctx.act_saved = bk.act_forward(spec, z)
+        y, act_saved = bk.act_forward(spec, z)
+        save_with_act(ctx, (a, w, b), act_saved)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
             return (None,) * 6
-        a, w, b = ctx.saved_tensors
+        (a, w, b), act_saved = load_with_act(ctx, 3)
         geom, spec, bk = ctx.geom, ctx.spec, ctx.bk
         dz = dy
         if spec is not None:
-            dz = ActivationGrad.apply(dy, ctx.act_saved, spec, bk, _conv_pullback(bk, geom),
-                                      a, w, b)
+            dz = ActivationGrad.apply(dy, act_saved, spec, bk, _conv_pullback(bk, geom), a, w, b)
         da = (Conv2dInputGrad.apply(dz, w, tuple(a.shape), geom, bk)
               if input_needed(ctx, 0) else None)
         dw = (Conv2dWeightGrad.apply(dz, a, tuple(w.shape), geom, bk)

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from ..rules.activation_math import ActivationSpec
-from ._common import input_needed, record_inputs, resolve_act, resolve_backend
+from ._common import (
+    input_needed,
+    load_with_act,
+    record_inputs,
+    resolve_act,
+    resolve_backend,
+    save_with_act,
+)
 from .activation import ActivationGrad
 
 
@@ -80,23 +87,24 @@ class LinearAct(torch.autograd.Function):
                 bk) -> Tensor:
         record_inputs(ctx, a, w, b, spec, bk)
         ctx.spec, ctx.bk = spec, bk
-        ctx.save_for_backward(a, w, b)
         ctx.set_materialize_grads(False)
         z = bk.linear(a, w, b)
         if spec is None:
+            save_with_act(ctx, (a, w, b), None)
             return z
-        y, ctx.act_saved = bk.act_forward(spec, z)
+        y, act_saved = bk.act_forward(spec, z)
+        save_with_act(ctx, (a, w, b), act_saved)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
             return None, None, None, None, None
-        a, w, b = ctx.saved_tensors
+        (a, w, b), act_saved = load_with_act(ctx, 3)
         bk, spec = ctx.bk, ctx.spec
         dz = dy
         if spec is not None:
-            dz = ActivationGrad.apply(dy, ctx.act_saved, spec, bk, _linear_pullback(bk), a, w, b)
+            dz = ActivationGrad.apply(dy, act_saved, spec, bk, _linear_pullback(bk), a, w, b)
         da = LinearInputGrad.apply(dz, w, bk) if input_needed(ctx, 0) else None
         dw = LinearWeightGrad.apply(dz, a, bk) if input_needed(ctx, 1) else None
         db = dz.sum(0) if b is not None and input_needed(ctx, 2) else None
