@@ -140,3 +140,52 @@ def test_variants_compute_the_same_step(critic_setup, resnet_setup):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     for g in grads[1:]:
         assert float((g - grads[0]).norm() / grads[0].norm()) < 1e-4
+
+
+def _paired(fns: dict, rounds: int) -> dict[str, float]:
+    """Run the variants interleaved, round after round; per-round ratios to the first one.
+
+    On a shared machine the load drifts between rounds; a ratio taken inside one round sees
+    nearly the same load on both sides, so the median of per-round ratios is steadier than
+    a ratio of medians taken minutes apart.
+    """
+    names = list(fns)
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    import time
+    for _ in range(rounds):
+        for n in names:
+            _sync()
+            t = time.perf_counter()
+            fns[n]()
+            _sync()
+            times[n].append(time.perf_counter() - t)
+    base = times[names[0]]
+    out = {}
+    for n in names[1:]:
+        ratios = sorted(b / t for b, t in zip(base, times[n], strict=True))
+        out[f"{names[0]} / {n}"] = ratios[len(ratios) // 2]
+    return out
+
+
+def test_paired_speedups(benchmark, critic_setup, resnet_setup):
+    """Median per-round speedups over eager double backprop (printed and in extra_info)."""
+    c_eager, c_conv, xc = critic_setup
+    r_eager, r_conv, xr, y = resnet_setup
+    benchmark.group = f"paired speedups, B={BATCH}, {DEVICE.type}"
+    result = {}
+
+    def run():
+        result["critic"] = _paired({"eager": lambda: r1_step(c_eager, xc),
+                                    "converted": lambda: r1_step(c_conv, xc)}, ROUNDS)
+        result["resnet"] = _paired({"eager": lambda: gp_step(r_eager, xr, y),
+                                    "converted": lambda: gp_step(r_conv, xr, y),
+                                    "fused": lambda: fused_step(r_eager, xr, y)}, ROUNDS)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), threads=torch.get_num_threads(),
+                                **{f"{m}: {k}": v for m, d in result.items() for k, v in d.items()})
+    for m, d in result.items():
+        for k, v in d.items():
+            print(f"{m}: {k} = {v:.2f}x")
