@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -149,3 +150,27 @@ def test_unsupported_conv_padding_still_correct():
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         convert(lambda x: x)
+
+
+def test_input_gradient_alone_makes_no_weight_product(monkeypatch):
+    """Under autograd.grad(out, x) the drop-ins skip the weight-gradient products."""
+    from gradreg_kernels import get_backend
+
+    bk = get_backend("torch", torch.device("cpu"))
+    calls = Counter()
+    for name in ("linear_weight_grad", "conv2d_weight_grad"):
+        real = getattr(bk, name)
+
+        def counted(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(bk, name, counted)
+    model = convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(3 * 5 * 5, 4)), backend="torch")
+    x = torch.randn(3, 2, 7, 7, requires_grad=True)
+    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    assert sum(calls.values()) == 0
+    g.pow(2).sum().backward()
+    assert calls["linear_weight_grad"] >= 1 and calls["conv2d_weight_grad"] >= 1
+    assert model[0].weight.grad is not None and model[3].weight.grad is not None

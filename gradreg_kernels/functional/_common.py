@@ -71,8 +71,11 @@ def input_needed(ctx, i: int) -> bool:
     node = ctx.next_functions[ctx.edge_of[i]][0]
     if node is None:
         return False
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None:  # a torch without the query: compute every requested gradient
+        return True
     try:
-        return bool(torch._C._will_engine_execute_node(node))
+        return bool(will_execute(node))
     except RuntimeError:
         # a leaf under autograd.grad(): the engine cannot say whether it is captured
         return True
