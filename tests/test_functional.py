@@ -202,3 +202,13 @@ def test_inplace_change_of_a_saved_output_is_caught():
     y.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_gradient_with_respect_to_an_intermediate():
+    """autograd.grad(out, h) for h made by a drop-in op: the captured input is produced."""
+    x, w1, w2 = _r(3, 4), _r(5, 4), _r(2, 5)
+    h = linear_act(x, w1, None, "tanh")
+    (gh,) = torch.autograd.grad(linear_act(h, w2, None, "relu").sum(), h)
+    hr = torch.tanh(F.linear(x, w1)).detach().requires_grad_()
+    (ref,) = torch.autograd.grad(F.relu(F.linear(hr, w2)).sum(), hr)
+    torch.testing.assert_close(gh, ref, rtol=1e-12, atol=1e-12)
