@@ -2,8 +2,11 @@
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv2d
 (zero padding), ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, GELU, ELU, MaxPool2d, AvgPool2d,
-Flatten, Identity, Dropout, BatchNorm1d/2d. A module with forward hooks is not supported
-(the fused step does not call forward, so the hooks would silently not run).
+Flatten, Identity, Dropout, BatchNorm1d/2d; their drop-in versions from gradreg_kernels.nn
+(a Linear / Conv2d with a fused activation is the layer and then the activation); and the
+residual blocks Residual(f, shortcut) and BasicBlock, whose branches are planned
+recursively. A module with forward hooks is not supported (the fused step does not call
+forward, so the hooks would silently not run).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .nn.modules import DROP_IN_OF
+from .nn.residual import BasicBlock, Residual
 from .rules.activation import ActivationRule
 from .rules.activation_math import activation_spec
 from .rules.base import Rule
@@ -22,6 +27,10 @@ from .rules.linear import LinearRule
 from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AvgPool2dRule, MaxPool2dRule
 from .rules.reshape import FlattenRule, IdentityRule
+from .rules.residual import ResidualRule, SequenceRule
+
+#: drop-in class → the torch.nn class whose computation it repeats exactly
+_TORCH_KIND = {dropin: base for base, dropin in DROP_IN_OF.items()}
 
 
 class UnsupportedModelError(TypeError):
@@ -56,22 +65,33 @@ def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
         yield path or "<model>", module
 
 
-def _rule_factory(m: nn.Module) -> Callable[[object], Rule] | str:
+def _with_act(m: nn.Module, make: Callable[[object], Rule]) -> Callable[[object], Rule]:
+    """The layer's rule, then its fused activation's (drop-in Linear / Conv2d with ``act``)."""
+    spec = getattr(m, "act", None)
+    if spec is None:
+        return make
+    return lambda bk: SequenceRule([make(bk), ActivationRule(m, spec, bk)], m)
+
+
+def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | Unsupported:
     """A maker of the rule for one leaf module, or the reason it has none."""
     if _has_hooks(m):
         return "has forward hooks, which the fused step would not run"
-    if type(m) is nn.Linear:
-        return lambda bk: LinearRule(m, bk)
-    if type(m) is nn.Conv2d:
+    if type(m) in (Residual, BasicBlock):
+        return _residual_factory(m, path)
+    kind = _TORCH_KIND.get(type(m), type(m))
+    if kind is nn.Linear:
+        return _with_act(m, lambda bk: LinearRule(m, bk))
+    if kind is nn.Conv2d:
         if m.padding_mode != "zeros":
             return f"padding_mode={m.padding_mode!r} (only 'zeros' runs fused)"
         if conv_padding(m) is None:
             return "padding='same' with an even kernel extent needs asymmetric padding"
-        return lambda bk: Conv2dRule(m, bk)
+        return _with_act(m, lambda bk: Conv2dRule(m, bk))
     spec = activation_spec(m)
     if spec is not None:
         return lambda bk: ActivationRule(m, spec, bk)
-    if type(m) is nn.MaxPool2d:
+    if kind is nn.MaxPool2d:
         if m.return_indices:
             return "return_indices=True returns a tuple"
         return lambda bk: MaxPool2dRule(m, bk)
@@ -83,7 +103,7 @@ def _rule_factory(m: nn.Module) -> Callable[[object], Rule] | str:
         return lambda bk: IdentityRule(m, bk)
     if type(m) is nn.Dropout:
         return lambda bk: DropoutRule(m, bk)
-    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
         if uses_batch_stats(m):
             return lambda bk: BatchNormTrainRule(m, bk)
         return lambda bk: BatchNormEvalRule(m, bk)
@@ -102,13 +122,37 @@ class Plan:
         return [make(bk) for make in self.makers]
 
 
+def _residual_factory(block: Residual | BasicBlock, path: str
+                      ) -> Callable[[object], Rule] | Unsupported:
+    """ResidualRule over the sub-plans of the block's branches, then its activation if any."""
+    names = {id(c): n for n, c in block.named_children()}
+    f, shortcut, post = block.branches()
+    parts = []
+    for branch in (f, shortcut, post):
+        mods = [] if branch is None else (branch if isinstance(branch, list) else [branch])
+        sub = _build([(f"{path}.{names.get(id(c), '?')}", c) for c in mods])
+        if isinstance(sub, Unsupported):
+            return sub
+        parts.append(sub)
+    f_plan, s_plan, post_plan = parts
+    return lambda bk: SequenceRule(
+        [ResidualRule(f_plan.rules(bk), s_plan.rules(bk), block)] + post_plan.rules(bk), block)
+
+
+def _build(roots: list[tuple[str, nn.Module]]) -> Plan | Unsupported:
+    makers, paths = [], []
+    for root_path, root in roots:
+        for path, m in _leaves(root, root_path):
+            made = _rule_factory(m, path)
+            if isinstance(made, Unsupported):
+                return made
+            if isinstance(made, str):
+                return Unsupported(path, type(m).__name__, made)
+            makers.append(made)
+            paths.append(path)
+    return Plan(makers, paths)
+
+
 def build_plan(model: nn.Module) -> Plan | Unsupported:
     """The plan of ``model``, or the first module it cannot run and why."""
-    makers, paths = [], []
-    for path, m in _leaves(model, ""):
-        made = _rule_factory(m)
-        if isinstance(made, str):
-            return Unsupported(path, type(m).__name__, made)
-        makers.append(made)
-        paths.append(path)
-    return Plan(makers, paths)
+    return _build([("", model)])

@@ -83,10 +83,10 @@ class TorchBackend:
 
     # ---- elementwise activation steps -------------------------------------------------
     def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
-        """y = σ(z) and what later passes need (here z itself, or a mask for ReLU)."""
+        """y = σ(z) and what later passes need (here z itself, or y for ReLU: σ'(z) = [y > 0])."""
         if spec.name == "relu":
-            mask = z > 0
-            return torch.where(mask, z, 0.0), mask
+            y = torch.relu(z)
+            return y, y
         return spec.value(z), z
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
@@ -98,10 +98,10 @@ class TorchBackend:
     ) -> tuple[Tensor, Tensor | None]:
         """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
         if spec.name == "relu":
-            return torch.where(saved, r, 0.0), None
+            return _d1_times(spec, saved, r), None
         z = saved
         s = spec.d2(z) * u * r if spec.smooth else None
-        return spec.d1(z) * r, s
+        return _d1_times(spec, z, r), s
 
     def act_backward(
         self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
@@ -202,8 +202,12 @@ class TorchBackend:
 
 
 def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
-    """σ'(z) ⊙ t from what act_forward saved."""
-    return torch.where(saved, t, 0.0) if spec.name == "relu" else spec.d1(saved) * t
+    """σ'(z) ⊙ t from what act_forward saved (y for ReLU, z otherwise), in one pass."""
+    if spec.name == "relu":
+        return torch.ops.aten.threshold_backward(t, saved, 0)
+    if spec.name == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(t, saved, spec.params[0], False)
+    return spec.d1(saved) * t
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,133 @@
+"""linear_act: y = σ(a Wᵀ + b) over the last dimension, twice differentiable.
+
+The products come from the backend (``linear``, ``linear_input_grad``,
+``linear_weight_grad``). Both gradient products are bilinear, so each one's backward is
+made of the other two products:
+    LinearInputGrad  (d, W) ↦ d W:    for g (N, in):  d(d) = g Wᵀ,   d(W) = dᵀ g
+    LinearWeightGrad (d, a) ↦ dᵀ a:   for G (out, in): d(d) = a Gᵀ,   d(a) = d G
+and every derivative stays inside these three Functions, to any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..rules.activation_math import ActivationSpec
+from ._common import (
+    input_needed,
+    load_with_act,
+    record_inputs,
+    resolve_act,
+    resolve_backend,
+    save_with_act,
+)
+from .activation import ActivationGrad
+
+
+class LinearInputGrad(torch.autograd.Function):
+    """d W: (N, out), (out, in) → (N, in)."""
+
+    @staticmethod
+    def forward(ctx, d: Tensor, w: Tensor, bk) -> Tensor:
+        record_inputs(ctx, d, w, bk)
+        ctx.bk = bk
+        ctx.save_for_backward(d, w)
+        ctx.set_materialize_grads(False)
+        return bk.linear_input_grad(d, w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None):
+        if g is None:
+            return None, None, None
+        d, w = ctx.saved_tensors
+        gd = LinearAct.apply(g, w, None, None, ctx.bk) if input_needed(ctx, 0) else None
+        gw = LinearWeightGrad.apply(d, g, ctx.bk) if input_needed(ctx, 1) else None
+        return gd, gw, None
+
+
+class LinearWeightGrad(torch.autograd.Function):
+    """dᵀ a: (N, out), (N, in) → (out, in)."""
+
+    @staticmethod
+    def forward(ctx, d: Tensor, a: Tensor, bk) -> Tensor:
+        record_inputs(ctx, d, a, bk)
+        ctx.bk = bk
+        ctx.save_for_backward(d, a)
+        ctx.set_materialize_grads(False)
+        return bk.linear_weight_grad([(d, a)])
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None):
+        if g is None:
+            return None, None, None
+        d, a = ctx.saved_tensors
+        gd = LinearAct.apply(a, g, None, None, ctx.bk) if input_needed(ctx, 0) else None
+        ga = LinearInputGrad.apply(d, g, ctx.bk) if input_needed(ctx, 1) else None
+        return gd, ga, None
+
+
+def _linear_pullback(bk):
+    """s at z = a Wᵀ + b ↦ (s W, sᵀ a, Σ_n s) for (a, W, b)."""
+    def pull(s: Tensor, src, needs):
+        a, w, _ = src
+        return (bk.linear_input_grad(s, w) if needs[0] else None,
+                bk.linear_weight_grad([(s, a)]) if needs[1] else None,
+                s.sum(0) if needs[2] else None)
+    return pull
+
+
+class LinearAct(torch.autograd.Function):
+    """σ(a Wᵀ + b) for 2-D a (N, in); spec None means no activation."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, w: Tensor, b: Tensor | None, spec: ActivationSpec | None,
+                bk) -> Tensor:
+        record_inputs(ctx, a, w, b, spec, bk)
+        ctx.spec, ctx.bk = spec, bk
+        ctx.set_materialize_grads(False)
+        z = bk.linear(a, w, b)
+        if spec is None:
+            save_with_act(ctx, (a, w, b), None)
+            return z
+        y, act_saved = bk.act_forward(spec, z)
+        save_with_act(ctx, (a, w, b), act_saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:
+            return None, None, None, None, None
+        (a, w, b), act_saved = load_with_act(ctx, 3)
+        bk, spec = ctx.bk, ctx.spec
+        dz = dy
+        if spec is not None:
+            dz = ActivationGrad.apply(dy, act_saved, spec, bk, _linear_pullback(bk), a, w, b)
+        da = LinearInputGrad.apply(dz, w, bk) if input_needed(ctx, 0) else None
+        dw = LinearWeightGrad.apply(dz, a, bk) if input_needed(ctx, 1) else None
+        db = dz.sum(0) if b is not None and input_needed(ctx, 2) else None
+        return da, dw, db, None, None
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+               act: str | ActivationSpec | None = "linear", act_args: Sequence[float] = (),
+               backend: str = "auto") -> Tensor:
+    """y = σ(x Wᵀ + b): x (..., in), W (out, in), b (out,) → (..., out); twice differentiable.
+
+    ``act`` / ``act_args`` as in ``bias_act``; bias and activation are applied in one step.
+    """
+    spec = resolve_act(act, tuple(act_args))
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x's last dimension must be in_features={in_f}, got shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+    bk = resolve_backend(backend, x.device)
+    lead = x.shape[:-1]
+    y = LinearAct.apply(x.reshape(-1, in_f), weight, bias, spec, bk)
+    return y.view(*lead, out_f)

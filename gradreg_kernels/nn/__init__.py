@@ -1,0 +1,25 @@
+"""Drop-in twice-differentiable modules (same constructor arguments and state_dict keys as
+torch.nn's), ``convert`` to swap them into an existing model, residual blocks the fused
+schedule understands, and two small reference models."""
+
+from .convert import convert
+from .models import cifar_resnet, dcgan_critic
+from .modules import (
+    ELU,
+    GELU,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
+from .residual import BasicBlock, Residual
+
+__all__ = ["ELU", "GELU", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "LeakyReLU",
+           "Linear", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "Softplus", "Tanh",
+           "cifar_resnet", "convert", "dcgan_critic"]

@@ -1,0 +1,78 @@
+"""Rules made of rules: a chain of sub-rules run as one, and a residual sum y = f(x) + s(x).
+
+SequenceRule runs its sub-rules in order in passes 1 and 3 and in reverse in passes 2 and 4
+(a sub-schedule). ResidualRule holds two such chains, f and the shortcut s (an empty chain
+is the identity); every pass is linear in the sum, so each pass runs both branches on the
+same input and adds the results:
+    forward:  y = f(x) + s(x)              chain:    Jᵀd = J_fᵀ d + J_sᵀ d
+    tangent:  J r = J_f r + J_s r          backward: ā = (J_f + J_s)ᵀ z̄ + (second-order terms)
+Each branch keeps its own saved state and second-order terms; parameter gradients are the
+branches' lists, concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .base import Rule
+
+
+class SequenceRule(Rule):
+    """Sub-rules applied one after another (an empty list is the identity)."""
+
+    def __init__(self, rules: Sequence[Rule], module=None) -> None:
+        self.rules = list(rules)
+        self.module = module
+
+    def forward(self, a: Tensor) -> Tensor:
+        for rule in self.rules:
+            a = rule.forward(a)
+        return a
+
+    def chain(self, d: Tensor) -> Tensor:
+        for rule in reversed(self.rules):
+            d = rule.chain(d)
+        return d
+
+    def tangent(self, r: Tensor) -> Tensor:
+        for rule in self.rules:
+            r = rule.tangent(r)
+        return r
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        for i in range(len(self.rules) - 1, -1, -1):
+            abar = self.rules[i].backward(abar, need_input_grad or i > 0)
+        return abar
+
+    def param_grads(self):
+        out = []
+        for rule in self.rules:
+            out.extend(rule.param_grads())
+        return out
+
+
+class ResidualRule(Rule):
+    """y = f(x) + s(x) for two chains of rules f and s."""
+
+    def __init__(self, f: Sequence[Rule], shortcut: Sequence[Rule], module=None) -> None:
+        self.f, self.s = SequenceRule(f), SequenceRule(shortcut)
+        self.module = module
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self.f.forward(a) + self.s.forward(a)
+
+    def chain(self, d: Tensor) -> Tensor:
+        return self.f.chain(d) + self.s.chain(d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return self.f.tangent(r) + self.s.tangent(r)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        bf = self.f.backward(abar, need_input_grad)
+        bs = self.s.backward(abar, need_input_grad)
+        return bf + bs if need_input_grad else None
+
+    def param_grads(self):
+        return self.f.param_grads() + self.s.param_grads()
