@@ -11,6 +11,7 @@ from gradreg_kernels import gradreg_loss
 from reference import oracle_grads
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+FLOOR = {torch.float64: 1e-3, torch.float32: 1e-2}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
@@ -39,9 +40,10 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
     """Run the fused path in ``dtype`` and the oracle in float64 on upcast copies; compare.
 
     Returns the fused output. Every parameter's gradient must be within TOL[dtype] relative
-    of the oracle's (relative to max(‖ref_p‖, 1e-3 · max_p ‖ref_p‖) so that gradients that are
-    exactly zero in theory, such as a bias before train-mode BatchNorm, are judged on the
-    scale of the model's gradient), and loss parts and logits likewise.
+    of the oracle's, relative to max(‖ref_p‖, FLOOR[dtype] · max_p ‖ref_p‖): a gradient that
+    is exactly zero in theory (a bias right before train-mode BatchNorm) is pure rounding
+    noise on both sides, so it is judged on the scale of the model's gradient. Loss parts
+    and running statistics likewise.
     """
     model = model.to(dtype)
     ref_model = copy.deepcopy(model).double()
@@ -66,7 +68,7 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
         if not p.requires_grad:
             assert p.grad is None
             continue
-        err = rel_err(p.grad, ref[name], 1e-3 * scale)
+        err = rel_err(p.grad, ref[name], FLOOR[dtype] * scale)
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
     for b1, b2 in zip(model.buffers(), ref_model.buffers()):
         assert rel_err(b1, b2.to(b1.dtype), 1e-12) < tol, "running statistics differ"

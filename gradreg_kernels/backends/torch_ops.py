@@ -172,7 +172,7 @@ class TorchBackend:
         One call of ATen's batch-norm backward with x̂ as the input (mean 0, inverse
         standard deviation 1, unit weight) computes both in a single sweep.
         """
-        v, xhat = _common_dtype(v, xhat)
+        v, xhat = _common_dtype(v, xhat, at_least=torch.float32)
         c = xhat.shape[1]
         ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
         pv, sxv, _ = torch.ops.aten.native_batch_norm_backward(
@@ -182,7 +182,7 @@ class TorchBackend:
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """k ⊙ P ā, Σ ā ⊙ x̂ and Σ ā per channel (k = γ/σ per channel, (C,)), in one sweep."""
-        abar, xhat = _common_dtype(abar, xhat)
+        abar, xhat = _common_dtype(abar, xhat, at_least=torch.float32)
         c = xhat.shape[1]
         ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
         return torch.ops.aten.native_batch_norm_backward(
@@ -210,9 +210,13 @@ def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
     return spec.d1(saved) * t
 
 
-def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """a and b in their promoted dtype (they differ under autocast)."""
+def _common_dtype(a: Tensor, b: Tensor, at_least: torch.dtype | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """a and b in their promoted dtype (they differ under autocast), and at least
+    ``at_least`` (batch-norm kernels keep their statistics in float32)."""
     dt = torch.promote_types(a.dtype, b.dtype)
+    if at_least is not None:
+        dt = torch.promote_types(dt, at_least)
     return a.to(dt), b.to(dt)
 
 

@@ -21,11 +21,8 @@ from ._common import ELEMENT_BLOCK, flat_grid
 ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
              "gelu_tanh": 6, "elu": 7}
 PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
-
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_C = 0.044715
+# Kernels spell their constants out (1/√2, 1/√(2π), √(2/π), GELU's 0.044715): Triton
+# kernels may not read non-constexpr globals.
 
 
 @triton.jit
@@ -50,9 +47,9 @@ def _act_value(z, ACT: tl.constexpr, p0, p1):
     elif ACT == 4:
         out = tl.sigmoid(z)
     elif ACT == 5:
-        out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 6:
-        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z)))
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     else:
         out = tl.where(z > 0, z, p0 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
     return out
@@ -71,11 +68,11 @@ def _act_d1(z, ACT: tl.constexpr, p0, p1):
         s = tl.sigmoid(z)
         out = s * (1.0 - s)
     elif ACT == 5:
-        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        out = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2)) + z * pdf
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * pdf
     elif ACT == 6:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
-        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
     else:
         out = tl.where(z > 0, 1.0, p0 * tl.exp(tl.minimum(z, 0.0)))
@@ -96,12 +93,12 @@ def _act_d2(z, ACT: tl.constexpr, p0, p1):
         s = tl.sigmoid(z)
         out = s * (1.0 - s) * (1.0 - 2.0 * s)
     elif ACT == 5:
-        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         out = pdf * (2.0 - z * z)
     elif ACT == 6:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
-        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
-        ddu = 6.0 * _SQRT_2_OVER_PI * _GELU_C * z
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        ddu = 6.0 * 0.7978845608028654 * 0.044715 * z
         out = (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
     else:
         out = tl.where(z > 0, 0.0, p0 * tl.exp(tl.minimum(z, 0.0)))
