@@ -66,11 +66,17 @@ class _Runner:
         return self.w * self.data + self.lam * self.penalty
 
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
+        if self.data_grad is None:
+            raise RuntimeError("gradreg_loss: trying to backward through the fused step a "
+                               "second time, but its saved tensors were released; pass "
+                               "keep_saved=True to gradreg_loss to backward more than once")
         b = self.x.shape[0]
         r = None if self.g is None else self.g * (go * (2.0 * self.lam / b))
         zbar = self.data_grad * (go * (self.w / b))
-        xgrad = self.schedule.adjoint_and_backward(r, zbar, need_input_grad)
-        return self.schedule.param_grads(), xgrad
+        if not self.schedule.keep_saved:
+            self.g = self.data_grad = None
+        xgrad, grads = self.schedule.adjoint_and_backward(r, zbar, need_input_grad)
+        return grads, xgrad
 
 
 class _FusedGradReg(torch.autograd.Function):
@@ -112,6 +118,7 @@ def gradreg_loss(
     strict: bool = False,
     value_weight: float = 1.0,
     check_finite: bool = True,
+    keep_saved: bool = False,
 ) -> GradRegOutput:
     """Input-gradient-regularized loss of ``model`` on the batch (x, y).
 
@@ -130,6 +137,9 @@ def gradreg_loss(
         value_weight: weight w of the data term (0 gives the penalty alone, e.g. for R1).
         check_finite: check x, mask and labels, and raise NonFiniteLossError on a NaN/inf
             loss before any gradient is produced (each check syncs with the device).
+        keep_saved: keep every saved tensor until the graph is freed, so that backward can
+            run more than once (retain_graph=True, gradcheck); by default what the passes
+            saved is released as backward proceeds, which lowers peak memory.
 
     Returns:
         GradRegOutput; ``out.loss.backward()`` fills p.grad of every parameter that
@@ -151,19 +161,20 @@ def gradreg_loss(
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
         return _autograd_loss(model, x, y, lam, head, mask, value_weight, check_finite)
-    return _fused_loss(plan, model, x, y, lam, head, mask, backend, value_weight, check_finite)
+    return _fused_loss(plan, model, x, y, lam, head, mask, backend, value_weight, check_finite,
+                       keep_saved)
 
 
 def _fused_loss(plan: Plan, model: nn.Module, x: Tensor, y: Tensor | None, lam: float,
                 head: str, mask: Tensor | None, backend: str, value_weight: float,
-                check_finite: bool) -> GradRegOutput:
+                check_finite: bool, keep_saved: bool) -> GradRegOutput:
     bk = get_backend(backend, x.device)
     rules = plan.rules(bk)
     head_obj = make_head(head, bk)
     if head != "output":
         y = y.long()
-    runner = _Runner(Schedule(rules, head_obj), x, y, mask, lam, value_weight, check_finite,
-                     head, bk)
+    schedule = Schedule(rules, head_obj, keep_saved)
+    runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, head, bk)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),

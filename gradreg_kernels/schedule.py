@@ -16,11 +16,19 @@ from .rules.base import Rule
 
 
 class Schedule:
-    """Runs the passes; the rules keep what each pass saves for the next."""
+    """Runs the passes; the rules keep what each pass saves for the next.
 
-    def __init__(self, rules: Sequence[Rule], head) -> None:
-        self.rules = list(rules)
+    Unless ``keep_saved``, what a rule saved is released as soon as the passes are done with
+    it (tangent-only state in pass 3, the whole rule after its pass-4 step), so passes 3-4
+    can run once; with ``keep_saved`` they can run again (retain_graph, gradcheck).
+    """
+
+    def __init__(self, rules: Sequence[Rule], head, keep_saved: bool = False) -> None:
+        self.rules: list[Rule | None] = list(rules)
         self.head = head
+        self.keep_saved = keep_saved
+        for rule in self.rules:
+            rule.set_keep_saved(keep_saved)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pass 1: the logits z."""
@@ -38,10 +46,11 @@ class Schedule:
 
     def adjoint_and_backward(
         self, r: Tensor | None, zbar_data: Tensor, need_input_grad: bool
-    ) -> Tensor | None:
+    ) -> tuple[Tensor | None, list]:
         """Passes 3 and 4 from r (None: no penalty term) and the data term's seed at z.
 
-        Returns the gradient at the input when ``need_input_grad``, else None.
+        Returns the gradient at the input (None unless ``need_input_grad``) and the list of
+        (parameter, gradient) pairs.
         """
         zbar = zbar_data
         if r is not None:
@@ -51,13 +60,10 @@ class Schedule:
             hr = self.head.hvp(t)
             if hr is not None:
                 zbar = zbar + hr
-        last = len(self.rules) - 1
-        for i in range(last, -1, -1):
+        grads = []
+        for i in range(len(self.rules) - 1, -1, -1):
             zbar = self.rules[i].backward(zbar, need_input_grad or i > 0)
-        return zbar
-
-    def param_grads(self):
-        out = []
-        for rule in self.rules:
-            out.extend(rule.param_grads())
-        return out
+            grads.extend(self.rules[i].param_grads())
+            if not self.keep_saved:
+                self.rules[i] = None
+        return zbar, grads

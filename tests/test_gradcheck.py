@@ -40,7 +40,7 @@ def test_gradcheck_params_and_input(name, head):
     def loss(x_, *ps):
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return gradreg_loss(model, x_, y, 0.8, head=head, mask=mask).loss
+            return gradreg_loss(model, x_, y, 0.8, head=head, mask=mask, keep_saved=True).loss
 
     assert torch.autograd.gradcheck(loss, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -52,3 +52,19 @@ def test_second_differentiation_is_refused():
     grads = torch.autograd.grad(out.loss, params, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         torch.autograd.grad(grads[0].sum(), params)
+
+
+def test_second_backward_needs_keep_saved():
+    model = MODELS["conv-bn-train"]().double()
+    x, y = torch.randn(3, 1, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 1])
+    loss = gradreg_loss(model, x, y, 1.0).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="keep_saved=True"):
+        loss.backward()
+    model.zero_grad()
+    kept = gradreg_loss(model, x, y, 1.0, keep_saved=True).loss
+    kept.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    kept.backward()
+    for g, p in zip(first, model.parameters()):
+        assert torch.allclose(p.grad, 2 * g, rtol=1e-12, atol=1e-15)

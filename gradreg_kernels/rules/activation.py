@@ -29,6 +29,8 @@ class ActivationRule(Rule):
 
     def tangent(self, r: Tensor) -> Tensor:
         out, self.s = self.bk.act_tangent(self.spec, self.saved, r, self.u)
+        if not self.keep_saved:
+            self.u = None
         return out
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:

@@ -22,6 +22,11 @@ class Rule:
 
     #: the module this rule stands for (for messages and parameter bookkeeping)
     module: nn.Module | None = None
+    #: keep tangent-only state after pass 3 (so passes 3-4 can run again)
+    keep_saved: bool = False
+
+    def set_keep_saved(self, keep: bool) -> None:
+        self.keep_saved = keep
 
     def forward(self, a: Tensor) -> Tensor:
         return a

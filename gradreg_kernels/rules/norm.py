@@ -72,6 +72,8 @@ class BatchNormEvalRule(Rule):
     def tangent(self, r: Tensor) -> Tensor:
         if wants_grad(self.gamma):
             self.tan_gamma = _csum(self.d * r) * self.inv
+            if not self.keep_saved:
+                self.d = None
         return r * _chan(self.scale, r)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
@@ -131,6 +133,8 @@ class BatchNormTrainRule(Rule):
             self.tan_gamma = _csum(self.d * pr) * self.inv_std.flatten()
         self.s = self.bk.bn_second_order(self.xhat, self.inv_std, self.gamma_c, self.d, r,
                                          self.pd, pr, self.mxd, mxr)
+        if not self.keep_saved:
+            self.d = self.pd = self.mxd = None
         return self.k * pr
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:

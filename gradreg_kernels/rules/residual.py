@@ -26,6 +26,10 @@ class SequenceRule(Rule):
         self.rules = list(rules)
         self.module = module
 
+    def set_keep_saved(self, keep: bool) -> None:
+        for rule in self.rules:
+            rule.set_keep_saved(keep)
+
     def forward(self, a: Tensor) -> Tensor:
         for rule in self.rules:
             a = rule.forward(a)
@@ -59,6 +63,10 @@ class ResidualRule(Rule):
     def __init__(self, f: Sequence[Rule], shortcut: Sequence[Rule], module=None) -> None:
         self.f, self.s = SequenceRule(f), SequenceRule(shortcut)
         self.module = module
+
+    def set_keep_saved(self, keep: bool) -> None:
+        self.f.set_keep_saved(keep)
+        self.s.set_keep_saved(keep)
 
     def forward(self, a: Tensor) -> Tensor:
         return self.f.forward(a) + self.s.forward(a)
