@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "fastmath.h"
 #include "kernels.h"
 
 namespace gradreg {
@@ -22,57 +23,74 @@ struct Derivs {
   float v, d1, d2;
 };
 
+// Branch-free forms (signs of z are random, so a branch per element would mispredict).
+inline float sigmoid_of(float x) { return 1.f / (1.f + fast_exp(-x)); }
+
 inline Derivs softplus(float z, float beta, float threshold) {
   const float bz = z * beta;
-  if (bz > threshold) return {z, 1.f, 0.f};
-  const float e = std::exp(-std::fabs(bz));            // in (0, 1]
-  const float s = bz >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);  // sigmoid(βz)
-  const float v = (std::fmax(bz, 0.f) + std::log1p(e)) / beta;
-  return {v, s, beta * s * (1.f - s)};
+  const float s = sigmoid_of(bz);
+  const float v = (max_f(bz, 0.f) + fast_log1p(fast_exp(-std::fabs(bz)))) / beta;
+  const float lin = static_cast<float>(bz > threshold);  // torch's linear region
+  return {lin * z + (1.f - lin) * v, lin + (1.f - lin) * s, (1.f - lin) * beta * s * (1.f - s)};
+}
+
+// tanh x and 1 − tanh² x from E = e^{2x}: t = (E − 1)/(E + 1), 1 − t² = 4E/(E + 1)²
+// (no cancellation where |t| → 1); |2x| is clamped at 40, where t = ±1 in float.
+struct TanhPair {
+  float t, g;
+};
+
+inline TanhPair tanh_pair(float x) {
+  const float e = fast_exp(min_f(max_f(2.f * x, -40.f), 40.f));
+  const float inv = 1.f / (e + 1.f);
+  return {(e - 1.f) * inv, 4.f * e * inv * inv};
 }
 
 inline Derivs tanh_(float z) {
-  const float t = std::tanh(z);
-  const float g = 1.f - t * t;
-  return {t, g, -2.f * t * g};
+  const TanhPair p = tanh_pair(z);
+  return {p.t, p.g, -2.f * p.t * p.g};
 }
 
 inline Derivs sigmoid(float z) {
-  const float e = std::exp(-std::fabs(z));
-  const float s = z >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+  const float s = sigmoid_of(z);
   const float g = s * (1.f - s);
   return {s, g, g * (1.f - 2.f * s)};
 }
 
 inline Derivs gelu(float z) {
   const float cdf = 0.5f * (1.f + std::erf(z * kInvSqrt2));
-  const float pdf = std::exp(-0.5f * z * z) * kInvSqrt2Pi;
+  const float pdf = fast_exp(-0.5f * z * z) * kInvSqrt2Pi;
   return {z * cdf, cdf + z * pdf, pdf * (2.f - z * z)};
 }
 
 inline Derivs gelu_tanh(float z) {
-  const float t = std::tanh(kSqrt2OverPi * (z + kGeluC * z * z * z));
+  const TanhPair p = tanh_pair(kSqrt2OverPi * (z + kGeluC * z * z * z));
+  const float t = p.t, g = p.g;
   const float du = kSqrt2OverPi * (1.f + 3.f * kGeluC * z * z);
   const float ddu = 6.f * kSqrt2OverPi * kGeluC * z;
-  const float g = 1.f - t * t;
   return {0.5f * z * (1.f + t), 0.5f * (1.f + t) + 0.5f * z * g * du,
           g * (du + 0.5f * z * (ddu - 2.f * t * du * du))};
 }
 
 inline Derivs elu(float z, float alpha) {
-  if (z > 0.f) return {z, 1.f, 0.f};
-  const float e = alpha * std::exp(z);
-  return {e - alpha, e, e};
+  const float pos = static_cast<float>(z > 0.f);
+  const float e = alpha * fast_exp(min_f(z, 0.f));
+  return {pos * z + (1.f - pos) * (e - alpha), pos + (1.f - pos) * e, (1.f - pos) * e};
 }
 
 template <typename F>
 void sweep(const float* z, float* y, float* d1, float* d2, int64_t n, F f) {
   at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+    const float* __restrict zr = z;
+    float* __restrict yw = y;
+    float* __restrict a = d1;
+    float* __restrict b = d2;
+#pragma omp simd
     for (int64_t i = i0; i < i1; ++i) {
-      const Derivs r = f(z[i]);
-      y[i] = r.v;
-      d1[i] = r.d1;
-      d2[i] = r.d2;
+      const Derivs r = f(zr[i]);
+      yw[i] = r.v;
+      a[i] = r.d1;
+      b[i] = r.d2;
     }
   });
 }

@@ -37,8 +37,8 @@ from types import ModuleType
 import torch
 
 EXT_PREFIX = "gradreg_cpu"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-DNDEBUG"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG")
+LDFLAGS = ("-fopenmp",)
 _STAMP = "build.ok"
 
 
@@ -175,8 +175,9 @@ def _build(name: str, out: Path, verbose: bool) -> ModuleType:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     try:
-        module = load(name=name, sources=[str(p) for p in sources()], extra_cflags=CFLAGS,
-             extra_ldflags=LDFLAGS, build_directory=str(out), verbose=verbose)
+        module = load(name=name, sources=[str(p) for p in sources()],
+                      extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                      build_directory=str(out), verbose=verbose)
     except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
         raise CpuBuildError(f"building the C++ CPU extension in {out} failed: {e}") from e
     _write_atomic(out / _STAMP, f"{name}\n")

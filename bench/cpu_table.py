@@ -1,0 +1,89 @@
+"""Side-by-side CPU table: every step of bench/cpu_workloads.py on every model, interleaved.
+
+    python bench/cpu_table.py [--rounds 5] [--reps 10] [--models mlp_relu_b256,...]
+
+Each round times ``reps`` calls of every method in turn (after warm-up), so load from other
+processes hits all methods alike; the table gives the median over rounds × reps, the ratios
+the goals are stated in, and the peak memory (torch allocator) of each torch step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import cpu_workloads as cw
+import torch
+
+
+def _time(step, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, dict, str | None]:
+    steps = cw.torch_steps(w)
+    jax_s = cw.jax_steps(w)
+    note = jax_s if isinstance(jax_s, str) else None
+    if note is None:
+        steps.update(jax_s)
+    for s in steps.values():  # warm-up (JIT compile, oneDNN primitive caches, the build)
+        for _ in range(3):
+            s()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, s in steps.items():
+            times[k] += _time(s, reps)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    mem = {k: cw.peak_bytes(steps[k]) / 2**20 for k in ("fused_cpu", "fused_torch",
+                                                          "eager_double", "ordinary")}
+    return med, mem, note
+
+
+def row(name: str, med: dict, mem: dict) -> str:
+    ordinary = min(med["ordinary"], med.get("jax_ordinary", float("inf")))
+    jg = med.get("jax_gradreg")
+    cols = [name] + [f"{med[k]:.2f}" if k in med else "–" for k in
+                     ("fused_cpu", "fused_torch", "eager_double", "jax_gradreg", "ordinary",
+                      "jax_ordinary")]
+    cols += [f"{med['eager_double'] / med['fused_cpu']:.2f}×",
+             f"{jg / med['fused_cpu']:.2f}×" if jg else "–",
+             f"{med['fused_cpu'] / ordinary:.2f}×",
+             f"{mem['fused_cpu']:.1f} / {mem['eager_double']:.1f} = "
+             f"{mem['fused_cpu'] / mem['eager_double']:.2f}"]
+    return "| " + " | ".join(cols) + " |"
+
+
+HEADER = ("| model | fused cpu | fused torch | eager double | JAX gradreg | ordinary | "
+          "JAX ordinary | speed-up vs eager | speed-up vs JAX | ÷ fastest ordinary | "
+          "peak MiB cpu / eager |\n|" + "---|" * 11)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--models", default="")
+    args = ap.parse_args()
+    cw.set_threads()
+    wanted = set(filter(None, args.models.split(",")))
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float32, ms per step (median)")
+    print(HEADER)
+    for w in cw.workloads():
+        if wanted and w.name not in wanted:
+            continue
+        med, mem, note = measure(w, args.rounds, args.reps)
+        print(row(w.name, med, mem), flush=True)
+        if note:
+            print(f"<!-- {w.name}: JAX skipped: {note} -->")
+
+
+if __name__ == "__main__":
+    main()
