@@ -41,7 +41,7 @@ def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, dict, str | N
         for k, s in steps.items():
             times[k] += _time(s, reps)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    mem = {k: cw.peak_bytes(steps[k]) / 2**20 for k in ("fused_cpu", "fused_torch",
+    mem = {k: cw.peak_bytes(steps[k], w.model) / 2**20 for k in ("fused_cpu", "fused_torch",
                                                           "eager_double", "ordinary")}
     return med, mem, note
 

@@ -30,6 +30,7 @@ LAM = 0.25
 
 def set_threads() -> None:
     torch.set_num_threads(THREADS)
+    exact_rss_mode()
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
                                        f"intra_op_parallelism_threads={THREADS}")
 
@@ -138,22 +139,40 @@ def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
     return {"jax_gradreg": run(g1), "jax_ordinary": run(g2)}
 
 
-def peak_bytes(step: Callable[[], None]) -> int:
-    """Peak bytes held by torch's CPU allocator during ``step`` above what it held before.
+def exact_rss_mode() -> None:
+    """Make the resident set follow live tensors: glibc serves every block ≥ 64 KiB by mmap
+    and returns it to the OS on free (no heap caching), so RSS peaks are tensor peaks."""
+    import ctypes
 
-    Counted from the profiler's allocation events (every tensor allocation and free, in time
-    order); memory outside torch's allocator (oneDNN scratch space, the Python heap) is not
-    counted, for any method alike.
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 64 * 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
+    """Peak resident memory of one ``step`` above the resident memory before it (bytes).
+
+    Linux only: the high-water mark VmHWM is reset through /proc/self/clear_refs before the
+    step and read after it; with ``exact_rss_mode`` every tensor-sized block is mapped and
+    unmapped as it is allocated and freed. Everything the step touches counts alike for
+    every method (tensors, oneDNN scratch space, caches it fills on the way).
     """
-    from torch.profiler import ProfilerActivity, profile
+    import gc
 
-    step()  # warm caches (e.g. the transposed weights) so the peak is a steady step's
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
+    step()  # warm-up: one-time caches (e.g. oneDNN primitives) are not a step's memory
+    _clear(model)  # the step starts without gradients and ends holding them
+    gc.collect()
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return max(0, _status_kib("VmHWM") - base) * 1024

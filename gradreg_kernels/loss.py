@@ -70,7 +70,11 @@ class _Runner:
         zbar = self.data_grad * (go * (self.w / b))
         xgrad = self.schedule.adjoint_and_backward(r, zbar, need_input_grad)
         self.g = self.data_grad = None
-        return self.schedule.param_grads(), xgrad
+        grads = self.schedule.param_grads()
+        # Drop the rules (and their references to the gradients) so that autograd takes
+        # each gradient as p.grad instead of copying it.
+        self.schedule = None
+        return grads, xgrad
 
 
 class _FusedGradReg(torch.autograd.Function):

@@ -51,7 +51,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-6) -> None:
 
 
 # ---- products ----------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 3, 67])
+@pytest.mark.parametrize("n", [1, 3, 67, 131])  # 131: the oneDNN path of d W
 def test_linear_products(bk, n):
     a, w, b = torch.randn(n, 37), torch.randn(29, 37), torch.randn(29)
     d, d2, a2 = torch.randn(n, 29), torch.randn(n, 29), torch.randn(n, 37)
@@ -60,14 +60,6 @@ def test_linear_products(bk, n):
     close(bk.linear_input_grad(d, w), REF.linear_input_grad(d, w))
     close(bk.linear_weight_grad([(d, a)]), REF.linear_weight_grad([(d, a)]))
     close(bk.linear_weight_grad([(d, a), (d2, a2)]), REF.linear_weight_grad([(d, a), (d2, a2)]))
-
-
-def test_transposed_weight_cache_follows_inplace_updates(bk):
-    w, d = torch.randn(13, 21), torch.randn(5, 13)
-    close(bk.linear_input_grad(d, w), d @ w)
-    with torch.no_grad():
-        w.mul_(-2.0)  # bumps the version counter: the cached transpose must be refreshed
-    close(bk.linear_input_grad(d, w), d @ w)
 
 
 def test_transpose_cat(bk):

@@ -4,9 +4,10 @@ Same kernels, same math as ``TorchBackend``; only how each step runs changes:
 
 - products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``), about twice MKL's
   sgemm rate on AVX-512 CPUs. oneDNN's linear takes its weight as (out, in) rows, so
-  ``d W`` uses a transposed copy of W made once per weight version and kept (a weak cache),
-  and the doubled-batch weight product ``[z̄; δ]ᵀ [a; r]`` writes both transposed operands
-  straight into one buffer each (``transpose_cat``) before one product;
+  ``d W`` runs on a transposed copy of W, and the doubled-batch weight product
+  ``[z̄; δ]ᵀ [a; r]`` writes both transposed operands straight into one buffer each
+  (``transpose_cat``) before one product: a copy costs about a sixth of the product it
+  feeds, where MKL's transposed sgemm would cost twice the product;
 - every elementwise step is one C++ sweep: ReLU / LeakyReLU / Dropout keep a packed bit
   mask (1 bit per element); smooth activations keep σ' and σ'' from one forward sweep; the
   softmax head gives CE, p, ∇CE and ∇ℓ in one row sweep; max-pool gather / scatter and the
@@ -19,7 +20,6 @@ The ``saved`` objects of ``act_forward`` / ``dropout_forward`` are private to th
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +29,10 @@ from torch import Tensor
 from ..rules.activation_math import ActivationSpec
 from .cpu_build import CpuBuildError, load_extension
 from .torch_ops import TorchBackend
+
+# Below this many rows, ``d W`` runs as MKL's transposed sgemm: on an AVX-512 CPU (2 threads)
+# oneDNN's product plus the copy of W it needs only wins from about 128 rows on.
+ONEDNN_MIN_ROWS = 128
 
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5}
 
@@ -83,23 +87,6 @@ def _fast(*ts: Tensor | None) -> bool:
                              and t.is_contiguous()) for t in ts)
 
 
-class _TransposeCache:
-    """Wᵀ (contiguous) per weight tensor and version; forgets a weight when it is freed."""
-
-    def __init__(self) -> None:
-        self._items: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-
-    def get(self, w: Tensor) -> Tensor:
-        key = id(w)
-        hit = self._items.get(key)
-        if hit is not None and hit[0]() is w and hit[1] == w._version:
-            return hit[2]
-        wt = w.detach().t().contiguous()
-        self._items[key] = (weakref.ref(w, lambda _, k=key: self._items.pop(k, None)),
-                            w._version, wt)
-        return wt
-
-
 class CpuBackend(TorchBackend):
     """Fused C++ elementwise kernels and oneDNN products (float32, CPU)."""
 
@@ -107,7 +94,6 @@ class CpuBackend(TorchBackend):
 
     def __init__(self) -> None:
         self.ext = extension()
-        self._wt = _TransposeCache()
         self._mm = torch.ops.mkldnn._linear_pointwise
 
     # ---- products -------------------------------------------------------------------
@@ -119,7 +105,11 @@ class CpuBackend(TorchBackend):
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
         if not _fast(d, w) or d.dim() != 2:
             return super().linear_input_grad(d, w)
-        return self._mm(d, self._wt.get(w), None, "none", [], "")
+        if d.shape[0] < ONEDNN_MIN_ROWS:  # the copy of W would cost more than MKL's slower rate
+            return d.mm(w.detach())
+        # oneDNN wants the weight as rows of the output: Wᵀ, copied per call (kept across
+        # calls it would be a second copy of the weights held between steps)
+        return self._mm(d, w.detach().t().contiguous(), None, "none", [], "")
 
     def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         flat = [t for pair in pairs for t in pair]
