@@ -1,10 +1,14 @@
 """Side-by-side CPU table: every step of bench/cpu_workloads.py on every model, interleaved.
 
     python bench/cpu_table.py [--rounds 5] [--reps 10] [--models mlp_relu_b256,...]
+                              [--threads 2] [--profile]
 
 Each round times ``reps`` calls of every method in turn (after warm-up), so load from other
 processes hits all methods alike; the table gives the median over rounds × reps, the ratios
-the goals are stated in, and the peak memory (torch allocator) of each torch step.
+the goals are stated in, and the peak resident memory of each torch step above its start.
+``--profile`` adds, per model, where the fused "cpu" step spends its time (torch.profiler
+self time): matrix products (oneDNN / MKL linear and convolution), the rest of the ATen
+ops, and the time outside ATen ops (the C++ extension's kernels and Python).
 """
 
 from __future__ import annotations
@@ -46,6 +50,36 @@ def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, dict, str | N
     return med, mem, note
 
 
+PRODUCT_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::addmm_",
+               "aten::mkldnn_convolution", "aten::convolution_backward",
+               "aten::mkldnn_convolution_backward", "aten::_convolution", "aten::bmm")
+
+
+def profile_split(w: cw.Workload, steps_n: int = 10) -> str:
+    """Self-time shares of the fused cpu step: products / other ATen ops / outside ATen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = cw.torch_steps(w)["fused_cpu"]
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps_n):
+            step()
+    prod = other = outside = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total
+        if e.key in PRODUCT_OPS:
+            prod += t
+        elif e.key.startswith("aten::"):
+            other += t
+        else:  # the autograd Function bodies: extension kernels, Python, oneDNN dispatch
+            outside += t
+    total = prod + other + outside
+    return (f"{w.name}: {total / steps_n / 1e3:.2f} ms/step profiled; products "
+            f"{prod / total:.0%}, other ATen ops {other / total:.0%}, C++ kernels + Python "
+            f"{outside / total:.0%}")
+
+
 def row(name: str, med: dict, mem: dict) -> str:
     ordinary = min(med["ordinary"], med.get("jax_ordinary", float("inf")))
     jg = med.get("jax_gradreg")
@@ -70,19 +104,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--models", default="")
+    ap.add_argument("--threads", type=int, default=cw.THREADS)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    cw.THREADS = args.threads
     cw.set_threads()
     wanted = set(filter(None, args.models.split(",")))
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32, ms per step (median)")
     print(HEADER)
-    for w in cw.workloads():
-        if wanted and w.name not in wanted:
-            continue
+    chosen = [w for w in cw.workloads() if not wanted or w.name in wanted]
+    for w in chosen:
         med, mem, note = measure(w, args.rounds, args.reps)
         print(row(w.name, med, mem), flush=True)
         if note:
             print(f"<!-- {w.name}: JAX skipped: {note} -->")
+    if args.profile:
+        print()
+        for w in chosen:
+            print("- " + profile_split(w), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ LAM = 0.25
 
 def set_threads() -> None:
     torch.set_num_threads(THREADS)
-    exact_rss_mode()
+    malloc_mode(exact_rss=False)
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
                                        f"intra_op_parallelism_threads={THREADS}")
 
@@ -139,15 +139,26 @@ def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
     return {"jax_gradreg": run(g1), "jax_ordinary": run(g2)}
 
 
-def exact_rss_mode() -> None:
-    """Make the resident set follow live tensors: glibc serves every block ≥ 64 KiB by mmap
-    and returns it to the OS on free (no heap caching), so RSS peaks are tensor peaks."""
+def malloc_mode(exact_rss: bool) -> None:
+    """glibc's allocation policy for this process (no-op off glibc).
+
+    exact_rss: every block ≥ 64 KiB is mapped on allocation and unmapped on free, so the
+    resident set follows live tensors (for ``peak_bytes``); else blocks up to 32 MiB are
+    kept in the heap and reused, as a long-running training process sees them (for timing:
+    no page faults on fresh mappings in every step).
+    """
     import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    libc.mallopt(m_trim_threshold, 64 * 1024)
+    size = 64 * 1024 if exact_rss else 32 * 1024 * 1024
+    libc.mallopt(m_mmap_threshold, size)
+    libc.mallopt(m_trim_threshold, size if exact_rss else 1024 * 1024 * 1024)
+    if exact_rss:
+        libc.malloc_trim(0)
 
 
 def _status_kib(field: str) -> int:
@@ -162,12 +173,20 @@ def peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
     """Peak resident memory of one ``step`` above the resident memory before it (bytes).
 
     Linux only: the high-water mark VmHWM is reset through /proc/self/clear_refs before the
-    step and read after it; with ``exact_rss_mode`` every tensor-sized block is mapped and
-    unmapped as it is allocated and freed. Everything the step touches counts alike for
-    every method (tensors, oneDNN scratch space, caches it fills on the way).
+    step and read after it; under ``malloc_mode(exact_rss=True)`` every tensor-sized block
+    is mapped and unmapped as it is allocated and freed. Everything the step touches counts
+    alike for every method (tensors, oneDNN scratch space, caches it fills on the way).
     """
     import gc
 
+    malloc_mode(exact_rss=True)
+    try:
+        return _peak_bytes(step, model, gc)
+    finally:
+        malloc_mode(exact_rss=False)
+
+
+def _peak_bytes(step: Callable[[], None], model: nn.Module, gc) -> int:
     step()  # warm-up: one-time caches (e.g. oneDNN primitives) are not a step's memory
     _clear(model)  # the step starts without gradients and ends holding them
     gc.collect()

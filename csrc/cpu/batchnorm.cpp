@@ -61,6 +61,7 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
       double sum = 0.0;
       rows(L, c, [&](int64_t o) {
         float part = 0.f;
+#pragma omp simd reduction(+ : part)
         for (int64_t j = 0; j < L.s; ++j) part += ap[o + j];
         sum += part;
       });
@@ -69,6 +70,7 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
       rows(L, c, [&](int64_t o) {
         float part = 0.f;
         const float m = static_cast<float>(mu);
+#pragma omp simd reduction(+ : part)
         for (int64_t j = 0; j < L.s; ++j) {
           const float d = ap[o + j] - m;
           part += d * d;
@@ -110,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Ten
       double sv = 0.0, sxv = 0.0;
       rows(L, c, [&](int64_t o) {
         float a = 0.f, b = 0.f;
+#pragma omp simd reduction(+ : a, b)
         for (int64_t j = 0; j < L.s; ++j) {
           a += vp[o + j];
           b += xp[o + j] * vp[o + j];
@@ -152,6 +155,7 @@ at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
       double dot = 0.0;
       rows(L, c, [&](int64_t o) {
         float part = 0.f;
+#pragma omp simd reduction(+ : part)
         for (int64_t j = 0; j < L.s; ++j) part += dp[o + j] * prp[o + j];
         dot += part;
       });

@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("s") = pybind11::none());
   m.def("softmax_head", &gradreg::softmax_head, "CE, p, ∇CE, ∇ℓ of the softmax heads");
   m.def("softmax_hvp", &gradreg::softmax_hvp, "p ⊙ (t − pᵀt)");
+  m.def("max_pool2d", &gradreg::max_pool2d, "max pooling and the flat argmax per plane");
   m.def("pool_gather", &gradreg::pool_gather, "r[idx] per plane");
   m.def("pool_scatter", &gradreg::pool_scatter, "scatter-add of d into idx per plane");
   m.def("bn_forward", &gradreg::bn_forward, "train-mode batch norm forward per channel");

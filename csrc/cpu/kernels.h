@@ -32,6 +32,9 @@ std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, b
 at::Tensor softmax_hvp(const at::Tensor& p, const at::Tensor& t);
 
 // ---- max pooling (indices are flat per plane, int64) ----------------------------------
+std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, int64_t kw,
+                                              int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                              int64_t dh, int64_t dw, bool ceil_mode);
 at::Tensor pool_gather(const at::Tensor& r, const at::Tensor& idx);
 at::Tensor pool_scatter(const at::Tensor& d, const at::Tensor& idx, int64_t plane);
 

@@ -1,13 +1,71 @@
-// Max pooling is linear once its argmax indices are fixed (flat per (n, c) plane):
+// Max pooling (forward with argmax indices) is linear once its argmax indices are fixed (flat per (n, c) plane):
 // gather out[q, i] = r[q, idx[q, i]] (tangent pass); scatter is its transpose (chain and
 // backward passes), run plane by plane so no two threads write one element.
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels.h"
 
 namespace gradreg {
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, int64_t kw,
+                                              int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                              int64_t dh, int64_t dw, bool ceil_mode) {
+  // y[q, i, j] = max over the window, idx = its flat position h·W + w in the plane (the
+  // first maximum in scan order; NaN wins, as in torch's kernel)
+  check_f32(a, "a");
+  TORCH_CHECK(a.dim() == 4, "max_pool2d: input must be (N, C, H, W)");
+  const int64_t h = a.size(2), w = a.size(3);
+  auto out_size = [&](int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+    const int64_t span = in + 2 * p - d * (k - 1) - 1;
+    int64_t o = (ceil_mode ? (span + s - 1) / s : span / s) + 1;
+    if (ceil_mode && (o - 1) * s >= in + p) --o;
+    return o;
+  };
+  const int64_t oh = out_size(h, kh, sh, ph, dh), ow = out_size(w, kw, sw, pw, dw);
+  TORCH_CHECK(oh > 0 && ow > 0, "max_pool2d: output would be empty");
+  auto y = at::empty({a.size(0), a.size(1), oh, ow}, a.options());
+  auto idx = at::empty({a.size(0), a.size(1), oh, ow}, a.options().dtype(at::kLong));
+  const float* ap = a.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  at::parallel_for(0, a.size(0) * a.size(1), 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* src = ap + q * h * w;
+      float* dst = yp + q * oh * ow;
+      int64_t* ix = ip + q * oh * ow;
+      for (int64_t i = 0; i < oh; ++i) {
+        const int64_t h0 = i * sh - ph;
+        for (int64_t j = 0; j < ow; ++j) {
+          const int64_t w0 = j * sw - pw;
+          float best = -std::numeric_limits<float>::infinity();
+          int64_t arg = -1;
+          for (int64_t u = 0; u < kh; ++u) {
+            const int64_t r = h0 + u * dh;
+            if (r < 0 || r >= h) continue;
+            for (int64_t v = 0; v < kw; ++v) {
+              const int64_t col = w0 + v * dw;
+              if (col < 0 || col >= w) continue;
+              const float val = src[r * w + col];
+              if (val > best || std::isnan(val) || arg < 0) {
+                best = val;
+                arg = r * w + col;
+                if (std::isnan(val)) break;
+              }
+            }
+            if (std::isnan(best)) break;
+          }
+          dst[i * ow + j] = best;
+          ix[i * ow + j] = arg;
+        }
+      }
+    }
+  });
+  return {y, idx};
+}
 
 at::Tensor pool_gather(const at::Tensor& r, const at::Tensor& idx) {
   check_f32(r, "r");

@@ -82,6 +82,10 @@ class _Smooth:
     d2: Tensor
 
 
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def _fast(*ts: Tensor | None) -> bool:
     return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu"
                              and t.is_contiguous()) for t in ts)
@@ -197,6 +201,19 @@ class CpuBackend(TorchBackend):
         return self.ext.softmax_hvp(p, t.contiguous())
 
     # ---- pooling ----------------------------------------------------------------------
+    def max_pool2d(
+        self, a: Tensor, kernel, stride, padding, dilation, ceil_mode: bool
+    ) -> tuple[Tensor, Tensor]:
+        if not _fast(a) or a.dim() != 4:
+            return super().max_pool2d(a, kernel, stride, padding, dilation, ceil_mode)
+        k, s = _pair(kernel), _pair(stride if stride else kernel)
+        p, d = _pair(padding), _pair(dilation)
+        if p[0] * 2 > k[0] or p[1] * 2 > k[1]:  # torch's own error for this case
+            return super().max_pool2d(a, kernel, stride, padding, dilation, ceil_mode)
+        y, idx = self.ext.max_pool2d(a, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1],
+                                     bool(ceil_mode))
+        return y, idx
+
     def pool_gather(self, r: Tensor, idx: Tensor) -> Tensor:
         if not _fast(r) or r.dim() != 4 or not idx.is_contiguous():
             return super().pool_gather(r, idx)
