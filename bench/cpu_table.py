@@ -14,6 +14,7 @@ ops, and the time outside ATen ops (the C++ extension's kernels and Python).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -31,7 +32,10 @@ def _time(step, reps: int) -> list[float]:
     return out
 
 
-def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, dict, str | None]:
+TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
+
+
+def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, str | None]:
     steps = cw.torch_steps(w)
     jax_s = cw.jax_steps(w)
     note = jax_s if isinstance(jax_s, str) else None
@@ -45,9 +49,13 @@ def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, dict, str | N
         for k, s in steps.items():
             times[k] += _time(s, reps)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    mem = {k: cw.peak_bytes(steps[k], w.model) / 2**20 for k in ("fused_cpu", "fused_torch",
-                                                          "eager_double", "ordinary")}
-    return med, mem, note
+    return med, note
+
+
+def memory(w: cw.Workload) -> dict[str, float]:
+    """Peak MiB of each torch step (call under malloc_mode(exact_rss=True), before timing)."""
+    steps = cw.torch_steps(w)
+    return {k: cw.peak_bytes(steps[k], w.model) / 2**20 for k in TORCH_METHODS}
 
 
 PRODUCT_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::addmm_",
@@ -106,17 +114,25 @@ def main() -> None:
     ap.add_argument("--models", default="")
     ap.add_argument("--threads", type=int, default=cw.THREADS)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="print peak MiB as JSON")
     args = ap.parse_args()
     cw.THREADS = args.threads
     cw.set_threads()
     wanted = set(filter(None, args.models.split(",")))
+    chosen = [w for w in cw.workloads() if not wanted or w.name in wanted]
+    # memory first, on a fresh heap where every tensor-sized block is mapped and unmapped
+    cw.malloc_mode(exact_rss=True)
+    mems = {w.name: memory(w) for w in chosen}
+    if args.memory_only:
+        print(json.dumps(mems))
+        return
+    cw.malloc_mode(exact_rss=False)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32, ms per step (median)")
     print(HEADER)
-    chosen = [w for w in cw.workloads() if not wanted or w.name in wanted]
     for w in chosen:
-        med, mem, note = measure(w, args.rounds, args.reps)
-        print(row(w.name, med, mem), flush=True)
+        med, note = measure(w, args.rounds, args.reps)
+        print(row(w.name, med, mems[w.name]), flush=True)
         if note:
             print(f"<!-- {w.name}: JAX skipped: {note} -->")
     if args.profile:

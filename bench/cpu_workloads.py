@@ -173,20 +173,13 @@ def peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
     """Peak resident memory of one ``step`` above the resident memory before it (bytes).
 
     Linux only: the high-water mark VmHWM is reset through /proc/self/clear_refs before the
-    step and read after it; under ``malloc_mode(exact_rss=True)`` every tensor-sized block
-    is mapped and unmapped as it is allocated and freed. Everything the step touches counts
-    alike for every method (tensors, oneDNN scratch space, caches it fills on the way).
+    step and read after it. Call it under ``malloc_mode(exact_rss=True)`` from a fresh heap
+    (before any timing), where every tensor-sized block is mapped and unmapped as it is
+    allocated and freed. Everything the step touches counts alike for every method
+    (tensors, oneDNN scratch space, caches it fills on the way).
     """
     import gc
 
-    malloc_mode(exact_rss=True)
-    try:
-        return _peak_bytes(step, model, gc)
-    finally:
-        malloc_mode(exact_rss=False)
-
-
-def _peak_bytes(step: Callable[[], None], model: nn.Module, gc) -> int:
     step()  # warm-up: one-time caches (e.g. oneDNN primitives) are not a step's memory
     _clear(model)  # the step starts without gradients and ends holding them
     gc.collect()

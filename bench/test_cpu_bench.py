@@ -3,12 +3,17 @@
 One group per model; in each, the fused step on the "cpu" and "torch" backends, eager
 double backprop, the ordinary first-order step and, when JAX is installed, jax.jit of the
 gradient of the same regularized loss and of the ordinary loss (2 threads, float32).
-``extra_info`` holds each torch step's peak resident memory above the pre-step level
-(see cpu_workloads.peak_bytes). For the goal table with interleaved rounds use
-``python bench/cpu_table.py``.
+``extra_info`` holds each torch step's peak resident memory above the pre-step level,
+measured in a fresh process (see cpu_workloads.peak_bytes). For the goal table with
+interleaved rounds use ``python bench/cpu_table.py``.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import cpu_workloads as cw
 import pytest
@@ -18,6 +23,17 @@ WORKLOADS = {w.name: w for w in cw.workloads()}
 TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
 JAX_METHODS = ("jax_gradreg", "jax_ordinary")
 ROUNDS = {"cnn_paper_b64": 8}
+_MEMORY: dict[str, dict[str, float]] = {}
+
+
+def _memory(model: str) -> dict[str, float]:
+    """Peak MiB per torch step, measured in a fresh process (see cpu_table.memory)."""
+    if model not in _MEMORY:
+        script = Path(__file__).with_name("cpu_table.py")
+        res = subprocess.run([sys.executable, str(script), "--memory-only", "--models", model],
+                             capture_output=True, text=True, check=True)
+        _MEMORY[model] = json.loads(res.stdout.strip().splitlines()[-1])[model]
+    return _MEMORY[model]
 
 
 @pytest.mark.parametrize("method", TORCH_METHODS + JAX_METHODS)
@@ -36,8 +52,7 @@ def test_step(benchmark, model, method):
             if why is not None:
                 pytest.skip(f"cpu backend unavailable: {why}")
         steps = cw.torch_steps(w)
-        benchmark.extra_info["peak_mib"] = round(cw.peak_bytes(steps[method], w.model) / 2**20,
-                                                 2)
+        benchmark.extra_info["peak_mib"] = round(_memory(model)[method], 2)
     benchmark.group = model
     benchmark.pedantic(steps[method], rounds=ROUNDS.get(model, 30), iterations=1,
                        warmup_rounds=3)

@@ -12,7 +12,11 @@ from .base import Rule
 
 
 class DropoutRule(Rule):
-    def __init__(self, module: nn.Dropout, bk) -> None:
+    def __init__(self, module: nn.Dropout, bk=None) -> None:
+        if bk is None:
+            from ..backends.torch_ops import TorchBackend
+
+            bk = TorchBackend()
         self.module, self.bk = module, bk
         self.active = module.training and module.p > 0
 
