@@ -138,13 +138,16 @@ def test_softmax_head_and_hvp(bk, uniform, n, k):
 
 
 # ---- pooling ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args", [(2, 2, 0, 1, False), (3, 2, 1, 1, True), (2, 1, 0, 2, False)])
+@pytest.mark.parametrize("args", [(2, 2, 0, 1, False), (2, 2, 0, 1, True), (3, 2, 1, 1, True),
+                                  (2, 1, 0, 2, False)])
 def test_max_pool_gather_scatter(bk, args):
     a = torch.randn(3, 5, 11, 9)
     a[0, 0] = torch.randint(0, 3, (11, 9)).float()  # ties: the first maximum wins
+    a[1, 2, 3:6, 2:5] = float("nan")  # NaN wins, as in torch
     y, idx = bk.max_pool2d(a, *args)
     y_ref, idx_ref = REF.max_pool2d(a, *args)
-    assert torch.equal(y, y_ref) and torch.equal(idx, idx_ref)
+    assert torch.allclose(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(idx, idx_ref)
     r, d = torch.randn_like(a), torch.randn_like(y)
     close(bk.pool_gather(r, idx), REF.pool_gather(r, idx), 1e-12)
     close(bk.pool_scatter(d, idx, a.shape), REF.pool_scatter(d, idx, a.shape), 1e-6)

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, i
                                               int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                                               int64_t dh, int64_t dw, bool ceil_mode) {
   // y[q, i, j] = max over the window, idx = its flat position h·W + w in the plane (the
-  // first maximum in scan order; NaN wins, as in torch's kernel)
+  // first maximum in scan order; a NaN wins over numbers, as in torch's kernel)
   check_f32(a, "a");
   TORCH_CHECK(a.dim() == 4, "max_pool2d: input must be (N, C, H, W)");
   const int64_t h = a.size(2), w = a.size(3);
@@ -32,6 +32,37 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, i
   const float* ap = a.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
+  const bool plain2x2 = kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 &&
+                       dh == 1 && dw == 1 && 2 * oh <= h && 2 * ow <= w;
+  if (plain2x2) {  // the common case, branch-free
+    at::parallel_for(0, a.size(0) * a.size(1), 4, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const float* src = ap + q * h * w;
+        float* dst = yp + q * oh * ow;
+        int64_t* ix = ip + q * oh * ow;
+        for (int64_t i = 0; i < oh; ++i) {
+          const float* r0 = src + 2 * i * w;
+          const float* r1 = r0 + w;
+          for (int64_t j = 0; j < ow; ++j) {
+            // scan order (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1); a later value wins
+            // only if greater or NaN, as in torch's kernel
+            float best = r0[2 * j];
+            int64_t arg = 2 * i * w + 2 * j;
+            const float cand[3] = {r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]};
+            const int64_t pos[3] = {arg + 1, arg + w, arg + w + 1};
+            for (int k = 0; k < 3; ++k) {
+              const bool take = cand[k] > best || cand[k] != cand[k];
+              best = take ? cand[k] : best;
+              arg = take ? pos[k] : arg;
+            }
+            dst[i * ow + j] = best;
+            ix[i * ow + j] = arg;
+          }
+        }
+      }
+    });
+    return {y, idx};
+  }
   at::parallel_for(0, a.size(0) * a.size(1), 4, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const float* src = ap + q * h * w;
@@ -53,10 +84,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, i
               if (val > best || std::isnan(val) || arg < 0) {
                 best = val;
                 arg = r * w + col;
-                if (std::isnan(val)) break;
               }
             }
-            if (std::isnan(best)) break;
           }
           dst[i * ow + j] = best;
           ix[i * ow + j] = arg;
