@@ -228,6 +228,14 @@ def test_auto_picks_cpu_backend_on_cpu_tensors(bk):
     assert out.backend == "cpu"
 
 
+def test_environment_switch_turns_the_backend_off(bk, monkeypatch):
+    from gradreg_kernels.backends import cpu
+
+    monkeypatch.setenv("GRADREG_KERNELS_CPU_EXT", "0")
+    assert "GRADREG_KERNELS_CPU_EXT" in cpu.available()
+    assert get_backend("auto", torch.device("cpu")).name == "torch"
+
+
 def test_float64_runs_the_portable_kernels(bk):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()

@@ -20,6 +20,7 @@ The ``saved`` objects of ``act_forward`` / ``dropout_forward`` are private to th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,7 +56,12 @@ def extension():
 
 
 def available() -> str | None:
-    """None when the backend can run here, else why not (for the registry)."""
+    """None when the backend can run here, else why not (for the registry).
+
+    ``GRADREG_KERNELS_CPU_EXT=0`` turns the backend off (``auto`` then never builds it).
+    """
+    if os.environ.get("GRADREG_KERNELS_CPU_EXT", "1") == "0":
+        return "turned off by GRADREG_KERNELS_CPU_EXT=0"
     if not torch.backends.mkldnn.is_available():
         return "torch was built without oneDNN (mkldnn)"
     try:
