@@ -36,6 +36,24 @@ register_backend(BackendEntry("torch", TorchBackend, ("cpu", "cuda", "mps", "xpu
                               lambda: None, priority=0))
 
 
+def _cpu_available() -> str | None:
+    try:
+        from . import cpu
+    except Exception as e:  # e.g. a platform without fcntl
+        return f"the cpu backend cannot be imported: {e}"
+    return cpu.available()
+
+
+def _cpu_factory() -> TorchBackend:
+    from .cpu import CpuBackend
+
+    return CpuBackend()
+
+
+# C++ kernels + oneDNN products; built on first use, so importing the package never compiles.
+register_backend(BackendEntry("cpu", _cpu_factory, ("cpu",), _cpu_available, priority=10))
+
+
 def backend_names() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -116,6 +116,16 @@ class TorchBackend:
         logp = torch.log_softmax(z, dim=1)
         return -logp.gather(1, y[:, None]).squeeze(1), logp.exp()
 
+    def softmax_head(
+        self, z: Tensor, y: Tensor, uniform: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """CE_n (N,), p = softmax(z), ∇CE = p − e_y and ∇ℓ (p − 1/K if uniform, else ∇CE)."""
+        ce, p = self.softmax_ce(z, y)
+        data_grad = p.clone()
+        data_grad[torch.arange(z.shape[0], device=z.device), y] -= 1
+        pen_grad = p - 1.0 / z.shape[1] if uniform else data_grad
+        return ce, p, data_grad, pen_grad
+
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
         """Hessian of −log softmax times t: p ⊙ t − p (pᵀt), row by row (N, K)."""
         return p * (t - (p * t).sum(1, keepdim=True))
@@ -126,6 +136,17 @@ class TorchBackend:
         2λ/B, the seed r of pass 3; M = 1 when mask is None. g: (B, ...) = ∇_X Σ ℓ."""
         gm = g if mask is None else g * mask
         return gm.pow(2).sum(), (gm if mask is None else gm * mask)
+
+    # ---- dropout ----------------------------------------------------------------------
+    def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, object]:
+        """y = a ⊙ m, m ∈ {0, 1/(1−p)} drawn exactly as torch's dropout draws it; saves m."""
+        with torch.no_grad():
+            mask = F.dropout(torch.ones_like(a), p, True)
+        return a * mask, mask
+
+    def dropout_apply(self, saved: object, t: Tensor) -> Tensor:
+        """t ⊙ m with the mask saved by ``dropout_forward``."""
+        return t * saved
 
     # ---- pooling ----------------------------------------------------------------------
     def max_pool2d(

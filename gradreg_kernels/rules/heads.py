@@ -39,10 +39,7 @@ class SoftmaxHead:
         if z.dim() != 2:
             raise ValueError(f"head={self.name!r} needs (B, K) logits from the model, "
                              f"got shape {tuple(z.shape)}")
-        ce, self.p = self.bk.softmax_ce(z, y)
-        data_grad = self.p.clone()
-        data_grad[torch.arange(z.shape[0], device=z.device), y] -= 1
-        pen_grad = self.p - 1.0 / z.shape[1] if self.uniform else data_grad
+        ce, self.p, data_grad, pen_grad = self.bk.softmax_head(z, y, self.uniform)
         return HeadEval(ce, data_grad, pen_grad)
 
     def hvp(self, t: Tensor) -> Tensor | None:

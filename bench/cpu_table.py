@@ -1,0 +1,145 @@
+"""Side-by-side CPU table: every step of bench/cpu_workloads.py on every model, interleaved.
+
+    python bench/cpu_table.py [--rounds 5] [--reps 10] [--models mlp_relu_b256,...]
+                              [--threads 2] [--profile]
+
+Each round times ``reps`` calls of every method in turn (after warm-up), so load from other
+processes hits all methods alike; the table gives the median over rounds × reps, the ratios
+the goals are stated in, and the peak resident memory of each torch step above its start.
+``--profile`` adds, per model, where the fused "cpu" step spends its time (torch.profiler
+self time): matrix products (oneDNN / MKL linear and convolution), the rest of the ATen
+ops, and the time outside ATen ops (the C++ extension's kernels and Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import cpu_workloads as cw
+import torch
+
+
+def _time(step, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
+
+
+def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, str | None]:
+    steps = cw.torch_steps(w)
+    jax_s = cw.jax_steps(w)
+    note = jax_s if isinstance(jax_s, str) else None
+    if note is None:
+        steps.update(jax_s)
+    for s in steps.values():  # warm-up (JIT compile, oneDNN primitive caches, the build)
+        for _ in range(3):
+            s()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, s in steps.items():
+            times[k] += _time(s, reps)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return med, note
+
+
+def memory(w: cw.Workload) -> dict[str, float]:
+    """Peak MiB of each torch step (call under malloc_mode(exact_rss=True), before timing)."""
+    steps = cw.torch_steps(w)
+    return {k: cw.peak_bytes(steps[k], w.model) / 2**20 for k in TORCH_METHODS}
+
+
+PRODUCT_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::addmm_",
+               "aten::mkldnn_convolution", "aten::convolution_backward",
+               "aten::mkldnn_convolution_backward", "aten::_convolution", "aten::bmm")
+
+
+def profile_split(w: cw.Workload, steps_n: int = 10) -> str:
+    """Self-time shares of the fused cpu step: products / other ATen ops / outside ATen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = cw.torch_steps(w)["fused_cpu"]
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps_n):
+            step()
+    prod = other = outside = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total
+        if e.key in PRODUCT_OPS:
+            prod += t
+        elif e.key.startswith("aten::"):
+            other += t
+        else:  # the autograd Function bodies: extension kernels, Python, oneDNN dispatch
+            outside += t
+    total = prod + other + outside
+    return (f"{w.name}: {total / steps_n / 1e3:.2f} ms/step profiled; products "
+            f"{prod / total:.0%}, other ATen ops {other / total:.0%}, C++ kernels + Python "
+            f"{outside / total:.0%}")
+
+
+def row(name: str, med: dict, mem: dict) -> str:
+    ordinary = min(med["ordinary"], med.get("jax_ordinary", float("inf")))
+    jg = med.get("jax_gradreg")
+    cols = [name] + [f"{med[k]:.2f}" if k in med else "–" for k in
+                     ("fused_cpu", "fused_torch", "eager_double", "jax_gradreg", "ordinary",
+                      "jax_ordinary")]
+    cols += [f"{med['eager_double'] / med['fused_cpu']:.2f}×",
+             f"{jg / med['fused_cpu']:.2f}×" if jg else "–",
+             f"{med['fused_cpu'] / ordinary:.2f}×",
+             f"{mem['fused_cpu']:.1f} / {mem['eager_double']:.1f} = "
+             f"{mem['fused_cpu'] / mem['eager_double']:.2f}"]
+    return "| " + " | ".join(cols) + " |"
+
+
+HEADER = ("| model | fused cpu | fused torch | eager double | JAX gradreg | ordinary | "
+          "JAX ordinary | speed-up vs eager | speed-up vs JAX | ÷ fastest ordinary | "
+          "peak MiB cpu / eager |\n|" + "---|" * 11)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--models", default="")
+    ap.add_argument("--threads", type=int, default=cw.THREADS)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="print peak MiB as JSON")
+    args = ap.parse_args()
+    cw.THREADS = args.threads
+    cw.set_threads()
+    wanted = set(filter(None, args.models.split(",")))
+    chosen = [w for w in cw.workloads() if not wanted or w.name in wanted]
+    # memory first, on a fresh heap where every tensor-sized block is mapped and unmapped
+    cw.malloc_mode(exact_rss=True)
+    mems = {w.name: memory(w) for w in chosen}
+    if args.memory_only:
+        print(json.dumps(mems))
+        return
+    cw.malloc_mode(exact_rss=False)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float32, ms per step (median)")
+    print(HEADER)
+    for w in chosen:
+        med, note = measure(w, args.rounds, args.reps)
+        print(row(w.name, med, mems[w.name]), flush=True)
+        if note:
+            print(f"<!-- {w.name}: JAX skipped: {note} -->")
+    if args.profile:
+        print()
+        for w in chosen:
+            print("- " + profile_split(w), flush=True)
+
+
+if __name__ == "__main__":
+    main()

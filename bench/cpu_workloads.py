@@ -1,0 +1,190 @@
+"""The CPU benchmark's models and the training steps compared on them.
+
+Models (float32): MLP 784-512-512-10 (ReLU) at B = 64 and 256, the paper's MNIST CNN
+(conv 5×5×32 → BN → ReLU → pool → conv 5×5×64 → BN → ReLU → pool → FC 1024 → BN → ReLU →
+dropout 0.5 → FC 10) at B = 64, and an MLP 784-512-512-10 with Softplus at B = 256.
+
+Steps: each computes every parameter gradient of one training step.
+- ``fused_cpu`` / ``fused_torch``: gradreg_loss(...).loss.backward() on that backend;
+- ``eager_double``: plain autograd double backprop (create_graph=True);
+- ``ordinary``: the first-order step (batch-mean CE), the yardstick;
+- ``jax_gradreg`` / ``jax_ordinary``: jax.jit(jax.grad(...)) of the same losses on the
+  same weights (the dropout mask is an input there, drawn once).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradreg_kernels import gradreg_loss
+
+THREADS = 2
+LAM = 0.25
+
+
+def set_threads() -> None:
+    torch.set_num_threads(THREADS)
+    malloc_mode(exact_rss=False)
+    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
+                                       f"intra_op_parallelism_threads={THREADS}")
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def mlp(act: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(784, 512), act, nn.Linear(512, 512), type(act)(),
+                         nn.Linear(512, 10))
+
+
+def paper_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3136, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
+        nn.Dropout(0.5), nn.Linear(1024, 10))
+
+
+def workloads() -> list[Workload]:
+    g = torch.Generator().manual_seed(0)
+
+    def data(b: int, shape: tuple[int, ...]):
+        return torch.rand((b, *shape), generator=g), torch.randint(0, 10, (b,), generator=g)
+
+    torch.manual_seed(0)
+    out = []
+    for name, model, b, shape in [
+        ("mlp_relu_b64", mlp(nn.ReLU()), 64, (784,)),
+        ("mlp_relu_b256", mlp(nn.ReLU()), 256, (784,)),
+        ("cnn_paper_b64", paper_cnn(), 64, (1, 28, 28)),
+        ("mlp_softplus_b256", mlp(nn.Softplus()), 256, (784,)),
+    ]:
+        x, y = data(b, shape)
+        out.append(Workload(name, model.train(), x, y))
+    return out
+
+
+def _clear(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def torch_steps(w: Workload) -> dict[str, Callable[[], None]]:
+    model, x, y = w.model, w.x, w.y
+
+    def fused(backend: str) -> Callable[[], None]:
+        def step() -> None:
+            _clear(model)
+            gradreg_loss(model, x, y, LAM, backend=backend).loss.backward()
+        return step
+
+    def eager_double() -> None:
+        _clear(model)
+        xr = x.detach().requires_grad_(True)
+        ce = F.cross_entropy(model(xr), y, reduction="none")
+        (g,) = torch.autograd.grad(ce.sum(), xr, create_graph=True)
+        loss = ce.mean() + LAM * g.pow(2).sum() / x.shape[0]
+        loss.backward()
+
+    def ordinary() -> None:
+        _clear(model)
+        F.cross_entropy(model(x), y).backward()
+
+    return {"fused_cpu": fused("cpu"), "fused_torch": fused("torch"),
+            "eager_double": eager_double, "ordinary": ordinary}
+
+
+def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
+    """The JAX steps, or why they cannot run (JAX not installed)."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return "jax is not installed (pip install 'gradreg-kernels[bench]')"
+    from jax_models import jax_forward, jax_params
+
+    params, fwd = jax_params(w.model), jax_forward(w.model)
+    x, y = jnp.asarray(w.x.numpy()), jnp.asarray(w.y.numpy())
+    key = jax.random.PRNGKey(0)
+    drop = jax.random.bernoulli(key, 0.5, (w.x.shape[0], 1024)).astype(jnp.float32) * 2.0
+    b = w.x.shape[0]
+
+    def ce_sum(p, xx):
+        z = fwd(p, xx, drop)
+        return jnp.sum(jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], 1)[:, 0])
+
+    def gradreg(p):
+        s, g = jax.value_and_grad(ce_sum, argnums=1)(p, x)
+        return s / b + LAM * jnp.sum(g * g) / b
+
+    def ordinary(p):
+        return ce_sum(p, x) / b
+
+    g1, g2 = jax.jit(jax.grad(gradreg)), jax.jit(jax.grad(ordinary))
+
+    def run(f):
+        return lambda: jax.block_until_ready(f(params))
+
+    return {"jax_gradreg": run(g1), "jax_ordinary": run(g2)}
+
+
+def malloc_mode(exact_rss: bool) -> None:
+    """glibc's allocation policy for this process (no-op off glibc).
+
+    exact_rss: every block ≥ 64 KiB is mapped on allocation and unmapped on free, so the
+    resident set follows live tensors (for ``peak_bytes``); else blocks up to 32 MiB are
+    kept in the heap and reused, as a long-running training process sees them (for timing:
+    no page faults on fresh mappings in every step).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    size = 64 * 1024 if exact_rss else 32 * 1024 * 1024
+    libc.mallopt(m_mmap_threshold, size)
+    libc.mallopt(m_trim_threshold, size if exact_rss else 1024 * 1024 * 1024)
+    if exact_rss:
+        libc.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
+    """Peak resident memory of one ``step`` above the resident memory before it (bytes).
+
+    Linux only: the high-water mark VmHWM is reset through /proc/self/clear_refs before the
+    step and read after it. Call it under ``malloc_mode(exact_rss=True)`` from a fresh heap
+    (before any timing), where every tensor-sized block is mapped and unmapped as it is
+    allocated and freed. Everything the step touches counts alike for every method
+    (tensors, oneDNN scratch space, caches it fills on the way).
+    """
+    import gc
+
+    step()  # warm-up: one-time caches (e.g. oneDNN primitives) are not a step's memory
+    _clear(model)  # the step starts without gradients and ends holding them
+    gc.collect()
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return max(0, _status_kib("VmHWM") - base) * 1024

@@ -1,0 +1,58 @@
+"""CPU benchmark, side by side (pytest-benchmark): ``pytest bench/test_cpu_bench.py``.
+
+One group per model; in each, the fused step on the "cpu" and "torch" backends, eager
+double backprop, the ordinary first-order step and, when JAX is installed, jax.jit of the
+gradient of the same regularized loss and of the ordinary loss (2 threads, float32).
+``extra_info`` holds each torch step's peak resident memory above the pre-step level,
+measured in a fresh process (see cpu_workloads.peak_bytes). For the goal table with
+interleaved rounds use ``python bench/cpu_table.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cpu_workloads as cw
+import pytest
+
+cw.set_threads()
+WORKLOADS = {w.name: w for w in cw.workloads()}
+TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
+JAX_METHODS = ("jax_gradreg", "jax_ordinary")
+ROUNDS = {"cnn_paper_b64": 8}
+_MEMORY: dict[str, dict[str, float]] = {}
+
+
+def _memory(model: str) -> dict[str, float]:
+    """Peak MiB per torch step, measured in a fresh process (see cpu_table.memory)."""
+    if model not in _MEMORY:
+        script = Path(__file__).with_name("cpu_table.py")
+        res = subprocess.run([sys.executable, str(script), "--memory-only", "--models", model],
+                             capture_output=True, text=True, check=True)
+        _MEMORY[model] = json.loads(res.stdout.strip().splitlines()[-1])[model]
+    return _MEMORY[model]
+
+
+@pytest.mark.parametrize("method", TORCH_METHODS + JAX_METHODS)
+@pytest.mark.parametrize("model", list(WORKLOADS))
+def test_step(benchmark, model, method):
+    w = WORKLOADS[model]
+    if method in JAX_METHODS:
+        steps = cw.jax_steps(w)
+        if isinstance(steps, str):
+            pytest.skip(steps)
+    else:
+        if method == "fused_cpu":
+            from gradreg_kernels.backends.cpu import available
+
+            why = available()
+            if why is not None:
+                pytest.skip(f"cpu backend unavailable: {why}")
+        steps = cw.torch_steps(w)
+        benchmark.extra_info["peak_mib"] = round(_memory(model)[method], 2)
+    benchmark.group = model
+    benchmark.pedantic(steps[method], rounds=ROUNDS.get(model, 30), iterations=1,
+                       warmup_rounds=3)

@@ -1,0 +1,24 @@
+// Python bindings of the fused CPU kernels (module built by gradreg_kernels/backends/cpu_build.py).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gradreg-kernels fused CPU kernels (float32)";
+  m.def("mask_forward", &gradreg::mask_forward, "y = z>0 ? z : lo z and the packed bit mask");
+  m.def("mask_apply", &gradreg::mask_apply, "t ⊙ (bit ? hi : lo)");
+  m.def("dropout_forward", &gradreg::dropout_forward, "a ⊙ keep · scale and the packed mask");
+  m.def("smooth_forward", &gradreg::smooth_forward, "σ(z), σ'(z), σ''(z) in one sweep");
+  m.def("smooth_tangent", &gradreg::smooth_tangent, "(σ' ⊙ r, σ'' ⊙ u ⊙ r)");
+  m.def("mul_add", &gradreg::mul_add, "d1 ⊙ t (+ s)", pybind11::arg("d1"), pybind11::arg("t"),
+        pybind11::arg("s") = pybind11::none());
+  m.def("softmax_head", &gradreg::softmax_head, "CE, p, ∇CE, ∇ℓ of the softmax heads");
+  m.def("softmax_hvp", &gradreg::softmax_hvp, "p ⊙ (t − pᵀt)");
+  m.def("max_pool2d", &gradreg::max_pool2d, "max pooling and the flat argmax per plane");
+  m.def("pool_gather", &gradreg::pool_gather, "r[idx] per plane");
+  m.def("pool_scatter", &gradreg::pool_scatter, "scatter-add of d into idx per plane");
+  m.def("bn_forward", &gradreg::bn_forward, "train-mode batch norm forward per channel");
+  m.def("bn_project", &gradreg::bn_project, "P v and mean(x̂ v) per channel");
+  m.def("bn_second_order", &gradreg::bn_second_order, "the second-order term s of batch norm");
+  m.def("transpose_cat", &gradreg::transpose_cat, "[P_1; P_2; ...]ᵀ in one buffer");
+}

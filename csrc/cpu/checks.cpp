@@ -1,0 +1,11 @@
+#include "kernels.h"
+
+namespace gradreg {
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+}  // namespace gradreg

@@ -1,0 +1,74 @@
+// Softmax heads, row by row in one sweep: CE_n = logsumexp(z_n) − z_{n,y_n}, p = softmax(z),
+// ∇CE = p − e_y, and for the uniform head ∇ℓ = p − 1/K. Hessian-vector product of
+// −log softmax: H t = p ⊙ (t − pᵀt).
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace gradreg {
+
+std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, bool uniform) {
+  check_f32(z, "z");
+  TORCH_CHECK(z.dim() == 2, "softmax_head: z must be (N, K)");
+  const int64_t n = z.size(0), k = z.size(1);
+  auto y64 = y.to(at::kLong).contiguous();
+  TORCH_CHECK(y64.numel() == n, "softmax_head: need one label per row");
+  auto ce = at::empty({n}, z.options());
+  auto p = at::empty_like(z), dg = at::empty_like(z);
+  auto pg = uniform ? at::empty_like(z) : dg;
+  const float* zp = z.data_ptr<float>();
+  const int64_t* yp = y64.data_ptr<int64_t>();
+  float *cp = ce.data_ptr<float>(), *pp = p.data_ptr<float>(), *dp = dg.data_ptr<float>();
+  float* gp = pg.data_ptr<float>();
+  const float inv_k = 1.f / static_cast<float>(k);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* zr = zp + r * k;
+      float m = zr[0];
+      for (int64_t j = 1; j < k; ++j) m = std::fmax(m, zr[j]);
+      double sum = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        const float e = std::exp(zr[j] - m);
+        pp[r * k + j] = e;
+        sum += e;
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      const int64_t label = yp[r];
+      TORCH_CHECK(label >= 0 && label < k, "softmax_head: label ", label, " out of [0, ", k, ")");
+      cp[r] = static_cast<float>(std::log(sum)) + m - zr[label];
+      for (int64_t j = 0; j < k; ++j) {
+        const float q = pp[r * k + j] * inv;
+        pp[r * k + j] = q;
+        dp[r * k + j] = j == label ? q - 1.f : q;
+        if (uniform) gp[r * k + j] = q - inv_k;
+      }
+    }
+  });
+  return {ce, p, dg, pg};
+}
+
+at::Tensor softmax_hvp(const at::Tensor& p, const at::Tensor& t) {
+  check_f32(p, "p");
+  check_f32(t, "t");
+  TORCH_CHECK(p.dim() == 2 && p.sizes() == t.sizes(), "softmax_hvp: p and t must be (N, K)");
+  const int64_t n = p.size(0), k = p.size(1);
+  auto out = at::empty_like(t);
+  const float *pp = p.data_ptr<float>(), *tp = t.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *pr = pp + r * k, *tr = tp + r * k;
+      double dot = 0.0;
+      for (int64_t j = 0; j < k; ++j) dot += static_cast<double>(pr[j]) * tr[j];
+      const float d = static_cast<float>(dot);
+      for (int64_t j = 0; j < k; ++j) op[r * k + j] = pr[j] * (tr[j] - d);
+    }
+  });
+  return out;
+}
+
+}  // namespace gradreg

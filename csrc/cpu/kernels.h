@@ -1,0 +1,56 @@
+// Fused CPU kernels of the four passes (float32, contiguous tensors).
+// Each kernel is one sweep over its operands, split over threads with at::parallel_for.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+#include <vector>
+
+namespace gradreg {
+
+// ---- masked (piecewise-linear) steps: ReLU, LeakyReLU, Dropout -----------------------
+// Masks are packed bits, bit i of byte i/8 for element i (set: the "hi" branch).
+std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo);
+at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo);
+std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
+                                                   double scale);
+
+// ---- smooth activations: value and both derivatives in one sweep ---------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_forward(const at::Tensor& z,
+                                                              int64_t kind, double p0,
+                                                              double p1);
+std::tuple<at::Tensor, at::Tensor> smooth_tangent(const at::Tensor& d1, const at::Tensor& d2,
+                                                  const at::Tensor& r, const at::Tensor& u);
+at::Tensor mul_add(const at::Tensor& d1, const at::Tensor& t, const c10::optional<at::Tensor>& s);
+
+// ---- softmax heads -------------------------------------------------------------------
+std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, bool uniform);
+at::Tensor softmax_hvp(const at::Tensor& p, const at::Tensor& t);
+
+// ---- max pooling (indices are flat per plane, int64) ----------------------------------
+std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, int64_t kw,
+                                              int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                              int64_t dh, int64_t dw, bool ceil_mode);
+at::Tensor pool_gather(const at::Tensor& r, const at::Tensor& idx);
+at::Tensor pool_scatter(const at::Tensor& d, const at::Tensor& idx, int64_t plane);
+
+// ---- train-mode batch norm, per channel over (N, C, S) --------------------------------
+std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::Tensor>& gamma,
+                                   const c10::optional<at::Tensor>& beta, double eps);
+std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat);
+at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
+                           const c10::optional<at::Tensor>& gamma, const at::Tensor& d,
+                           const at::Tensor& pd, const at::Tensor& pr, const at::Tensor& mxd,
+                           const at::Tensor& mxr);
+
+// ---- layout --------------------------------------------------------------------------
+at::Tensor transpose_cat(const std::vector<at::Tensor>& parts);
+
+// ---- shared checks -------------------------------------------------------------------
+void check_f32(const at::Tensor& t, const char* what);
+
+}  // namespace gradreg

@@ -1,0 +1,138 @@
+// Piecewise-linear steps with a packed bit mask: ReLU / LeakyReLU (σ' ∈ {1, slope}) and
+// Dropout (m ∈ {0, 1/(1-p)}). Forward saves 1 bit per element (bit i%8 of byte i/8); every
+// later pass is out = t ⊙ (bit ? hi : lo) in one sweep. With AVX-512 a 16-lane compare gives
+// 16 mask bits at once and a masked blend applies them; elsewhere the selects are arithmetic,
+// not branches (the bits are random: a mispredicted branch per element would cost more
+// than the whole sweep).
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "kernels.h"
+
+namespace gradreg {
+namespace {
+
+constexpr int64_t kGrainGroups = 1024;  // 16k elements per task
+
+at::Tensor empty_bits(int64_t n, const at::Tensor& like) {
+  return at::empty({(n + 7) / 8}, like.options().dtype(at::kByte));
+}
+
+// Elements [16 g0, min(16 g1, n)) of y = max(z, 0) + lo·min(z, 0) and their bits.
+void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t* __restrict bits,
+                        float lo, int64_t g0, int64_t g1, int64_t n) {
+  int64_t i = g0 * 16;
+  const int64_t end = std::min(g1 * 16, n);
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps(), l = _mm512_set1_ps(lo);
+  for (; i + 16 <= end; i += 16) {
+    const __m512 v = _mm512_loadu_ps(z + i);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+    _mm512_storeu_ps(y + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), v));
+    const uint16_t mb = static_cast<uint16_t>(m);
+    std::memcpy(bits + i / 8, &mb, 2);
+  }
+#endif
+  for (; i < end; i += 8) {
+    uint8_t byte = 0;
+    const int64_t m = std::min<int64_t>(8, end - i);
+    for (int64_t k = 0; k < m; ++k) {
+      const float v = z[i + k];
+      y[i + k] = std::fmax(v, 0.f) + lo * std::fmin(v, 0.f);
+      byte |= static_cast<uint8_t>(v > 0.f) << k;
+    }
+    bits[i / 8] = byte;
+  }
+}
+
+void mask_apply_range(const uint8_t* __restrict bits, const float* __restrict t,
+                      float* __restrict out, float hi, float lo, int64_t g0, int64_t g1,
+                      int64_t n) {
+  int64_t i = g0 * 16;
+  const int64_t end = std::min(g1 * 16, n);
+#if defined(__AVX512F__)
+  const __m512 h = _mm512_set1_ps(hi), l = _mm512_set1_ps(lo);
+  for (; i + 16 <= end; i += 16) {
+    uint16_t mb;
+    std::memcpy(&mb, bits + i / 8, 2);
+    const __m512 v = _mm512_loadu_ps(t + i);
+    const __mmask16 m = static_cast<__mmask16>(mb);
+    _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), _mm512_mul_ps(v, h)));
+  }
+#endif
+  for (; i < end; ++i) {
+    const float on = static_cast<float>((bits[i >> 3] >> (i & 7)) & 1);
+    out[i] = t[i] * (lo + (hi - lo) * on);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo) {
+  check_f32(z, "z");
+  const int64_t n = z.numel();
+  auto y = at::empty_like(z);
+  auto bits = empty_bits(n, z);
+  const float* zp = z.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  uint8_t* bp = bits.data_ptr<uint8_t>();
+  const float l = static_cast<float>(lo);
+  at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
+    mask_forward_range(zp, yp, bp, l, g0, g1, n);
+  });
+  return {y, bits};
+}
+
+at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo) {
+  check_f32(t, "t");
+  const int64_t n = t.numel();
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (n + 7) / 8,
+              "mask_apply: bit mask does not match a tensor of ", n, " elements");
+  auto out = at::empty_like(t);
+  const float* tp = t.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const uint8_t* bp = bits.data_ptr<uint8_t>();
+  const float h = static_cast<float>(hi), l = static_cast<float>(lo);
+  at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
+    mask_apply_range(bp, tp, op, h, l, g0, g1, n);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
+                                                   double scale) {
+  // y = a ⊙ keep · scale; bit = keep (keep: a 0/1 tensor of a's size)
+  check_f32(a, "a");
+  TORCH_CHECK(keep.numel() == a.numel(), "dropout_forward: keep mask size mismatch");
+  auto k8 = keep.to(at::kByte).contiguous();
+  const int64_t n = a.numel();
+  auto y = at::empty_like(a);
+  auto bits = empty_bits(n, a);
+  const float* ap = a.data_ptr<float>();
+  const uint8_t* kp = k8.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  uint8_t* bp = bits.data_ptr<uint8_t>();
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
+    const int64_t end = std::min(g1 * 16, n);
+    for (int64_t i = g0 * 16; i < end; i += 8) {
+      uint8_t byte = 0;
+      const int64_t m = std::min<int64_t>(8, end - i);
+      for (int64_t k = 0; k < m; ++k) {
+        const uint8_t on = kp[i + k] != 0;
+        yp[i + k] = ap[i + k] * (s * static_cast<float>(on));
+        byte |= static_cast<uint8_t>(on << k);
+      }
+      bp[i / 8] = byte;
+    }
+  });
+  return {y, bits};
+}
+
+}  // namespace gradreg

@@ -1,0 +1,143 @@
+// Max pooling (forward with argmax indices) is linear once its argmax indices are fixed (flat per (n, c) plane):
+// gather out[q, i] = r[q, idx[q, i]] (tangent pass); scatter is its transpose (chain and
+// backward passes), run plane by plane so no two threads write one element.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels.h"
+
+namespace gradreg {
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, int64_t kw,
+                                              int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                              int64_t dh, int64_t dw, bool ceil_mode) {
+  // y[q, i, j] = max over the window, idx = its flat position h·W + w in the plane (the
+  // first maximum in scan order; a NaN wins over numbers, as in torch's kernel)
+  check_f32(a, "a");
+  TORCH_CHECK(a.dim() == 4, "max_pool2d: input must be (N, C, H, W)");
+  const int64_t h = a.size(2), w = a.size(3);
+  auto out_size = [&](int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+    const int64_t span = in + 2 * p - d * (k - 1) - 1;
+    int64_t o = (ceil_mode ? (span + s - 1) / s : span / s) + 1;
+    if (ceil_mode && (o - 1) * s >= in + p) --o;
+    return o;
+  };
+  const int64_t oh = out_size(h, kh, sh, ph, dh), ow = out_size(w, kw, sw, pw, dw);
+  TORCH_CHECK(oh > 0 && ow > 0, "max_pool2d: output would be empty");
+  auto y = at::empty({a.size(0), a.size(1), oh, ow}, a.options());
+  auto idx = at::empty({a.size(0), a.size(1), oh, ow}, a.options().dtype(at::kLong));
+  const float* ap = a.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  const bool plain2x2 = kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 &&
+                       dh == 1 && dw == 1 && 2 * oh <= h && 2 * ow <= w;
+  if (plain2x2) {  // the common case, branch-free
+    at::parallel_for(0, a.size(0) * a.size(1), 4, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const float* src = ap + q * h * w;
+        float* dst = yp + q * oh * ow;
+        int64_t* ix = ip + q * oh * ow;
+        for (int64_t i = 0; i < oh; ++i) {
+          const float* r0 = src + 2 * i * w;
+          const float* r1 = r0 + w;
+          for (int64_t j = 0; j < ow; ++j) {
+            // scan order (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1); a later value wins
+            // only if greater or NaN, as in torch's kernel
+            float best = r0[2 * j];
+            int64_t arg = 2 * i * w + 2 * j;
+            const float cand[3] = {r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]};
+            const int64_t pos[3] = {arg + 1, arg + w, arg + w + 1};
+            for (int k = 0; k < 3; ++k) {
+              const bool take = cand[k] > best || cand[k] != cand[k];
+              best = take ? cand[k] : best;
+              arg = take ? pos[k] : arg;
+            }
+            dst[i * ow + j] = best;
+            ix[i * ow + j] = arg;
+          }
+        }
+      }
+    });
+    return {y, idx};
+  }
+  at::parallel_for(0, a.size(0) * a.size(1), 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* src = ap + q * h * w;
+      float* dst = yp + q * oh * ow;
+      int64_t* ix = ip + q * oh * ow;
+      for (int64_t i = 0; i < oh; ++i) {
+        const int64_t h0 = i * sh - ph;
+        for (int64_t j = 0; j < ow; ++j) {
+          const int64_t w0 = j * sw - pw;
+          float best = -std::numeric_limits<float>::infinity();
+          int64_t arg = -1;
+          for (int64_t u = 0; u < kh; ++u) {
+            const int64_t r = h0 + u * dh;
+            if (r < 0 || r >= h) continue;
+            for (int64_t v = 0; v < kw; ++v) {
+              const int64_t col = w0 + v * dw;
+              if (col < 0 || col >= w) continue;
+              const float val = src[r * w + col];
+              if (val > best || std::isnan(val) || arg < 0) {
+                best = val;
+                arg = r * w + col;
+              }
+            }
+          }
+          dst[i * ow + j] = best;
+          ix[i * ow + j] = arg;
+        }
+      }
+    }
+  });
+  return {y, idx};
+}
+
+at::Tensor pool_gather(const at::Tensor& r, const at::Tensor& idx) {
+  check_f32(r, "r");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() >= 2,
+              "pool_gather: idx must be contiguous int64 (N, C, ...)");
+  const int64_t planes = idx.size(0) * idx.size(1);
+  const int64_t out_plane = idx.numel() / std::max<int64_t>(planes, 1);
+  const int64_t in_plane = r.numel() / std::max<int64_t>(planes, 1);
+  auto out = at::empty(idx.sizes(), r.options());
+  const float* rp = r.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, planes, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* src = rp + q * in_plane;
+      const int64_t* ix = ip + q * out_plane;
+      float* dst = op + q * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i) dst[i] = src[ix[i]];
+    }
+  });
+  return out;
+}
+
+at::Tensor pool_scatter(const at::Tensor& d, const at::Tensor& idx, int64_t plane) {
+  check_f32(d, "d");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.numel() == d.numel(),
+              "pool_scatter: idx must be contiguous int64 of d's size");
+  const int64_t planes = idx.size(0) * idx.size(1);
+  const int64_t out_plane = idx.numel() / std::max<int64_t>(planes, 1);
+  auto out = at::empty({idx.size(0), idx.size(1), plane}, d.options());
+  const float* dp = d.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, planes, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      float* dst = op + q * plane;
+      std::memset(dst, 0, sizeof(float) * plane);
+      const int64_t* ix = ip + q * out_plane;
+      const float* src = dp + q * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i) dst[ix[i]] += src[i];
+    }
+  });
+  return out;
+}
+
+}  // namespace gradreg

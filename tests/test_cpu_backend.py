@@ -1,0 +1,355 @@
+"""The "cpu" backend: each kernel against the portable backend, the full fused step against
+the float64 oracle, and the extension's build cache, lock and no-compiler path."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradreg_kernels import gradreg_loss
+from gradreg_kernels.backends import cpu_build, get_backend
+from gradreg_kernels.backends.torch_ops import TorchBackend
+from gradreg_kernels.rules.activation_math import spec_by_name
+from reference import oracle_grads
+
+ROOT = Path(__file__).resolve().parent.parent
+
+if shutil.which(cpu_build.compiler().split()[0]) is None:
+    pytest.skip("no C++ compiler: the cpu backend cannot be built here", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def bk():
+    from gradreg_kernels.backends import cpu
+
+    why = cpu.available()
+    assert why is None, why  # a compiler is present, so the build must succeed
+    return cpu.CpuBackend()
+
+
+REF = TorchBackend()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-6) -> None:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert rel(a, b) < tol, rel(a, b)
+
+
+# ---- products ----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 3, 67, 131])  # 131: the oneDNN path of d W
+def test_linear_products(bk, n):
+    a, w, b = torch.randn(n, 37), torch.randn(29, 37), torch.randn(29)
+    d, d2, a2 = torch.randn(n, 29), torch.randn(n, 29), torch.randn(n, 37)
+    close(bk.linear(a, w, b), REF.linear(a, w, b))
+    close(bk.linear(a, w, None), REF.linear(a, w, None))
+    close(bk.linear_input_grad(d, w), REF.linear_input_grad(d, w))
+    close(bk.linear_weight_grad([(d, a)]), REF.linear_weight_grad([(d, a)]))
+    close(bk.linear_weight_grad([(d, a), (d2, a2)]), REF.linear_weight_grad([(d, a), (d2, a2)]))
+
+
+def test_transpose_cat(bk):
+    parts = [torch.randn(n, 45) for n in (3, 70, 1)]
+    close(bk.ext.transpose_cat(parts), torch.cat(parts).t(), 1e-12)
+
+
+# ---- activations ---------------------------------------------------------------------------
+ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("tanh",), ("sigmoid",),
+        ("gelu",), ("gelu_tanh",), ("elu", 0.8)]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=[a[0] for a in ACTS])
+def test_activation_steps(bk, act):
+    spec = spec_by_name(*act)
+    z = torch.randn(3, 41, 7) * 3
+    z.view(-1)[:5] = torch.tensor([0.0, -0.0, 1e-8, 30.0, -30.0])  # kinks and tails
+    d, r, u, s0 = (torch.randn_like(z) for _ in range(4))
+    # every output against float64, allowed a few times the portable float32 error
+    z64 = z.double()
+    y, saved = bk.act_forward(spec, z)
+    y_ref, saved_ref = REF.act_forward(spec, z)
+    y64, saved64 = REF.act_forward(spec, z64)
+
+    def check(got, ref32, ref64):
+        assert rel(got, ref64) <= max(4 * rel(ref32, ref64), 1e-6), (rel(got, ref64),
+                                                                      rel(ref32, ref64))
+
+    check(y, y_ref, y64)
+    check(bk.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d),
+          REF.act_chain(spec, saved64, d.double()))
+    out, s = bk.act_tangent(spec, saved, r, u)
+    out_ref, s_ref = REF.act_tangent(spec, saved_ref, r, u)
+    out64, s64 = REF.act_tangent(spec, saved64, r.double(), u.double())
+    check(out, out_ref, out64)
+    assert (s is None) == (s_ref is None)
+    if s is not None:
+        check(s, s_ref, s64)
+    s_in = s0 if spec.smooth else None
+    check(bk.act_backward(spec, saved, d, s_in), REF.act_backward(spec, saved_ref, d, s_in),
+          REF.act_backward(spec, saved64, d.double(), None if s_in is None else s_in.double()))
+
+
+def test_relu_saves_one_bit_per_element(bk):
+    z = torch.randn(9, 131)
+    _, saved = bk.act_forward(spec_by_name("relu"), z)
+    assert saved.bits.dtype == torch.uint8 and saved.bits.numel() == (z.numel() + 7) // 8
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 5), (7, 33), (3, 4, 5, 5)])
+def test_dropout_draws_torch_mask_and_stream(bk, shape):
+    a, t = torch.randn(shape), torch.randn(shape)
+    torch.manual_seed(11)
+    y, saved = bk.dropout_forward(a, 0.4)
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    y_ref, saved_ref = REF.dropout_forward(a, 0.4)
+    after_ref = torch.rand(3)
+    close(y, y_ref, 1e-7)
+    close(bk.dropout_apply(saved, t), REF.dropout_apply(saved_ref, t), 1e-7)
+    assert torch.equal(after, after_ref)
+
+
+# ---- heads ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("uniform", [False, True])
+@pytest.mark.parametrize("n,k", [(1, 2), (3, 10), (65, 7)])
+def test_softmax_head_and_hvp(bk, uniform, n, k):
+    z, t = torch.randn(n, k) * 4, torch.randn(n, k)
+    y = torch.randint(0, k, (n,))
+    got = bk.softmax_head(z, y, uniform)
+    want = REF.softmax_head(z, y, uniform)
+    for g, w in zip(got, want, strict=True):
+        close(g, w)
+    close(bk.softmax_hvp(got[1], t), REF.softmax_hvp(want[1], t))
+
+
+# ---- pooling ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [(2, 2, 0, 1, False), (2, 2, 0, 1, True), (3, 2, 1, 1, True),
+                                  (2, 1, 0, 2, False)])
+def test_max_pool_gather_scatter(bk, args):
+    a = torch.randn(3, 5, 11, 9)
+    a[0, 0] = torch.randint(0, 3, (11, 9)).float()  # ties: the first maximum wins
+    a[1, 2, 3:6, 2:5] = float("nan")  # NaN wins, as in torch
+    y, idx = bk.max_pool2d(a, *args)
+    y_ref, idx_ref = REF.max_pool2d(a, *args)
+    assert torch.allclose(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(idx, idx_ref)
+    r, d = torch.randn_like(a), torch.randn_like(y)
+    close(bk.pool_gather(r, idx), REF.pool_gather(r, idx), 1e-12)
+    close(bk.pool_scatter(d, idx, a.shape), REF.pool_scatter(d, idx, a.shape), 1e-6)
+
+
+# ---- train-mode batch norm --------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 7), (3, 6, 5, 4), (1, 3, 9, 7)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_steps(bk, shape, affine):
+    a = torch.randn(shape) * 2 + 1
+    c = shape[1]
+    gamma, beta = (torch.randn(c), torch.randn(c)) if affine else (None, None)
+    got = bk.bn_train_forward(a, gamma, beta, 1e-5)
+    want = REF.bn_train_forward(a, gamma, beta, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        close(g, w, 1e-5)
+    xhat, inv_std = want[1], want[2]
+    d, r = torch.randn(shape), torch.randn(shape)
+    pd, mxd = bk.bn_project(d, xhat)
+    pd_ref, mxd_ref = REF.bn_project(d, xhat)
+    close(pd, pd_ref, 1e-5)
+    close(mxd, mxd_ref, 1e-5)
+    pr, mxr = REF.bn_project(r, xhat)
+    gamma_c = gamma.view([1, -1] + [1] * (a.dim() - 2)) if affine else a.new_ones(())
+    s = bk.bn_second_order(xhat, inv_std, gamma_c, d, r, pd_ref, pr, mxd_ref, mxr)
+    s_ref = REF.bn_second_order(xhat, inv_std, gamma_c, d, r, pd_ref, pr, mxd_ref, mxr)
+    close(s, s_ref, 1e-5)
+
+
+# ---- the full step against the float64 oracle ------------------------------------------------
+def _mlp():
+    return nn.Sequential(nn.Linear(13, 17), nn.ReLU(), nn.Linear(17, 11), nn.Softplus(2.0),
+                         nn.Linear(11, 9), nn.LeakyReLU(0.1), nn.Linear(9, 7), nn.Tanh(),
+                         nn.Linear(7, 8), nn.GELU(), nn.Linear(8, 6), nn.ELU(), nn.Linear(6, 5))
+
+
+def _cnn(bn1d: bool):
+    tail = [nn.BatchNorm1d(9)] if bn1d else []
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(5, 6, 3), nn.BatchNorm2d(6), nn.Sigmoid(), nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 9), *tail, nn.ReLU(), nn.Dropout(0.3), nn.Linear(9, 5))
+
+
+def _global_rel(got: dict, want: dict) -> float:
+    g = torch.cat([got[k].double().flatten() for k in want])
+    w = torch.cat([want[k].flatten() for k in want])
+    return rel(g, w)
+
+
+@pytest.mark.parametrize("b", [1, 3, 64])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("head", ["ce", "logprob_sum"])
+def test_full_step_matches_float64_oracle(b, kind, head):
+    torch.manual_seed(b + len(kind))
+    model = _mlp() if kind == "mlp" else _cnn(bn1d=b > 1)
+    x = torch.randn(b, 13) if kind == "mlp" else torch.randn(b, 2, 9, 9)
+    x = x.transpose(0, -1).contiguous().transpose(0, -1)  # a non-contiguous input
+    y = torch.randint(0, 5, (b,))
+    mask = torch.rand_like(x)
+    m64 = copy.deepcopy(model).double()  # before the fused step moves the running stats
+    torch.manual_seed(5)
+    out = gradreg_loss(model, x, y, lam=0.37, head=head, mask=mask, backend="cpu")
+    out.loss.backward()
+    assert out.backend == "cpu"
+    got = {n: p.grad for n, p in model.named_parameters()}
+    torch.manual_seed(5)  # the oracle's dropout draws the same mask
+    want, loss, _, _ = oracle_grads(m64, x.double(), y, lam=0.37, head=head,
+                                    mask=mask.double())
+    assert rel(out.loss.detach(), loss) < 1e-5
+    assert _global_rel(got, want) < 1e-4
+
+
+def test_auto_picks_cpu_backend_on_cpu_tensors(bk):
+    assert get_backend("auto", torch.device("cpu")).name == "cpu"
+    model = nn.Sequential(nn.Linear(4, 3))
+    out = gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 2]), lam=1.0)
+    assert out.backend == "cpu"
+
+
+def test_environment_switch_turns_the_backend_off(bk, monkeypatch):
+    from gradreg_kernels.backends import cpu
+
+    monkeypatch.setenv("GRADREG_KERNELS_CPU_EXT", "0")
+    assert "GRADREG_KERNELS_CPU_EXT" in cpu.available()
+    assert get_backend("auto", torch.device("cpu")).name == "torch"
+
+
+def test_float64_runs_the_portable_kernels(bk):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    out = gradreg_loss(model, x, y, lam=0.5, backend="cpu")
+    out.loss.backward()
+    want, _, _, _ = oracle_grads(model, x, y, lam=0.5)
+    assert _global_rel({n: p.grad for n, p in model.named_parameters()}, want) < 1e-12
+
+
+# ---- build cache, lock and missing compiler -------------------------------------------------
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unchanged_source_is_never_rebuilt(bk, monkeypatch):
+    so = Path(bk.ext.__file__)
+    mtime = so.stat().st_mtime_ns
+
+    def no_build(*args, **kw):
+        raise AssertionError("rebuilt an unchanged source")
+
+    monkeypatch.setattr(cpu_build, "_build", no_build)
+    assert Path(cpu_build.load_extension().__file__) == so
+    # a fresh process imports the cached module without calling the builder either
+    code = """
+        import torch.utils.cpp_extension as ce
+        ce.load = None  # any build attempt would fail
+        from gradreg_kernels.backends import cpu_build
+        print(cpu_build.load_extension().__file__)
+    """
+    env = {k: os.environ[k] for k in ("GRADREG_KERNELS_CACHE",) if k in os.environ}
+    res = _run(code, env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(so)
+    assert so.stat().st_mtime_ns == mtime
+
+
+def test_two_processes_building_at_once_build_once(bk, tmp_path):
+    # The real compiler is replaced by a slow stand-in that copies the built module, so
+    # the test exercises the lock and the stamp, not the compiler.
+    real_so = Path(bk.ext.__file__)
+    log = tmp_path / "builds.log"
+    code = f"""
+        import shutil, time
+        from pathlib import Path
+        from gradreg_kernels.backends import cpu_build
+
+        def slow_build(name, out, verbose):
+            with open({str(log)!r}, "a") as f:
+                f.write("build\\n")
+            out.mkdir(parents=True, exist_ok=True)
+            time.sleep(1.5)
+            shutil.copy({str(real_so)!r}, out / (name + ".so"))
+            (out / cpu_build._STAMP).write_text(name)
+            return cpu_build._import_so(name, out / (name + ".so"))
+
+        cpu_build._build = slow_build
+        m = cpu_build.load_extension()
+        assert hasattr(m, "mask_forward")
+    """
+    env = {"GRADREG_KERNELS_CACHE": str(tmp_path / "cache")}
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=full,
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert log.read_text().count("build") == 1
+
+
+def test_no_compiler_gives_clear_error_and_portable_backend_works(tmp_path):
+    code = """
+        import torch
+        from torch import nn
+        from gradreg_kernels import gradreg_loss
+        from gradreg_kernels.backends import get_backend
+        from gradreg_kernels.backends.cpu import available
+        why = available()
+        assert why is not None and "no C++ compiler" in why, why
+        try:
+            get_backend("cpu", torch.device("cpu"))
+        except RuntimeError as e:
+            assert "no C++ compiler" in str(e), e
+        else:
+            raise AssertionError("backend='cpu' did not raise")
+        model = nn.Sequential(nn.Linear(4, 3))
+        out = gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 2]), lam=1.0)
+        out.loss.backward()
+        assert out.backend == "torch", out.backend
+        print("ok")
+    """
+    env = {"CXX": str(tmp_path / "no-such-compiler"),
+           "GRADREG_KERNELS_CACHE": str(tmp_path / "cache")}
+    res = _run(code, env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_bad_operand_gives_clear_error(bk):
+    with pytest.raises(RuntimeError, match="float32"):
+        bk.ext.mask_forward(torch.randn(3, dtype=torch.float64), 0.0)
+    with pytest.raises(RuntimeError, match="bit mask"):
+        bk.ext.mask_apply(torch.zeros(1, dtype=torch.uint8), torch.randn(20), 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="label"):
+        bk.ext.softmax_head(torch.randn(2, 3), torch.tensor([0, 3]), False)
+
+
+def test_functional_dropout_unchanged_by_backend_mask():
+    # the portable backend's mask is exactly F.dropout's (guards the rule's contract)
+    a = torch.randn(4, 9)
+    torch.manual_seed(2)
+    y, _ = REF.dropout_forward(a, 0.25)
+    torch.manual_seed(2)
+    assert torch.equal(y, F.dropout(a, 0.25, True))
