@@ -1,10 +1,11 @@
 """CudaBackend: the activation steps and the softmax-CE head as CUDA C++ kernels.
 
 The extension (csrc/cuda: activation.cu, softmax_head.cu, binding.cpp; the package reaches
-it through the link gradreg_kernels/csrc) is built on first use with torch.utils.cpp_extension.load and ninja, once per process, into
-a cache folder named by the hash of its sources (so an edit rebuilds and an unchanged tree
-reuses the build); torch's own file lock in that folder serialises concurrent builds.
-Everything else (products, BatchNorm, pooling) runs as in TorchBackend.
+it through the link gradreg_kernels/csrc) is built on first use with
+torch.utils.cpp_extension.load and ninja, once per process, into a cache folder named by
+the hash of its sources (so an edit rebuilds and an unchanged tree reuses the build);
+torch's own file lock in that folder serialises concurrent builds. Everything else
+(products, BatchNorm, pooling) runs as in TorchBackend.
 """
 
 from __future__ import annotations
