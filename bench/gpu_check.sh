@@ -54,8 +54,16 @@ fi
 
 # -s: the child run of every kernel case streams its progress into gpu_tests.log
 stage gpu_tests 200 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider -rs tests/ || true
+# gradcheck / gradgradcheck of every drop-in Function on the CUDA backends
+stage functional_tests "${FUNCTIONAL_TESTS_LIMIT_S:-60}" "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_functional.py -k cuda || true
 grep -E "(passed|failed|error|skipped)" "$OUT/gpu_tests.log" | tail -4 >> "$SUMMARY"
-stage gpu_bench 180 "$PY" bench/gpu_bench.py --out "$OUT" --budget-s 130 $SKIP ${GPU_BENCH_ARGS:-} || true
+stage gpu_bench "${BENCH_LIMIT_S:-180}" "$PY" bench/gpu_bench.py --out "$OUT" \
+  --budget-s "${BENCH_BUDGET_S:-130}" $SKIP ${GPU_BENCH_ARGS:-} || true
+# the drop-in Functions before/after convert, and where the fused step spends GPU time
+stage functional_bench "${FUNCTIONAL_LIMIT_S:-90}" "$PY" -m pytest -q -s -p no:cacheprovider \
+  bench/test_functional_bench.py --benchmark-columns=min,median,rounds || true
+stage profile "${PROFILE_LIMIT_S:-45}" "$PY" bench/gpu_profile.py --model mnist_cnn || true
 
 grep -E "^(### |Goals|Relative error)" "$OUT/gpu_bench.md" >> "$SUMMARY" 2>/dev/null
 echo "+++ done in $(( $(date +%s) - T0 )) s" | tee -a "$SUMMARY"
