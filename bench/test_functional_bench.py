@@ -33,6 +33,9 @@ BATCH = int(os.environ.get("GK_BENCH_BATCH", "64"))
 ROUNDS = int(os.environ.get("GK_BENCH_ROUNDS", "30" if ON_GPU else "9"))
 if "GK_BENCH_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["GK_BENCH_THREADS"]))
+if ON_GPU:  # float32 means float32: cuDNN would otherwise use TF32 for convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 R1_GAMMA = 10.0
 GP_LAM = 1.0
 

@@ -62,9 +62,15 @@ def backend(request) -> str:
 
 
 def _check(fn, inputs, fast: bool = True):
-    """Both checks; fast mode compares random projections uᵀ J v (a full check per draw)."""
-    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
-    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+    """Both checks; fast mode compares random projections uᵀ J v (a full check per draw).
+
+    On CUDA, cuDNN's weight-gradient kernels sum with atomics, so a repeated backward
+    differs in the last bits: the reentrancy check gets float64 rounding slack there.
+    """
+    nondet = 1e-10 if any(t.is_cuda for t in inputs) else 0.0
+    kw = dict(eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast, nondet_tol=nondet)
+    assert gradcheck(fn, inputs, **kw)
+    assert gradgradcheck(fn, inputs, **kw)
 
 
 @pytest.mark.parametrize("act", sorted(ACTS))
