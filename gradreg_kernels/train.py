@@ -73,9 +73,9 @@ class TrainConfig:
     model: str = "paper-cnn"        # "paper-cnn", "lenet" or "mlp"
     defense: str = "gradreg"        # one of defenses.DEFENSES
     lam: float | None = None        # None: λ_paper/(2B)·(H·W/784)² (0 without a penalty)
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 2e-4
     out: str | None = None          # output folder; None writes nothing
     resume: bool = False
     seed: int = 0

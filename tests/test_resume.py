@@ -110,7 +110,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, small_digits):
     base = dict(model="mlp", width=8, epochs=2, batch_size=50, progress=False, out=str(tmp_path))
     fit(TrainConfig(**base, max_steps=1), small_digits)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(CheckpointError, match="lr: checkpoint 0.001, now 0.01"):
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.0002, now 0.01"):
         fit(TrainConfig(**base, lr=1e-2, resume=True), small_digits)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
