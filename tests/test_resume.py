@@ -73,26 +73,32 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_cli_resume_after_a_kill_is_bit_exact(tmp_path, sig):
+def test_cli_resume_after_kill_9_and_sigterm_is_bit_exact(tmp_path):
+    """Three CLI runs side by side: one uninterrupted, one killed with SIGKILL and one
+    stopped with SIGTERM once their first checkpoint exists; both resume to its weights."""
     ref = subprocess.Popen(_cli(tmp_path / "ref"), env=_env(), stderr=subprocess.PIPE)
-    victim = subprocess.Popen(_cli(tmp_path / "cut"), env=_env(), stderr=subprocess.PIPE)
-    _wait_for(tmp_path / "cut" / "checkpoint.pt", victim)
-    victim.send_signal(sig)
-    _, err = victim.communicate(timeout=120)
-    assert victim.returncode == (-9 if sig == signal.SIGKILL else 128 + signal.SIGTERM), err
-    assert not (tmp_path / "cut" / "model.pt").exists(), "the run ended before the kill"
-    stopped = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert 0 < stopped["step"] < 15 * 5
-    resumed = subprocess.run(_cli(tmp_path / "cut", "--resume"), env=_env(),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    victims = {sig: subprocess.Popen(_cli(tmp_path / sig.name), env=_env(),
+                                     stderr=subprocess.PIPE)
+               for sig in (signal.SIGKILL, signal.SIGTERM)}
+    for sig, proc in victims.items():
+        _wait_for(tmp_path / sig.name / "checkpoint.pt", proc)
+        proc.send_signal(sig)
+    for sig, proc in victims.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + signal.SIGTERM), err
+        assert not (tmp_path / sig.name / "model.pt").exists(), "the run ended before the kill"
+        stopped = torch.load(tmp_path / sig.name / "checkpoint.pt", weights_only=True)
+        assert 0 < stopped["step"] < 15 * 5
+    resumed = {sig: subprocess.Popen(_cli(tmp_path / sig.name, "--resume"), env=_env(),
+                                     stderr=subprocess.PIPE) for sig in victims}
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
-    _same_weights(a, b)
-    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 15
+    for sig, proc in resumed.items():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+        b = torch.load(tmp_path / sig.name / "model.pt", weights_only=True)["state_dict"]
+        _same_weights(a, b)
+        lines = (tmp_path / sig.name / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 15
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, small_digits):
