@@ -7,8 +7,9 @@ s = t is the white-box accuracy; off-diagonal entries are transfer (black-box-by
 accuracies. For targeted attacks (TGSM) the rate at which t predicts the attack's target
 is kept as well. Examples are crafted once per (s, ε) and evaluated on every t.
 
-CLI:  python -m gradreg_kernels.transfer --data mnist:PATH --model normal=a.pt
-          --model gradreg=b.pt --attack fgsm --eps 0,0.1,0.2,0.3 --n 256 --out matrix.json
+CLI:  python -m gradreg_kernels.transfer --data mnist:PATH --model normal=runs/normal
+          --model gradreg=runs/gradreg/model.pt --attack fgsm
+          --eps 0,0.1,0.2,0.3 --n 256 --out matrix.json
 """
 
 from __future__ import annotations
@@ -105,13 +106,13 @@ def transfer_matrix(models: Mapping[str, nn.Module], x: Tensor, y: Tensor,
             x_adv = torch.cat(parts)
             for ti, dst in enumerate(names):
                 pred = _predict(models[dst], x_adv, batch_size)
-                acc[si, ti, ei] = (pred == y).float().mean()
+                acc[si, ti, ei] = float((pred == y).float().mean())
                 if rate is not None:
                     if num_classes is None:
                         with eval_mode(models[dst]), torch.no_grad():
                             num_classes = int(models[dst](x[:1]).shape[1])
                     t = next_class_target(y, num_classes)
-                    rate[si, ti, ei] = (pred == t).float().mean()
+                    rate[si, ti, ei] = float((pred == t).float().mean())
             if progress is not None:
                 progress(f"{name}: crafted on {src} at eps={e:g}: white-box acc "
                          f"{float(acc[si, si, ei]):.3f}")
@@ -143,45 +144,44 @@ def write_json(obj: dict, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_model(path: str | Path, in_shape: tuple[int, ...], num_classes: int,
-               device: str = "cpu") -> nn.Module:
-    """A model from a checkpoint: a pickled nn.Module, or a dict holding a state dict
-    ('model_state' or 'state_dict' or 'model') and the architecture name ('arch' or
-    'model_name' or the config's 'model'), rebuilt with models.make_model."""
+def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """A trained model: DIR/model.pt (or that file) as written by train.fit, read with
+    train.load_trained_model; otherwise a whole pickled nn.Module (torch.save(model))."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        from .train import load_trained_model
+    except ImportError:
+        load_trained_model = None
+    if load_trained_model is not None:
+        try:
+            return load_trained_model(path, device)
+        except ValueError:
+            pass  # not the trainer's format: try a pickled module
     obj = torch.load(path, map_location=device, weights_only=False)
-    if isinstance(obj, nn.Module):
-        return obj.to(device)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected an nn.Module or a dict, got {type(obj).__name__}")
-    state = next((obj[k] for k in ("model_state", "state_dict", "model")
-                  if isinstance(obj.get(k), dict)), None)
-    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    arch = obj.get("arch") or obj.get("model_name") or config.get("model")
-    if state is None or not isinstance(arch, str):
-        raise ValueError(f"{path}: cannot find a state dict and an architecture name in keys "
-                         f"{sorted(obj)}")
-    from .models import make_model
-
-    model = make_model(arch, in_shape, num_classes)
-    model.load_state_dict(state)
-    return model.to(device)
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{path} holds neither a trained-model file nor an nn.Module "
+                         f"(got {type(obj).__name__})")
+    return obj.eval()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gradreg_kernels.transfer",
                                  description="model x model x eps adversarial accuracy tensor")
     ap.add_argument("--data", default="digits", help="data set spec for load_dataset")
-    ap.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT",
-                    help="a model to attack and defend with (repeat)")
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="a model to attack and defend with (repeat): a training output "
+                         "folder, its model.pt, or a torch.save'd nn.Module")
     ap.add_argument("--attack", default="fgsm", choices=sorted(ATTACKS))
     ap.add_argument("--eps", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     ap.add_argument("--n", type=int, default=256, help="test examples used")
@@ -197,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.model:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            ap.error(f"--model takes NAME=CHECKPOINT, got {spec!r}")
-        models[name] = load_model(path, tuple(x.shape[1:]), data.num_classes, args.device)
+            ap.error(f"--model takes NAME=PATH, got {spec!r}")
+        models[name] = load_model(path, args.device)
     eps = [float(e) for e in args.eps.split(",") if e.strip()]
     result = transfer_matrix(models, x, y, eps, args.attack, progress=print)
     print(format_table(result))
