@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
     if load_trained_model is not None:
         try:
             return load_trained_model(path, device)
-        except ValueError:
+        except (ValueError, pickle.UnpicklingError):
             pass  # not the trainer's format: try a pickled module
     obj = torch.load(path, map_location=device, weights_only=False)
     if not isinstance(obj, nn.Module):

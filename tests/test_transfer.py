@@ -67,3 +67,28 @@ def test_bad_arguments():
         transfer_matrix({}, x, y, [0.1])
     with pytest.raises(ValueError, match="x has 3 examples but y has 2"):
         transfer_matrix(models, x, y[:2], [0.1])
+
+
+def test_cli_writes_the_matrix_for_saved_models(tmp_path):
+    pytest.importorskip("gradreg_kernels.data")
+    import json
+
+    from gradreg_kernels.transfer import load_model, main
+
+    torch.manual_seed(0)
+    paths = []
+    for i in range(2):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        path = tmp_path / f"m{i}.pt"
+        torch.save(model, path)
+        paths.append(path)
+    assert isinstance(load_model(paths[0]), torch.nn.Module)
+    out = tmp_path / "matrix.json"
+    main(["--data", "digits", "--model", f"a={paths[0]}", "--model", f"b={paths[1]}",
+          "--attack", "tgsm", "--eps", "0,0.2", "--n", "20", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["names"] == ["a", "b"] and saved["n"] == 20
+    assert torch.tensor(saved["accuracy"]).shape == (2, 2, 2)
+    assert torch.tensor(saved["target_rate"]).shape == (2, 2, 2)
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        load_model(tmp_path / "missing")
