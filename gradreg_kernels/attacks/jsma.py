@@ -20,10 +20,13 @@ probabilities Σ_k ∂F_k/∂x = 0 makes β = −α and the map degenerate).
 
 Memory bound. The pair search never forms the B × D × D score tensor. It walks over blocks
 of b examples and C rows p (columns q ≥ first row of the block, so about half the pairs),
-with b·C·D ≤ pair_budget (b = C = 1 if D alone exceeds it). Each block holds three
-floating tensors (α_p + α_q, β_p + β_q, score) and one boolean mask, so the search adds at
-most (3·e + 1)·max(pair_budget, D) bytes, e the bytes of x's dtype: with the default
-pair_budget = 2^22 and float32, 52 MiB, whatever B is. The rest is O(B·D): x, α, β, Γ.
+with b·C·D ≤ pair_budget (b = C = 1 if D alone exceeds it). A block holds at most two
+floating tensors (α_p + α_q, and β_p + β_q, whose product is formed in place) and two
+boolean ones, so the search has at most (2·e + 2)·max(pair_budget, D) bytes live, e the
+bytes of x's dtype: with the default pair_budget = 2^22 and float32, 40 MiB, whatever B is.
+The rest is O(B·D): x, α, β, Γ. (Measured: B = 256 MNIST images, peak resident memory grew
+by about 70 MiB with the default budget, allocator and library overhead included, against
+about 1 GiB with the search unchunked.)
 """
 
 from __future__ import annotations
@@ -81,8 +84,12 @@ def best_pairs(alpha: Tensor, beta: Tensor, domain: Tensor, increase: bool,
             width = d - p0
             s_a = a[b0:b1, p0:p1, None] + a[b0:b1, None, p0:]
             s_b = beta[b0:b1, p0:p1, None] + beta[b0:b1, None, p0:]
-            ok = (s_a > 0) & (s_b < 0) if increase else (s_a < 0) & (s_b > 0)
-            score = s_a.mul_(s_b).neg_().masked_fill_(~ok, -math.inf)
+            ok = s_a > 0 if increase else s_a < 0
+            ok &= s_b < 0 if increase else s_b > 0
+            score = s_a.mul_(s_b).neg_()  # in s_a's memory
+            del s_a, s_b
+            score.masked_fill_(ok.logical_not_(), -math.inf)
+            del ok
             diag = torch.arange(p1 - p0, device=alpha.device)
             score[:, diag, diag] = -math.inf  # p = q is not a pair
             val, idx = score.view(b1 - b0, -1).max(dim=1)
