@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                    help="override one stage size of the plan (e.g. n_eval=64); repeatable")
+    p.add_argument("--lam", action="append", default=[], metavar="DEFENSE=LAM",
+                   help="λ of a penalized defense (gradreg, insensitive) in the per-example "
+                        "convention λ_paper/(2B); unset: the paper's value")
     p.add_argument("--reuse-models", action="store_true",
                    help="load DIR/models/NAME/model.pt where present instead of training")
     args = ap.parse_args(argv)
@@ -34,9 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             ap.error(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    lam = {}
+    for item in args.lam:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--lam takes DEFENSE=VALUE, got {item!r}")
+        lam[key] = float(value)
     cfg = PaperConfig(data=args.data, out=args.out, quick=args.quick, model=args.model,
                       epochs=args.epochs, device=args.device, seed=args.seed,
-                      reuse_models=args.reuse_models, overrides=overrides)
+                      reuse_models=args.reuse_models, overrides=overrides, lam=lam or None)
     run_paper(cfg, log=lambda s: print(s, flush=True))
     return 0
 

@@ -65,6 +65,7 @@ class PaperConfig:
     reuse_models: bool = False
     lr: float = 1e-3
     overrides: dict | None = None   # replaces entries of plan(), e.g. {"n_eval": 20} in tests
+    lam: dict | None = None         # trainer defense -> λ (per-example convention); None: paper
 
 
 def plan(cfg: PaperConfig) -> dict:
@@ -119,8 +120,9 @@ def train_models(cfg: PaperConfig, sizes: dict, data, log: Callable[[str], None]
             continue
         # distillation trains a teacher, then a student: each gets the epochs of one model
         epochs = sizes["epochs"] * (2 if defense == "distill" else 1)
+        lam = (cfg.lam or {}).get(defense)
         tc = TrainConfig(data=cfg.data, model=sizes["model"], defense=defense, epochs=epochs,
-                         lr=cfg.lr, out=str(out), seed=cfg.seed, device=cfg.device,
+                         lam=lam, lr=cfg.lr, out=str(out), seed=cfg.seed, device=cfg.device,
                          progress=False)
         result = fit(tc, data)
         models[name] = result.model.eval()
