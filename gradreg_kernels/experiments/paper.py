@@ -16,6 +16,7 @@ Stages (each timed; results land in DIR/results.json, figures and DIR/report.md)
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -105,6 +106,15 @@ def _per_class(y: Tensor, k: int, num_classes: int) -> Tensor:
     return torch.cat(idx)
 
 
+def _training_record(folder: Path) -> dict:
+    """λ, backend and training seconds from the last line of a trained model's metrics.jsonl."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {"lam": last.get("lam"), "backend": last.get("backend"),
+            "seconds": float(last.get("elapsed_seconds", 0.0))}
+
+
 def train_models(cfg: PaperConfig, sizes: dict, data, log: Callable[[str], None]
                  ) -> tuple[dict[str, nn.Module], dict]:
     from ..train import TrainConfig, fit, load_trained_model
@@ -115,7 +125,7 @@ def train_models(cfg: PaperConfig, sizes: dict, data, log: Callable[[str], None]
         start = time.perf_counter()
         if cfg.reuse_models and (out / "model.pt").is_file():
             models[name] = load_trained_model(out / "model.pt", cfg.device)
-            info[name] = {"defense": defense, "reused": True, "seconds": 0.0}
+            info[name] = {"defense": defense, "reused": True, **_training_record(out)}
             log(f"[train] {name}: reused {out / 'model.pt'}")
             continue
         # distillation trains a teacher, then a student: each gets the epochs of one model
