@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="fewer epochs, examples and attack steps (minutes on a CPU)")
-    p.add_argument("--model", default=None, help="architecture (default: lenet)")
+    p.add_argument("--model", default=None, help="architecture (default: mlp)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per defense")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -27,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="override one stage size of the plan (e.g. n_eval=64); repeatable")
     p.add_argument("--lam", action="append", default=[], metavar="DEFENSE=LAM",
                    help="λ of a penalized defense (gradreg, insensitive) in the per-example "
-                        "convention λ_paper/(2B); unset: the paper's value")
+                        "convention λ_paper/(2B); unset: gradreg 1000/512 (λ_paper = 10^3, "
+                        "see docs/paper_reproduction), insensitive the paper's")
     p.add_argument("--reuse-models", action="store_true",
                    help="load DIR/models/NAME/model.pt where present instead of training")
     args = ap.parse_args(argv)
