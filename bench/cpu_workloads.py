@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
+from gradreg_kernels.models import make_model
 
 THREADS = 2
 LAM = 0.25
@@ -49,11 +50,7 @@ def mlp(act: nn.Module) -> nn.Sequential:
 
 
 def paper_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(3136, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
-        nn.Dropout(0.5), nn.Linear(1024, 10))
+    return make_model("paper-cnn", (1, 28, 28), 10)
 
 
 def workloads() -> list[Workload]:

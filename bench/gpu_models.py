@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from gradreg_kernels.models import make_model
+
 
 def mlp(width: int = 1024) -> nn.Sequential:
     return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
@@ -19,11 +21,7 @@ def mlp(width: int = 1024) -> nn.Sequential:
 
 
 def mnist_cnn(width: int = 1024) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(3136, width), nn.BatchNorm1d(width), nn.ReLU(),
-        nn.Dropout(0.5), nn.Linear(width, 10))
+    return make_model("paper-cnn", (1, 28, 28), 10, width)
 
 
 def cifar_cnn() -> nn.Sequential:

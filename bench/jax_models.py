@@ -35,7 +35,7 @@ def _pool(x, k):
 
 
 def jax_forward(model: nn.Sequential):
-    layers = list(model)
+    layers = [m for m in model.modules() if not list(m.children())]
 
     def f(params, x, drop):
         it = iter(params)

@@ -20,7 +20,9 @@ def _arr(t) -> jnp.ndarray:
 def port(model: nn.Sequential):
     """(params: list of dicts, apply(params, x, key, train_dropout) → logits)."""
     layers, params = [], []
-    for m in model:
+    for m in model.modules():
+        if list(m.children()):
+            continue  # a container: its leaves follow
         if isinstance(m, nn.Linear):
             layers.append(("linear", None))
             params.append({"w": _arr(m.weight), "b": _arr(m.bias)})

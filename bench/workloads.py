@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
+from gradreg_kernels.models import make_model
 
 LAM = 10 ** 4.75 / (2 * 256)  # the paper's MNIST λ in this package's convention
 
@@ -27,13 +28,9 @@ def mlp(widths=(784, 512, 512, 10), act: type[nn.Module] = nn.ReLU) -> nn.Sequen
 
 
 def paper_cnn() -> nn.Sequential:
-    """The paper's MNIST CNN: two conv-BN-ReLU-pool stages, FC 1024 with BN and dropout."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(3136, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(1024, 10),
-    )
+    """The paper's MNIST CNN (gradreg_kernels.models): conv-BN-ReLU-pool ×2, FC 1024 with BN
+    and dropout."""
+    return make_model("paper-cnn", (1, 28, 28), 10)
 
 
 WORKLOADS: dict[str, tuple[Callable[[], nn.Module], int]] = {
