@@ -22,7 +22,8 @@ def check_lam(lam: float) -> float:
     return value
 
 
-def check_model_and_x(model: nn.Module, x: Tensor) -> None:
+def check_model_and_batch(model: nn.Module, x: Tensor) -> None:
+    """model is a Module and x a non-empty floating-point batch (B, ...)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor):
@@ -31,6 +32,11 @@ def check_model_and_x(model: nn.Module, x: Tensor) -> None:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a batch of shape (B, ...) with B >= 1, got {tuple(x.shape)}")
+
+
+def check_model_and_x(model: nn.Module, x: Tensor) -> None:
+    """check_model_and_batch, and every parameter on x's device with x's dtype."""
+    check_model_and_batch(model, x)
     for name, p in model.named_parameters():
         if p.device != x.device:
             raise ValueError(f"model parameter {name!r} is on {p.device} but x is on {x.device}")

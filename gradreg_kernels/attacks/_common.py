@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_model_and_batch
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -30,14 +32,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def check_model_input(model: nn.Module, x: Tensor) -> None:
     """Raise a named error unless x is a non-empty float batch in [0, 1] on the model's device."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a batch of shape (B, ...) with B >= 1, got {tuple(x.shape)}")
+    check_model_and_batch(model, x)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
