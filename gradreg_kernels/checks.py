@@ -12,14 +12,19 @@ class NonFiniteLossError(FloatingPointError):
     """The loss came out NaN or infinite; raised before any gradient reaches the model."""
 
 
-def check_lam(lam: float) -> float:
+def check_nonnegative(value: float, name: str) -> float:
+    """value as a float, or a named error unless it is a finite real number >= 0."""
     try:
-        value = float(lam)
+        out = float(value)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"lam must be a real number, got {lam!r}") from e
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"lam must be finite and >= 0, got {value}")
-    return value
+        raise TypeError(f"{name} must be a real number, got {value!r}") from e
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {out}")
+    return out
+
+
+def check_lam(lam: float) -> float:
+    return check_nonnegative(lam, "lam")
 
 
 def check_model_and_batch(model: nn.Module, x: Tensor) -> None:
@@ -65,12 +70,16 @@ def check_label_range(y: Tensor, logits: Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError("a softmax head needs (B, K) logits from the model, got shape "
                          f"{tuple(logits.shape)}")
-    num_classes = logits.shape[1]
+    check_labels_in_range(y, logits.shape[1])
+
+
+def check_labels_in_range(y: Tensor, num_classes: int, name: str = "y") -> None:
+    """Raise a ValueError naming the first label outside [0, num_classes)."""
     bad = (y < 0) | (y >= num_classes)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"labels must lie in [0, {num_classes}) for the model's {num_classes} "
-                         f"outputs; y[{i}] = {int(y[i])}")
+        raise ValueError(f"{name} must lie in [0, {num_classes}) for the model's {num_classes} "
+                         f"outputs; {name}[{i}] = {int(y[i])}")
 
 
 def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:

@@ -8,14 +8,13 @@ for the attack and each submodule's own training flag is restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_model_and_batch
+from ..checks import check_labels_in_range, check_model_and_batch, check_nonnegative
 
 
 @contextlib.contextmanager
@@ -63,21 +62,11 @@ def check_labels(y: Tensor, x: Tensor, name: str = "y") -> Tensor:
 
 def check_label_range(y: Tensor, num_classes: int, name: str = "y") -> None:
     """Raise a ValueError naming the first label outside [0, num_classes)."""
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} must lie in [0, {num_classes}) for the model's {num_classes} "
-                         f"outputs; {name}[{i}] = {int(y[i])}")
+    check_labels_in_range(y, num_classes, name)
 
 
 def check_eps(eps: float, name: str = "eps") -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a real number, got {eps!r}") from e
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
+    return check_nonnegative(eps, name)
 
 
 def logits_of(model: nn.Module, x: Tensor) -> Tensor:
