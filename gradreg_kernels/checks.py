@@ -50,20 +50,18 @@ def check_model_and_x(model: nn.Module, x: Tensor) -> None:
                             "cast one to the other")
 
 
-def check_labels(y: Tensor | None, x: Tensor, head: str) -> None:
-    if head == "output":
-        return
-    if y is None:
-        raise ValueError(f"head={head!r} needs labels y")
+def check_labels(y: Tensor, x: Tensor, name: str = "y") -> Tensor:
+    """y as int64, after checking it is a (B,) integer tensor on x's device."""
     if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
                                                     torch.uint8, torch.int8):
         what = y.dtype if isinstance(y, Tensor) else type(y).__name__
-        raise TypeError(f"y must be an integer tensor of class labels, got {what}")
+        raise TypeError(f"{name} must be an integer tensor of class labels, got {what}")
     if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape (B,) = ({x.shape[0]},) to match x's batch, "
+        raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},) to match x's batch, "
                          f"got {tuple(y.shape)}")
     if y.device != x.device:
-        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+        raise ValueError(f"{name} is on {y.device} but x is on {x.device}")
+    return y.long()
 
 
 def check_label_range(y: Tensor, logits: Tensor) -> None:

@@ -149,7 +149,10 @@ def gradreg_loss(
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     checks.check_model_and_x(model, x)
-    checks.check_labels(y, x, head)
+    if head != "output":
+        if y is None:
+            raise ValueError(f"head={head!r} needs labels y")
+        y = checks.check_labels(y, x)
     mask = checks.check_mask(mask, x)
     if check_finite:
         checks.check_finite_input(x, mask)
@@ -171,8 +174,6 @@ def _fused_loss(plan: Plan, model: nn.Module, x: Tensor, y: Tensor | None, lam: 
     bk = get_backend(backend, x.device)
     rules = plan.rules(bk)
     head_obj = make_head(head, bk)
-    if head != "output":
-        y = y.long()
     schedule = Schedule(rules, head_obj, keep_saved)
     runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, head, bk)
     params = [p for p in model.parameters() if p.requires_grad]

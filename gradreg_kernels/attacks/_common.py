@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_labels_in_range, check_model_and_batch, check_nonnegative
+from ..checks import (  # noqa: F401  (check_labels is re-exported to the attacks)
+    check_labels,
+    check_labels_in_range,
+    check_model_and_batch,
+    check_nonnegative,
+)
 
 
 @contextlib.contextmanager
@@ -44,20 +49,6 @@ def check_model_input(model: nn.Module, x: Tensor) -> None:
             raise TypeError(f"model parameter {name!r} is {p.dtype} but x is {x.dtype}; "
                             "cast one to the other")
         break
-
-
-def check_labels(y: Tensor, x: Tensor, name: str = "y") -> Tensor:
-    """Return y as int64 after checking it is a (B,) integer tensor on x's device."""
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class labels, got {type(y).__name__}")
-    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"{name} must be an integer tensor of class labels, got {y.dtype}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{name} must have shape ({x.shape[0]},) to match x's batch, "
-                         f"got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but x is on {x.device}")
-    return y.long()
 
 
 def check_label_range(y: Tensor, num_classes: int, name: str = "y") -> None:
