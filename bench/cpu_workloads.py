@@ -106,32 +106,17 @@ def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
     """The JAX steps, or why they cannot run (JAX not installed)."""
     try:
         import jax
-        import jax.numpy as jnp
     except ImportError:
         return "jax is not installed (pip install 'gradreg-kernels[bench]')"
-    from jax_models import jax_forward, jax_params
+    from jax_port import make_steps, port, to_jax
 
-    params, fwd = jax_params(w.model), jax_forward(w.model)
-    x, y = jnp.asarray(w.x.numpy()), jnp.asarray(w.y.numpy())
-    key = jax.random.PRNGKey(0)
-    drop = jax.random.bernoulli(key, 0.5, (w.x.shape[0], 1024)).astype(jnp.float32) * 2.0
-    b = w.x.shape[0]
-
-    def ce_sum(p, xx):
-        z = fwd(p, xx, drop)
-        return jnp.sum(jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], 1)[:, 0])
-
-    def gradreg(p):
-        s, g = jax.value_and_grad(ce_sum, argnums=1)(p, x)
-        return s / b + LAM * jnp.sum(g * g) / b
-
-    def ordinary(p):
-        return ce_sum(p, x) / b
-
-    g1, g2 = jax.jit(jax.grad(gradreg)), jax.jit(jax.grad(ordinary))
+    params, apply = port(w.model)
+    x, y = to_jax(w.x), to_jax(w.y)
+    key = jax.random.PRNGKey(0)  # one dropout draw, the same every step
+    _, g1, g2 = make_steps(apply, LAM)
 
     def run(f):
-        return lambda: jax.block_until_ready(f(params))
+        return lambda: jax.block_until_ready(f(params, x, y, key))
 
     return {"jax_gradreg": run(g1), "jax_ordinary": run(g2)}
 
