@@ -60,10 +60,17 @@ class Schedule:
             hr = self.head.hvp(t)
             if hr is not None:
                 zbar = zbar + hr
+        # Below the first rule with trainable parameters nothing needs ā unless the input
+        # does: a leading Flatten or Dropout must not cost an extra product at the layer above.
+        first = next((i for i, rule in enumerate(self.rules) if rule.has_trainable_params()),
+                     len(self.rules))
+        stop = 0 if need_input_grad else first
         grads = []
-        for i in range(len(self.rules) - 1, -1, -1):
-            zbar = self.rules[i].backward(zbar, need_input_grad or i > 0)
+        for i in range(len(self.rules) - 1, stop - 1, -1):
+            zbar = self.rules[i].backward(zbar, need_input_grad or i > first)
             grads.extend(self.rules[i].param_grads())
             if not self.keep_saved:
-                self.rules[i] = None
-        return zbar, grads
+                self.rules[i] = None  # its saved tensors go now, lowering the peak
+        if not self.keep_saved:
+            self.rules = [None] * len(self.rules)
+        return (zbar if need_input_grad else None), grads

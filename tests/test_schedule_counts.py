@@ -89,3 +89,14 @@ def test_uniform_width_mlp_is_exactly_6l_minus_1_units(counting):
                  backend="counting").loss.backward()
     unit = 2 * batch * width * width
     assert _INSTANCES["counting"].flops == (6 * n_layers - 1) * unit
+
+
+@pytest.mark.parametrize("lead", [nn.Flatten, nn.Identity, lambda: nn.Dropout(0.2)])
+def test_leading_parameter_free_layers_cost_no_product(counting, lead):
+    """A Flatten / Dropout before the first Linear adds no input-gradient product in pass 4."""
+    width, batch = 12, 9
+    model = nn.Sequential(lead(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5))
+    gradreg_loss(model, torch.randn(batch, width), torch.randint(0, 5, (batch,)), 1.0,
+                 backend="counting").loss.backward()
+    units = [2 * batch * width * width, 2 * batch * width * 5]
+    assert _INSTANCES["counting"].flops == 6 * sum(units) - units[0]

@@ -28,6 +28,10 @@ class Rule:
     def set_keep_saved(self, keep: bool) -> None:
         self.keep_saved = keep
 
+    def has_trainable_params(self) -> bool:
+        """Whether pass 4 must fill a gradient here (so the rules before need theirs)."""
+        return self.module is not None and any(p.requires_grad for p in self.module.parameters())
+
     def forward(self, a: Tensor) -> Tensor:
         return a
 

@@ -30,6 +30,9 @@ class SequenceRule(Rule):
         for rule in self.rules:
             rule.set_keep_saved(keep)
 
+    def has_trainable_params(self) -> bool:
+        return any(rule.has_trainable_params() for rule in self.rules)
+
     def forward(self, a: Tensor) -> Tensor:
         for rule in self.rules:
             a = rule.forward(a)
@@ -67,6 +70,9 @@ class ResidualRule(Rule):
     def set_keep_saved(self, keep: bool) -> None:
         self.f.set_keep_saved(keep)
         self.s.set_keep_saved(keep)
+
+    def has_trainable_params(self) -> bool:
+        return self.f.has_trainable_params() or self.s.has_trainable_params()
 
     def forward(self, a: Tensor) -> Tensor:
         return self.f.forward(a) + self.s.forward(a)
