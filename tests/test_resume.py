@@ -55,9 +55,15 @@ def test_resume_in_process_is_bit_exact(tmp_path, small_digits, model, defense, 
     _same_weights(full.model.state_dict(), saved)
 
 
+# Long enough that a signal sent once the first checkpoint exists lands mid-training even
+# on the C++ backend, where an epoch of this tiny run takes milliseconds.
+CLI_EPOCHS = 60
+
+
 def _cli(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gradreg_kernels.train", "--data", "digits", "--model", "mlp",
-            "--width", "12", "--defense", "gradreg", "--epochs", "15", "--batch-size", "256",
+            "--width", "12", "--defense", "gradreg", "--epochs", str(CLI_EPOCHS),
+            "--batch-size", "256",
             "--lr", "3e-3", "--seed", "5", "--no-progress", "--out", str(out), *extra]
 
 
@@ -88,7 +94,7 @@ def test_cli_resume_after_kill_9_and_sigterm_is_bit_exact(tmp_path):
         assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + signal.SIGTERM), err
         assert not (tmp_path / sig.name / "model.pt").exists(), "the run ended before the kill"
         stopped = torch.load(tmp_path / sig.name / "checkpoint.pt", weights_only=True)
-        assert 0 < stopped["step"] < 15 * 5
+        assert 0 < stopped["step"] < CLI_EPOCHS * 5
     resumed = {sig: subprocess.Popen(_cli(tmp_path / sig.name, "--resume"), env=_env(),
                                      stderr=subprocess.PIPE) for sig in victims}
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
@@ -98,7 +104,7 @@ def test_cli_resume_after_kill_9_and_sigterm_is_bit_exact(tmp_path):
         b = torch.load(tmp_path / sig.name / "model.pt", weights_only=True)["state_dict"]
         _same_weights(a, b)
         lines = (tmp_path / sig.name / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == 15
+        assert len(lines) == CLI_EPOCHS
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, small_digits):
