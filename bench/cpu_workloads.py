@@ -9,7 +9,7 @@ Steps: each computes every parameter gradient of one training step.
 - ``eager_double``: plain autograd double backprop (create_graph=True);
 - ``ordinary``: the first-order step (batch-mean CE), the yardstick;
 - ``jax_gradreg`` / ``jax_ordinary``: jax.jit(jax.grad(...)) of the same losses on the
-  same weights (the dropout mask is an input there, drawn once).
+  same weights (bench/jax_port.py; its dropout draws from one fixed key every step).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from gradreg_kernels import gradreg_loss
-from gradreg_kernels.models import make_model
+from workloads import eager_double_backprop, fused_step, mlp, ordinary_step, paper_cnn
 
 THREADS = 2
 LAM = 0.25
@@ -44,15 +42,6 @@ class Workload:
     y: torch.Tensor
 
 
-def mlp(act: nn.Module) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(784, 512), act, nn.Linear(512, 512), type(act)(),
-                         nn.Linear(512, 10))
-
-
-def paper_cnn() -> nn.Sequential:
-    return make_model("paper-cnn", (1, 28, 28), 10)
-
-
 def workloads() -> list[Workload]:
     g = torch.Generator().manual_seed(0)
 
@@ -62,44 +51,27 @@ def workloads() -> list[Workload]:
     torch.manual_seed(0)
     out = []
     for name, model, b, shape in [
-        ("mlp_relu_b64", mlp(nn.ReLU()), 64, (784,)),
-        ("mlp_relu_b256", mlp(nn.ReLU()), 256, (784,)),
+        ("mlp_relu_b64", mlp(act=nn.ReLU), 64, (784,)),
+        ("mlp_relu_b256", mlp(act=nn.ReLU), 256, (784,)),
         ("cnn_paper_b64", paper_cnn(), 64, (1, 28, 28)),
-        ("mlp_softplus_b256", mlp(nn.Softplus()), 256, (784,)),
+        ("mlp_softplus_b256", mlp(act=nn.Softplus), 256, (784,)),
     ]:
         x, y = data(b, shape)
         out.append(Workload(name, model.train(), x, y))
     return out
 
 
-def _clear(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.grad = None
-
-
 def torch_steps(w: Workload) -> dict[str, Callable[[], None]]:
+    """The torch steps of workloads.py on this workload, at this table's λ."""
     model, x, y = w.model, w.x, w.y
 
-    def fused(backend: str) -> Callable[[], None]:
-        def step() -> None:
-            _clear(model)
-            gradreg_loss(model, x, y, LAM, backend=backend).loss.backward()
-        return step
+    def bound(step) -> Callable[[], None]:
+        return lambda: step(model, x, y)
 
-    def eager_double() -> None:
-        _clear(model)
-        xr = x.detach().requires_grad_(True)
-        ce = F.cross_entropy(model(xr), y, reduction="none")
-        (g,) = torch.autograd.grad(ce.sum(), xr, create_graph=True)
-        loss = ce.mean() + LAM * g.pow(2).sum() / x.shape[0]
-        loss.backward()
-
-    def ordinary() -> None:
-        _clear(model)
-        F.cross_entropy(model(x), y).backward()
-
-    return {"fused_cpu": fused("cpu"), "fused_torch": fused("torch"),
-            "eager_double": eager_double, "ordinary": ordinary}
+    return {"fused_cpu": bound(fused_step("cpu", LAM)),
+            "fused_torch": bound(fused_step("torch", LAM)),
+            "eager_double": bound(partial(eager_double_backprop, lam=LAM)),
+            "ordinary": bound(ordinary_step)}
 
 
 def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
@@ -163,7 +135,7 @@ def peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
     import gc
 
     step()  # warm-up: one-time caches (e.g. oneDNN primitives) are not a step's memory
-    _clear(model)  # the step starts without gradients and ends holding them
+    model.zero_grad(set_to_none=True)  # the step starts without gradients, ends holding them
     gc.collect()
     base = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

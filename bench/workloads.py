@@ -57,19 +57,21 @@ def ordinary_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
-def eager_double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def eager_double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          lam: float = LAM) -> None:
     model.zero_grad(set_to_none=True)
     xg = x.detach().requires_grad_(True)
     ce = F.cross_entropy(model(xg), y, reduction="sum")
     (g,) = torch.autograd.grad(ce, xg, create_graph=True)
-    loss = ce / x.shape[0] + LAM * g.pow(2).sum() / x.shape[0]
+    loss = ce / x.shape[0] + lam * g.pow(2).sum() / x.shape[0]
     loss.backward()
 
 
-def fused_step(backend: str) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
+def fused_step(backend: str, lam: float = LAM
+               ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
     def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         model.zero_grad(set_to_none=True)
-        gradreg_loss(model, x, y, LAM, backend=backend).loss.backward()
+        gradreg_loss(model, x, y, lam, backend=backend).loss.backward()
 
     step.__name__ = f"fused_{backend}"
     return step
