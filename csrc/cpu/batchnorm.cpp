@@ -1,8 +1,12 @@
 // Train-mode batch norm, fused per channel. Operands are viewed as (N, C, S) (S = 1 for
-// BatchNorm1d on (N, C)); each channel's N·S values are reduced and written by one thread.
+// BatchNorm1d on (N, C)); each channel's M = N·S values are reduced and written by one
+// thread, a row of S contiguous values at a time (row sums in float, channel sums in double).
 //   forward:  x̂ = (a − μ)/σ, σ = √(var + ε), y = γ x̂ + β
 //   project:  P v = v − mean(v) − x̂ mean(x̂ v)   (and mean(x̂ v))
 //   second:   s = −γ/σ² [x̂ mean(δ Pṙ) + mean(x̂ṙ) Pδ + mean(x̂δ) Pṙ]   (see rules/norm.py)
+//   chain:    k P δ with k = γ/σ, and the channel means of δ and x̂δ (P δ is not stored)
+//   tangent:  k P ṙ, s, and Σ δ Pṙ / σ per channel, from δ, ṙ, x̂ in two sweeps
+//   backward: k P ā (+ s), Σ ā x̂ and Σ ā per channel
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -14,6 +18,7 @@ namespace {
 
 struct Layout {
   int64_t n, c, s;
+  double count() const { return static_cast<double>(n * s); }
 };
 
 Layout layout_of(const at::Tensor& a) {
@@ -28,10 +33,59 @@ at::Tensor chan_shaped(const at::Tensor& v, const at::Tensor& like) {
   return v.view(shape);
 }
 
-// Calls f(ptr offset of row n of channel c) for each of the N rows of channel c.
+void check_like(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  check_f32(t, what);
+  TORCH_CHECK(t.sizes() == like.sizes(), "batch norm: ", what, " has shape ", t.sizes(),
+              ", expected ", like.sizes());
+}
+
+// Calls f(offset of row n of channel c) for each of the N rows of channel c.
 template <typename F>
 inline void rows(const Layout& L, int64_t c, F f) {
   for (int64_t i = 0; i < L.n; ++i) f((i * L.c + c) * L.s);
+}
+
+// Runs f(c) for every channel, channels split over threads.
+template <typename F>
+inline void per_channel(const Layout& L, F f) {
+  at::parallel_for(0, L.c, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c);
+  });
+}
+
+// Row reductions over contiguous runs, in plain functions on restrict pointers so that
+// they vectorize as unit-stride loops.
+inline float sum1(const float* __restrict a, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j];
+  return s;
+}
+
+inline float sum_sq_dev(const float* __restrict a, float m, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += (a[j] - m) * (a[j] - m);
+  return s;
+}
+
+inline void sum_and_dot(const float* __restrict v, const float* __restrict x, int64_t n,
+                        double& sv, double& sxv) {
+  float a = 0.f, b = 0.f;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t j = 0; j < n; ++j) {
+    a += v[j];
+    b += x[j] * v[j];
+  }
+  sv += a;
+  sxv += b;
+}
+
+inline float dot(const float* __restrict u, const float* __restrict v, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += u[j] * v[j];
+  return s;
 }
 
 const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t c, const char* what) {
@@ -39,6 +93,12 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t c, const char* 
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == c, what,
               " must be a contiguous float32 vector of one value per channel");
   return t->data_ptr<float>();
+}
+
+const float* chan_ptr(const at::Tensor& t, int64_t c, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == c, what,
+              " must be a contiguous float32 vector of one value per channel");
+  return t.data_ptr<float>();
 }
 
 }  // namespace
@@ -55,78 +115,54 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
   const float* ap = a.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *xp = xhat.data_ptr<float>();
   float *ip = inv_std.data_ptr<float>(), *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
-  const double count = static_cast<double>(L.n * L.s);
-  at::parallel_for(0, L.c, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double sum = 0.0;
-      rows(L, c, [&](int64_t o) {
-        float part = 0.f;
-#pragma omp simd reduction(+ : part)
-        for (int64_t j = 0; j < L.s; ++j) part += ap[o + j];
-        sum += part;
-      });
-      const double mu = sum / count;
-      double sq = 0.0;
-      rows(L, c, [&](int64_t o) {
-        float part = 0.f;
-        const float m = static_cast<float>(mu);
-#pragma omp simd reduction(+ : part)
-        for (int64_t j = 0; j < L.s; ++j) {
-          const float d = ap[o + j] - m;
-          part += d * d;
-        }
-        sq += part;
-      });
-      const double v = sq / count;
-      const float inv = static_cast<float>(1.0 / std::sqrt(v + eps));
-      const float m = static_cast<float>(mu);
-      const float gc = g ? g[c] : 1.f, bc = b ? b[c] : 0.f;
-      rows(L, c, [&](int64_t o) {
+  per_channel(L, [&](int64_t c) {
+    double sum = 0.0;
+    rows(L, c, [&](int64_t o) { sum += sum1(ap + o, L.s); });
+    const float m = static_cast<float>(sum / L.count());
+    double sq = 0.0;
+    rows(L, c, [&](int64_t o) { sq += sum_sq_dev(ap + o, m, L.s); });
+    const double v = sq / L.count();
+    const float inv = static_cast<float>(1.0 / std::sqrt(v + eps));
+    const float gc = g ? g[c] : 1.f, bc = b ? b[c] : 0.f;
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict src = ap + o;
+      float* __restrict xo = xp + o;
+      float* __restrict yo = yp + o;
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) {
-          const float x = (ap[o + j] - m) * inv;
-          xp[o + j] = x;
-          yp[o + j] = gc * x + bc;
-        }
-      });
-      ip[c] = inv;
-      mp[c] = m;
-      vp[c] = static_cast<float>(v);
-    }
+      for (int64_t j = 0; j < L.s; ++j) {
+        const float x = (src[j] - m) * inv;
+        xo[j] = x;
+        yo[j] = gc * x + bc;
+      }
+    });
+    ip[c] = inv;
+    mp[c] = m;
+    vp[c] = static_cast<float>(v);
   });
   return {y, xhat, chan_shaped(inv_std, a), mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat) {
-  check_f32(v, "v");
   check_f32(xhat, "xhat");
-  TORCH_CHECK(v.sizes() == xhat.sizes(), "bn_project: v and xhat shapes differ");
+  check_like(v, xhat, "v");
   const Layout L = layout_of(v);
   auto out = at::empty_like(v);
   auto mx = at::empty({L.c}, v.options());
   const float *vp = v.data_ptr<float>(), *xp = xhat.data_ptr<float>();
   float *op = out.data_ptr<float>(), *mxp = mx.data_ptr<float>();
-  const double count = static_cast<double>(L.n * L.s);
-  at::parallel_for(0, L.c, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double sv = 0.0, sxv = 0.0;
-      rows(L, c, [&](int64_t o) {
-        float a = 0.f, b = 0.f;
-#pragma omp simd reduction(+ : a, b)
-        for (int64_t j = 0; j < L.s; ++j) {
-          a += vp[o + j];
-          b += xp[o + j] * vp[o + j];
-        }
-        sv += a;
-        sxv += b;
-      });
-      const float m = static_cast<float>(sv / count), mxc = static_cast<float>(sxv / count);
-      rows(L, c, [&](int64_t o) {
+  per_channel(L, [&](int64_t c) {
+    double sv = 0.0, sxv = 0.0;
+    rows(L, c, [&](int64_t o) { sum_and_dot(vp + o, xp + o, L.s, sv, sxv); });
+    const float m = static_cast<float>(sv / L.count());
+    const float mxc = static_cast<float>(sxv / L.count());
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict vo = vp + o;
+      const float* __restrict xo = xp + o;
+      float* __restrict oo = op + o;
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) op[o + j] = vp[o + j] - m - xp[o + j] * mxc;
-      });
-      mxp[c] = mxc;
-    }
+      for (int64_t j = 0; j < L.s; ++j) oo[j] = vo[j] - m - xo[j] * mxc;
+    });
+    mxp[c] = mxc;
   });
   return {out, chan_shaped(mx, v)};
 }
@@ -135,41 +171,155 @@ at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
                            const c10::optional<at::Tensor>& gamma, const at::Tensor& d,
                            const at::Tensor& pd, const at::Tensor& pr, const at::Tensor& mxd,
                            const at::Tensor& mxr) {
-  for (auto* t : {&xhat, &d, &pd, &pr}) check_f32(*t, "bn_second_order operand");
-  TORCH_CHECK(d.sizes() == xhat.sizes() && pd.sizes() == xhat.sizes() &&
-                  pr.sizes() == xhat.sizes(), "bn_second_order: operand shapes differ");
+  check_f32(xhat, "xhat");
+  check_like(d, xhat, "delta");
+  check_like(pd, xhat, "P delta");
+  check_like(pr, xhat, "P r");
   const Layout L = layout_of(xhat);
   auto inv = inv_std.contiguous(), mxd_c = mxd.contiguous(), mxr_c = mxr.contiguous();
-  TORCH_CHECK(inv.numel() == L.c && mxd_c.numel() == L.c && mxr_c.numel() == L.c,
-              "bn_second_order: per-channel operands must have one value per channel");
+  const float* ip = chan_ptr(inv, L.c, "inv_std");
+  const float* ad = chan_ptr(mxd_c, L.c, "mean(x̂ δ)");
+  const float* ar = chan_ptr(mxr_c, L.c, "mean(x̂ r)");
   const float* g = opt_ptr(gamma, L.c, "gamma");
   auto s = at::empty_like(xhat);
   const float *xp = xhat.data_ptr<float>(), *dp = d.data_ptr<float>();
   const float *pdp = pd.data_ptr<float>(), *prp = pr.data_ptr<float>();
-  const float *ip = inv.data_ptr<float>(), *ad = mxd_c.data_ptr<float>();
-  const float* ar = mxr_c.data_ptr<float>();
   float* sp = s.data_ptr<float>();
-  const double count = static_cast<double>(L.n * L.s);
-  at::parallel_for(0, L.c, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double dot = 0.0;
-      rows(L, c, [&](int64_t o) {
-        float part = 0.f;
-#pragma omp simd reduction(+ : part)
-        for (int64_t j = 0; j < L.s; ++j) part += dp[o + j] * prp[o + j];
-        dot += part;
-      });
-      const float dots = static_cast<float>(dot / count);
-      const float coef = -(g ? g[c] : 1.f) * ip[c] * ip[c];
-      const float a_r = ar[c], a_d = ad[c];
-      rows(L, c, [&](int64_t o) {
+  per_channel(L, [&](int64_t c) {
+    double acc = 0.0;
+    rows(L, c, [&](int64_t o) { acc += dot(dp + o, prp + o, L.s); });
+    const float dots = static_cast<float>(acc / L.count());
+    const float coef = -(g ? g[c] : 1.f) * ip[c] * ip[c];
+    const float a_r = ar[c], a_d = ad[c];
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict xo = xp + o;
+      const float* __restrict pdo = pdp + o;
+      const float* __restrict pro = prp + o;
+      float* __restrict so = sp + o;
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j)
-          sp[o + j] = coef * (xp[o + j] * dots + a_r * pdp[o + j] + a_d * prp[o + j]);
-      });
-    }
+      for (int64_t j = 0; j < L.s; ++j)
+        so[j] = coef * (xo[j] * dots + a_r * pdo[j] + a_d * pro[j]);
+    });
   });
   return s;
+}
+
+std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat,
+                                 const at::Tensor& k) {
+  check_f32(xhat, "xhat");
+  check_like(d, xhat, "delta");
+  const Layout L = layout_of(d);
+  const float* kp = chan_ptr(k, L.c, "k");
+  auto out = at::empty_like(d);
+  auto md = at::empty({L.c}, d.options()), mxd = at::empty({L.c}, d.options());
+  const float *dp = d.data_ptr<float>(), *xp = xhat.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *mdp = md.data_ptr<float>(), *mxp = mxd.data_ptr<float>();
+  per_channel(L, [&](int64_t c) {
+    double sd = 0.0, sxd = 0.0;
+    rows(L, c, [&](int64_t o) { sum_and_dot(dp + o, xp + o, L.s, sd, sxd); });
+    const float m = static_cast<float>(sd / L.count());
+    const float mx = static_cast<float>(sxd / L.count());
+    const float kc = kp[c];
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict dd = dp + o;
+      const float* __restrict xo = xp + o;
+      float* __restrict oo = op + o;
+#pragma omp simd
+      for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (dd[j] - m - xo[j] * mx);
+    });
+    mdp[c] = m;
+    mxp[c] = mx;
+  });
+  return {out, md, mxd};
+}
+
+std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
+                                   const at::Tensor& d, const at::Tensor& k,
+                                   const at::Tensor& inv_std,
+                                   const c10::optional<at::Tensor>& gamma,
+                                   const at::Tensor& md, const at::Tensor& mxd) {
+  check_f32(xhat, "xhat");
+  check_like(r, xhat, "r");
+  check_like(d, xhat, "delta");
+  const Layout L = layout_of(r);
+  const float* kp = chan_ptr(k, L.c, "k");
+  const float* ip = chan_ptr(inv_std, L.c, "inv_std");
+  const float* mdp = chan_ptr(md, L.c, "mean(δ)");
+  const float* mxdp = chan_ptr(mxd, L.c, "mean(x̂ δ)");
+  const float* g = opt_ptr(gamma, L.c, "gamma");
+  auto out = at::empty_like(r), s = at::empty_like(r);
+  auto tan_gamma = at::empty({L.c}, r.options());
+  const float *rp = r.data_ptr<float>(), *xp = xhat.data_ptr<float>(), *dp = d.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* tg = tan_gamma.data_ptr<float>();
+  per_channel(L, [&](int64_t c) {
+    double sr = 0.0, sxr = 0.0, sdr = 0.0;
+    rows(L, c, [&](int64_t o) {
+      sum_and_dot(rp + o, xp + o, L.s, sr, sxr);
+      sdr += dot(dp + o, rp + o, L.s);
+    });
+    const double cnt = L.count();
+    const double mr = sr / cnt, mxr = sxr / cnt;
+    // ⟨δ, P r⟩ = Σ δ r − mean(r) Σ δ − mean(x̂ r) Σ x̂ δ
+    const double d_pr = sdr - mr * cnt * mdp[c] - mxr * cnt * mxdp[c];
+    const float dots = static_cast<float>(d_pr / cnt);
+    const float coef = -(g ? g[c] : 1.f) * ip[c] * ip[c];
+    const float kc = kp[c], m_r = static_cast<float>(mr), mx_r = static_cast<float>(mxr);
+    const float m_d = mdp[c], mx_d = mxdp[c];
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict ro = rp + o;
+      const float* __restrict xo = xp + o;
+      const float* __restrict dd = dp + o;
+      float* __restrict oo = op + o;
+      float* __restrict so = sp + o;
+#pragma omp simd
+      for (int64_t j = 0; j < L.s; ++j) {
+        const float pr = ro[j] - m_r - xo[j] * mx_r;
+        const float pd = dd[j] - m_d - xo[j] * mx_d;
+        oo[j] = kc * pr;
+        so[j] = coef * (xo[j] * dots + mx_r * pd + mx_d * pr);
+      }
+    });
+    tg[c] = static_cast<float>(d_pr) * ip[c];
+  });
+  return {out, s, tan_gamma};
+}
+
+std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
+                                    const at::Tensor& k, const c10::optional<at::Tensor>& s) {
+  check_f32(xhat, "xhat");
+  check_like(abar, xhat, "abar");
+  if (s.has_value()) check_like(*s, xhat, "s");
+  const Layout L = layout_of(abar);
+  const float* kp = chan_ptr(k, L.c, "k");
+  auto out = at::empty_like(abar);
+  auto g_xhat = at::empty({L.c}, abar.options()), g_sum = at::empty({L.c}, abar.options());
+  const float *ap = abar.data_ptr<float>(), *xp = xhat.data_ptr<float>();
+  const float* spp = s.has_value() ? s->data_ptr<float>() : nullptr;
+  float *op = out.data_ptr<float>(), *gx = g_xhat.data_ptr<float>(), *gs = g_sum.data_ptr<float>();
+  per_channel(L, [&](int64_t c) {
+    double sa = 0.0, sxa = 0.0;
+    rows(L, c, [&](int64_t o) { sum_and_dot(ap + o, xp + o, L.s, sa, sxa); });
+    const float m = static_cast<float>(sa / L.count());
+    const float mx = static_cast<float>(sxa / L.count());
+    const float kc = kp[c];
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict ao = ap + o;
+      const float* __restrict xo = xp + o;
+      float* __restrict oo = op + o;
+      if (spp) {
+        const float* __restrict so = spp + o;
+#pragma omp simd
+        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (ao[j] - m - xo[j] * mx) + so[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (ao[j] - m - xo[j] * mx);
+      }
+    });
+    gx[c] = static_cast<float>(sxa);
+    gs[c] = static_cast<float>(sa);
+  });
+  return {out, g_xhat, g_sum};
 }
 
 }  // namespace gradreg

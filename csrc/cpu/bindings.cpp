@@ -20,5 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_forward", &gradreg::bn_forward, "train-mode batch norm forward per channel");
   m.def("bn_project", &gradreg::bn_project, "P v and mean(x̂ v) per channel");
   m.def("bn_second_order", &gradreg::bn_second_order, "the second-order term s of batch norm");
+  m.def("bn_chain", &gradreg::bn_chain, "k P δ, mean(δ), mean(x̂ δ) per channel");
+  m.def("bn_tangent", &gradreg::bn_tangent, "k P r, the second-order term s, Σ δ P r / σ");
+  m.def("bn_backward", &gradreg::bn_backward, "k P ā (+ s), Σ ā x̂, Σ ā per channel",
+        pybind11::arg("abar"), pybind11::arg("xhat"), pybind11::arg("k"),
+        pybind11::arg("s") = pybind11::none());
   m.def("transpose_cat", &gradreg::transpose_cat, "[P_1; P_2; ...]ᵀ in one buffer");
 }

@@ -46,6 +46,14 @@ at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
                            const c10::optional<at::Tensor>& gamma, const at::Tensor& d,
                            const at::Tensor& pd, const at::Tensor& pr, const at::Tensor& mxd,
                            const at::Tensor& mxr);
+std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat, const at::Tensor& k);
+std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
+                                   const at::Tensor& d, const at::Tensor& k,
+                                   const at::Tensor& inv_std,
+                                   const c10::optional<at::Tensor>& gamma,
+                                   const at::Tensor& md, const at::Tensor& mxd);
+std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
+                                    const at::Tensor& k, const c10::optional<at::Tensor>& s);
 
 // ---- layout --------------------------------------------------------------------------
 at::Tensor transpose_cat(const std::vector<at::Tensor>& parts);

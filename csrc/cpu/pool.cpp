@@ -6,10 +6,47 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 
 namespace gradreg {
+namespace {
+
+// One plane of 2×2 / stride-2 pooling; corner[t] = flat input position of output t's
+// window. Scan order (0,0), (0,1), (1,0), (1,1); a later value wins only if greater or NaN,
+// as in torch's kernel.
+inline void pool2x2_plane(const float* __restrict src, int64_t w,
+                          const int64_t* __restrict corner, int64_t n, float* __restrict dst,
+                          int64_t* __restrict ix) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t c = corner[t];
+    const float v0 = src[c], v1 = src[c + 1], v2 = src[c + w], v3 = src[c + w + 1];
+    float best = v0;
+    int64_t at = c;
+    const bool t1 = v1 > best || v1 != v1;
+    best = t1 ? v1 : best;
+    at = t1 ? c + 1 : at;
+    const bool t2 = v2 > best || v2 != v2;
+    best = t2 ? v2 : best;
+    at = t2 ? c + w : at;
+    const bool t3 = v3 > best || v3 != v3;
+    best = t3 ? v3 : best;
+    at = t3 ? c + w + 1 : at;
+    dst[t] = best;
+    ix[t] = at;
+  }
+}
+
+inline bool strictly_increasing(const int64_t* __restrict ix, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 1; i < n; ++i) bad |= ix[i] <= ix[i - 1];
+  return bad == 0;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, int64_t kw,
                                               int64_t sh, int64_t sw, int64_t ph, int64_t pw,
@@ -34,32 +71,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, i
   int64_t* ip = idx.data_ptr<int64_t>();
   const bool plain2x2 = kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 &&
                        dh == 1 && dw == 1 && 2 * oh <= h && 2 * ow <= w;
-  if (plain2x2) {  // the common case, branch-free
+  if (plain2x2) {  // the common case: branch-free and vectorized over the whole plane
+    // flat offset of each window's top-left input in the plane (same for every plane)
+    std::vector<int64_t> corner(oh * ow);
+    for (int64_t i = 0; i < oh; ++i)
+      for (int64_t j = 0; j < ow; ++j) corner[i * ow + j] = 2 * i * w + 2 * j;
+    const int64_t* cp = corner.data();
     at::parallel_for(0, a.size(0) * a.size(1), 4, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const float* src = ap + q * h * w;
-        float* dst = yp + q * oh * ow;
-        int64_t* ix = ip + q * oh * ow;
-        for (int64_t i = 0; i < oh; ++i) {
-          const float* r0 = src + 2 * i * w;
-          const float* r1 = r0 + w;
-          for (int64_t j = 0; j < ow; ++j) {
-            // scan order (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1); a later value wins
-            // only if greater or NaN, as in torch's kernel
-            float best = r0[2 * j];
-            int64_t arg = 2 * i * w + 2 * j;
-            const float cand[3] = {r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]};
-            const int64_t pos[3] = {arg + 1, arg + w, arg + w + 1};
-            for (int k = 0; k < 3; ++k) {
-              const bool take = cand[k] > best || cand[k] != cand[k];
-              best = take ? cand[k] : best;
-              arg = take ? pos[k] : arg;
-            }
-            dst[i * ow + j] = best;
-            ix[i * ow + j] = arg;
-          }
-        }
-      }
+      for (int64_t q = q0; q < q1; ++q)
+        pool2x2_plane(ap + q * h * w, w, cp, oh * ow, yp + q * oh * ow, ip + q * oh * ow);
     });
     return {y, idx};
   }
@@ -134,7 +154,13 @@ at::Tensor pool_scatter(const at::Tensor& d, const at::Tensor& idx, int64_t plan
       std::memset(dst, 0, sizeof(float) * plane);
       const int64_t* ix = ip + q * out_plane;
       const float* src = dp + q * out_plane;
-      for (int64_t i = 0; i < out_plane; ++i) dst[ix[i]] += src[i];
+      if (strictly_increasing(ix, out_plane)) {
+        // no two outputs share an input (e.g. non-overlapping windows): a plain vector store
+#pragma omp simd
+        for (int64_t i = 0; i < out_plane; ++i) dst[ix[i]] = src[i];
+      } else {
+        for (int64_t i = 0; i < out_plane; ++i) dst[ix[i]] += src[i];
+      }
     }
   });
   return out;

@@ -201,13 +201,33 @@ class TorchBackend:
         n = xhat.numel() // c
         return pv, _chan(sxv / n, xhat)
 
-    def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """k ⊙ P ā, Σ ā ⊙ x̂ and Σ ā per channel (k = γ/σ per channel, (C,)), in one sweep."""
+    def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """k ⊙ P ā (+ s), Σ ā ⊙ x̂ and Σ ā per channel (k = γ/σ per channel, (C,))."""
         abar, xhat = _common_dtype(abar, xhat, at_least=torch.float32)
         c = xhat.shape[1]
         ones, zeros = xhat.new_ones(c), xhat.new_zeros(c)
-        return torch.ops.aten.native_batch_norm_backward(
+        out, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
             abar, xhat, k.to(xhat.dtype), None, None, zeros, ones, True, 0.0, (True, True, True))
+        return (out if s is None else out.add_(s)), g_xhat, g_sum
+
+    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, object]:
+        """Pass 2 of train-mode batch norm: k ⊙ P δ (k = γ/σ, (C,)), and what ``bn_tangent``
+        needs of δ (private to the backend)."""
+        pd, mxd = self.bn_project(d, xhat)
+        return _chan(k, d) * pd, (d, pd, mxd)
+
+    def bn_tangent(
+        self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
+        gamma_c: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Pass 3: k ⊙ P ṙ, the second-order term s (``bn_second_order``) and the γ-gradient
+        term Σ δ ⊙ P ṙ / σ per channel, from what ``bn_chain`` saved."""
+        d, pd, mxd = saved
+        pr, mxr = self.bn_project(r, xhat)
+        tan_gamma = (d * pr).sum(dim=[0] + list(range(2, d.dim()))) * inv_std.flatten()
+        s = self.bn_second_order(xhat, inv_std, gamma_c, d, r, pd, pr, mxd, mxr)
+        return _chan(k, r) * pr, s, tan_gamma
 
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,

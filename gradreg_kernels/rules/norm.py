@@ -123,29 +123,26 @@ class BatchNormTrainRule(Rule):
         m.running_var.mul_(1 - f).add_((var * (n / (n - 1))).to(m.running_var.dtype), alpha=f)
 
     def chain(self, d: Tensor) -> Tensor:
-        self.d = d
-        self.pd, self.mxd = self.bk.bn_project(d, self.xhat)
-        return self.k * self.pd
+        out, self.chain_saved = self.bk.bn_chain(d, self.xhat, self.k.flatten())
+        return out
 
     def tangent(self, r: Tensor) -> Tensor:
-        pr, mxr = self.bk.bn_project(r, self.xhat)
+        out, self.s, tan_gamma = self.bk.bn_tangent(self.chain_saved, r, self.xhat,
+                                                    self.k.flatten(), self.inv_std, self.gamma_c)
         if wants_grad(self.gamma):
-            self.tan_gamma = _csum(self.d * pr) * self.inv_std.flatten()
-        self.s = self.bk.bn_second_order(self.xhat, self.inv_std, self.gamma_c, self.d, r,
-                                         self.pd, pr, self.mxd, mxr)
+            self.tan_gamma = tan_gamma
         if not self.keep_saved:
-            self.d = self.pd = self.mxd = None
-        return self.k * pr
+            self.chain_saved = None
+        return out
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        out, g_xhat, g_sum = self.bk.bn_backward(abar, self.xhat, self.k.flatten())
+        s = self.s if need_input_grad else None
+        out, g_xhat, g_sum = self.bk.bn_backward(abar, self.xhat, self.k.flatten(), s)
         if wants_grad(self.gamma):
             self.g_gamma = g_xhat if self.tan_gamma is None else g_xhat + self.tan_gamma
         if wants_grad(self.beta):
             self.g_beta = g_sum
-        if not need_input_grad:
-            return None
-        return out if self.s is None else out.add_(self.s)
+        return out if need_input_grad else None
 
     def param_grads(self):
         out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
