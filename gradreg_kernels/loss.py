@@ -71,11 +71,12 @@ class _Runner:
                                "second time, but its saved tensors were released; pass "
                                "keep_saved=True to gradreg_loss to backward more than once")
         b = self.x.shape[0]
-        r = None if self.g is None else self.g * (go * (2.0 * self.lam / b))
+        r = [None if self.g is None else self.g * (go * (2.0 * self.lam / b))]
         zbar = self.data_grad * (go * (self.w / b))
         if not self.schedule.keep_saved:
             self.g = self.data_grad = None
-        xgrad, grads = self.schedule.adjoint_and_backward(r, zbar, need_input_grad)
+        # r goes over without a reference left here, so pass 3 can release it
+        xgrad, grads = self.schedule.adjoint_and_backward(r.pop(), zbar, need_input_grad)
         return grads, xgrad
 
 

@@ -54,7 +54,7 @@ class Schedule:
         """
         zbar = zbar_data
         if r is not None:
-            t = r
+            t, r = r, None  # the rules hold the tangent only as long as they need it
             for rule in self.rules:
                 t = rule.tangent(t)
             hr = self.head.hvp(t)

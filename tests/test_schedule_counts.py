@@ -72,7 +72,7 @@ def test_six_l_minus_one_products(counting, widths, act):
     c = bk.calls
     assert c["linear"] == 2 * n_layers  # pass 1 and pass 3
     assert c["linear_input_grad"] == 2 * n_layers - 1  # pass 2, and pass 4 minus the input
-    assert c["linear_weight_grad"] == n_layers  # both terms in one doubled-batch call
+    assert c["linear_weight_grad"] == 2 * n_layers  # dᵀr in pass 3, z̄ᵀa in pass 4
     n_act = n_layers - 1
     for step in ("act_forward", "act_chain", "act_tangent", "act_backward"):
         assert c[step] == n_act, step
@@ -100,3 +100,16 @@ def test_leading_parameter_free_layers_cost_no_product(counting, lead):
                  backend="counting").loss.backward()
     units = [2 * batch * width * width, 2 * batch * width * 5]
     assert _INSTANCES["counting"].flops == 6 * sum(units) - units[0]
+
+
+@pytest.mark.parametrize("batch, folded", [(3, 1), (40, 2)])
+def test_weight_gradient_terms_run_where_memory_is_lower(counting, batch, folded):
+    """dᵀr runs in pass 3 where 2 N (in + out) ≥ in · out (d and r released early), else in
+    pass 4 with z̄ᵀa as one doubled-batch product; the products' cost is the same."""
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))  # 6144 / 3072 / 240
+    x, y = torch.randn(batch, 64), torch.randint(0, 5, (batch,))
+    gradreg_loss(model, x, y, 1.0, backend="counting").loss.backward()
+    bk = _INSTANCES["counting"]
+    assert bk.calls["linear_weight_grad"] == 2 + folded
+    units = [2 * batch * 64 * 48, 2 * batch * 48 * 5]
+    assert bk.flops == 6 * sum(units) - units[0]

@@ -2,7 +2,11 @@
 
 chain:    Jᵀd = d W                      tangent:  J r = r Wᵀ,   ΔW += dᵀ r
 backward: ā = z̄ W,  ΔW += z̄ᵀ a,  Δb += Σ z̄
-The two ΔW terms are handed to the backend as one doubled-batch product.
+The two ΔW terms cost the same products either way; where they run is a memory choice:
+- small batches: both in pass 4 as one doubled-batch product [z̄; d]ᵀ [a; r] (d and r are
+  held from passes 2-3 to pass 4, and the product's operands are stacked);
+- from 2 N (in + out) ≥ in · out on: dᵀ r at once in pass 3, so d and r are released there
+  and pass 4 adds z̄ᵀ a to it (one weight-sized buffer more during pass 4).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ class LinearRule(Rule):
         self.module, self.bk = module, bk
         self.w, self.b = module.weight, module.bias
         self.need_w = wants_grad(self.w)
-        self.a = self.d = self.r = None
+        self.a = self.d = self.r = self.gw_tangent = None
 
     def _flat(self, t: Tensor, width: int) -> Tensor:
         return t.reshape(-1, width)
@@ -41,14 +45,26 @@ class LinearRule(Rule):
     def tangent(self, r: Tensor) -> Tensor:
         r2 = self._flat(r, self.w.shape[1])
         if self.need_w:
-            self.r = r2
+            out_f, in_f = self.w.shape
+            if 2 * r2.shape[0] * (out_f + in_f) >= out_f * in_f:
+                self.gw_tangent = self.bk.linear_weight_grad([(self.d, r2)])
+                if not self.keep_saved:
+                    self.d = None
+            else:
+                self.r = r2
         return self.bk.linear(r2, self.w, None).view(*self.lead, self.w.shape[0])
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         z = self._flat(abar, self.w.shape[0])
         if self.need_w:
             pairs = [(z, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
-            self.gw = self.bk.linear_weight_grad(pairs)
+            gw = self.bk.linear_weight_grad(pairs)
+            if self.gw_tangent is not None:
+                gw = gw.add_(self.gw_tangent) if gw.dtype == self.gw_tangent.dtype else (
+                    gw + self.gw_tangent)
+                if not self.keep_saved:
+                    self.gw_tangent = None
+            self.gw = gw
         if wants_grad(self.b):
             self.gb = z.sum(0)
         if not need_input_grad:
