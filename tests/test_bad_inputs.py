@@ -80,11 +80,30 @@ def test_devices_differ(model):
         gradreg_loss(model, X, Y, 1.0)
 
 
-def test_non_finite_x(model):
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_x(model, bad):
     x = X.clone()
-    x[1, 2] = math.nan
+    x[1, 2] = bad
     with pytest.raises(ValueError, match="x holds 1 non-finite"):
         gradreg_loss(model, x, Y, 1.0)
+
+
+def test_inf_and_minus_inf_together_are_caught(model):
+    x = X.clone()
+    x[0, 0], x[2, 1] = math.inf, -math.inf
+    with pytest.raises(ValueError, match="x holds 2 non-finite"):
+        gradreg_loss(model, x, Y, 1.0)
+
+
+def test_large_finite_x_whose_sum_overflows_is_accepted():
+    """The finite check sums first; an overflowing sum of finite values must not be an error."""
+    from gradreg_kernels.checks import check_finite_input
+
+    x = torch.full((4, 8), 3e38)
+    assert not torch.isfinite(x.sum())
+    check_finite_input(x, None)
+    with pytest.raises(ValueError, match="mask holds non-finite"):
+        check_finite_input(x, torch.tensor([1.0, math.nan]).repeat(4, 4))
 
 
 def test_non_finite_loss_is_reported_before_any_gradient(model):

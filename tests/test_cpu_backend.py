@@ -51,15 +51,27 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-6) -> None:
 
 
 # ---- products ----------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 3, 67, 131])  # 131: the oneDNN path of d W
-def test_linear_products(bk, n):
-    a, w, b = torch.randn(n, 37), torch.randn(29, 37), torch.randn(29)
-    d, d2, a2 = torch.randn(n, 29), torch.randn(n, 29), torch.randn(n, 37)
+# n · in · out below ONEDNN_MIN_WORK runs on MKL, above on oneDNN (Wᵀ as a strided view;
+# the weight product copies the narrower side): both orders of in / out
+@pytest.mark.parametrize("n", [1, 3, 67, 131, 300, 1111])
+@pytest.mark.parametrize("out_f, in_f", [(29, 37), (41, 23)])
+def test_linear_products(bk, n, out_f, in_f):
+    a, w, b = torch.randn(n, in_f), torch.randn(out_f, in_f), torch.randn(out_f)
+    d, d2, a2 = torch.randn(n, out_f), torch.randn(n, out_f), torch.randn(n, in_f)
     close(bk.linear(a, w, b), REF.linear(a, w, b))
     close(bk.linear(a, w, None), REF.linear(a, w, None))
     close(bk.linear_input_grad(d, w), REF.linear_input_grad(d, w))
     close(bk.linear_weight_grad([(d, a)]), REF.linear_weight_grad([(d, a)]))
     close(bk.linear_weight_grad([(d, a), (d2, a2)]), REF.linear_weight_grad([(d, a), (d2, a2)]))
+
+
+def test_products_see_weights_updated_in_place(bk):
+    """oneDNN reads W through a view on every call: an optimizer step in place is seen."""
+    w, d, a = torch.randn(512, 784), torch.randn(256, 512), torch.randn(256, 784)
+    for _ in range(2):
+        close(bk.linear_input_grad(d, w), REF.linear_input_grad(d, w))
+        close(bk.linear(a, w, None), REF.linear(a, w, None))
+        w.mul_(-0.5).add_(1.0)
 
 
 def test_transpose_cat(bk):
@@ -175,6 +187,39 @@ def test_batchnorm_steps(bk, shape, affine):
     s = bk.bn_second_order(xhat, inv_std, gamma_c, d, r, pd_ref, pr, mxd_ref, mxr)
     s_ref = REF.bn_second_order(xhat, inv_std, gamma_c, d, r, pd_ref, pr, mxd_ref, mxr)
     close(s, s_ref, 1e-5)
+    # the fused per-pass kernels against the portable composition of the steps above
+    k = (gamma_c * inv_std).reshape(-1).expand(c).contiguous()
+    out, saved, mx = bk.bn_chain(d, xhat, k)
+    out_ref, saved_ref, mx_ref = REF.bn_chain(d, xhat, k)
+    close(out, out_ref, 1e-5)
+    close(mx, mx_ref, 1e-5)
+    for g, w in zip(bk.bn_tangent(saved, r, xhat, k, inv_std, gamma_c),
+                    REF.bn_tangent(saved_ref, r, xhat, k, inv_std, gamma_c), strict=True):
+        close(g, w, 1e-5)
+    abar = torch.randn(shape)
+    for extra in (None, s_ref):
+        for g, w in zip(bk.bn_backward(abar, xhat, k, extra),
+                        REF.bn_backward(abar, xhat, k, extra), strict=True):
+            close(g, w, 1e-5)
+
+
+# ---- convolutions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("geom", [
+    (64, 1, 28, 28, 32, 5, 1, 2, 1),  # the paper CNN's first layer: product + fold
+    (3, 1, 9, 7, 16, 3, 2, 1, 1),     # strided, a row and a column dropped by the forward
+    (2, 2, 11, 10, 40, 3, 3, 0, 2),   # dilated
+    (4, 3, 13, 13, 30, 3, 2, 2, 1),
+    (4, 3, 12, 12, 16, 3, 1, 1, 1),   # O < C·kh·kw: the transposed convolution
+    (2, 6, 9, 9, 4, 3, 1, 1, 1),      # many input channels: the transposed convolution
+])
+def test_conv_input_grad(bk, geom):
+    n, c, h, w_, o, k, s, p, dil = geom
+    w = torch.randn(o, c, k, k)
+    y_shape = F.conv2d(torch.zeros(n, c, h, w_), w, None, s, p, dil).shape
+    d = torch.randn(y_shape)
+    g = ((s, s), (p, p), (dil, dil), 1)
+    got = bk.conv2d_input_grad(d, w, (n, c, h, w_), g)
+    close(got, REF.conv2d_input_grad(d.double(), w.double(), (n, c, h, w_), g), 1e-6)
 
 
 # ---- the full step against the float64 oracle ------------------------------------------------

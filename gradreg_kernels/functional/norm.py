@@ -5,7 +5,7 @@ Train:  x̂ = (x − μ)/σ,  σ = √(var + ε),  y = γ x̂ + β,  P v = v −
     backward:          dx = (γ/σ) P dy,   dγ = Σ dy x̂,   dβ = Σ dy
     backward of that:  for gradients (r, g_γ, g_β) at (dx, dγ, dβ):
         d(dy) = (γ/σ) P r + x̂ g_γ + g_β
-        d(x)  = ∂/∂x ⟨dy, (γ/σ) P r⟩ + (1/σ) P (dy g_γ)      (backend ``bn_second_order``)
+        d(x)  = ∂/∂x ⟨dy, (γ/σ) P r⟩ + (1/σ) P (dy g_γ)      (backend ``bn_tangent``)
         d(γ)  = Σ dy P r / σ
 Eval:   y = c (x − μ_run) + β,  c = γ/√(v_run + ε)   (affine in x)
     backward:          dx = c dy,   dγ = Σ dy (x − μ_run)/√(v_run + ε),   dβ = Σ dy
@@ -37,31 +37,29 @@ class BatchNormTrainGrad(torch.autograd.Function):
         record_inputs(ctx, dy, x, gamma, xhat, inv_std, want, bk)
         ctx.bk = bk
         gamma_c = channel(gamma, dy) if gamma is not None else dy.new_ones(())
-        pd, mxd = bk.bn_project(dy, xhat)
-        dx = gamma_c * inv_std * pd if want[0] else None
+        k = (gamma_c * inv_std).reshape(-1).expand(dy.shape[1]).contiguous()
+        dx, ctx.chain_saved, mxd = bk.bn_chain(dy, xhat, k)  # k P dy in one fused sweep
         n = dy.numel() // dy.shape[1]
-        dgamma = mxd.flatten() * n if want[1] else None  # Σ dy x̂ = N mean(x̂ dy)
+        dgamma = mxd * n if want[1] else None  # Σ dy x̂ = N mean(x̂ dy)
         dbeta = channel_sum(dy) if want[2] else None
-        ctx.save_for_backward(dy, gamma, xhat, inv_std, pd, mxd)
+        ctx.save_for_backward(dy, gamma, xhat, inv_std, k)
         ctx.set_materialize_grads(False)
-        return dx, dgamma, dbeta
+        return (dx if want[0] else None), dgamma, dbeta
 
     @staticmethod
     @last_differentiable
     def backward(ctx, r: Tensor | None, g_gamma: Tensor | None, g_beta: Tensor | None):
-        dy, gamma, xhat, inv_std, pd, mxd = ctx.saved_tensors
+        dy, gamma, xhat, inv_std, k = ctx.saved_tensors
         bk = ctx.bk
         gamma_c = channel(gamma, dy) if gamma is not None else dy.new_ones(())
         need_dy, need_x, need_g = (input_needed(ctx, i) for i in range(3))
         d_dy = d_x = d_gamma = None
         if r is not None:
-            pr, mxr = bk.bn_project(r, xhat)
-            if need_dy:
-                d_dy = gamma_c * inv_std * pr
-            if need_x:
-                d_x = bk.bn_second_order(xhat, inv_std, gamma_c, dy, r, pd, pr, mxd, mxr)
-            if need_g:
-                d_gamma = channel_sum(dy * pr) * inv_std.flatten()
+            # k P r, ∂/∂x ⟨dy, (γ/σ) P r⟩ and Σ dy P r / σ, fused (backend bn_tangent)
+            kpr, s, tan_gamma = bk.bn_tangent(ctx.chain_saved, r, xhat, k, inv_std, gamma_c)
+            d_dy = kpr if need_dy else None
+            d_x = s if need_x else None
+            d_gamma = tan_gamma if need_g else None
         if g_gamma is not None:
             gc = channel(g_gamma, dy)
             if need_dy:

@@ -123,7 +123,7 @@ class BatchNormTrainRule(Rule):
         m.running_var.mul_(1 - f).add_((var * (n / (n - 1))).to(m.running_var.dtype), alpha=f)
 
     def chain(self, d: Tensor) -> Tensor:
-        out, self.chain_saved = self.bk.bn_chain(d, self.xhat, self.k.flatten())
+        out, self.chain_saved, _ = self.bk.bn_chain(d, self.xhat, self.k.flatten())
         return out
 
     def tangent(self, r: Tensor) -> Tensor:
