@@ -211,6 +211,8 @@ def test_batchnorm_steps(bk, shape, affine):
     (4, 3, 13, 13, 30, 3, 2, 2, 1),
     (4, 3, 12, 12, 16, 3, 1, 1, 1),   # O < C·kh·kw: the transposed convolution
     (2, 6, 9, 9, 4, 3, 1, 1, 1),      # many input channels: the transposed convolution
+    (3, 16, 32, 32, 32, 1, 2, 0, 1),  # strided 1×1 (ResNet shortcut): product to every 2nd pixel
+    (2, 5, 9, 8, 7, 1, 3, 0, 1),      # strided 1×1 with rows and columns dropped
 ])
 def test_conv_input_grad(bk, geom):
     n, c, h, w_, o, k, s, p, dil = geom
