@@ -118,10 +118,12 @@ def main() -> None:
     args = ap.parse_args()
     cw.THREADS = args.threads
     cw.set_threads()
+    # memory first, with every block of 64 KiB or more mapped on allocation and unmapped on
+    # free from the very start, so that no step can reuse resident memory freed by anything
+    # before it (built models left out, warm-up steps, other methods)
+    cw.malloc_mode(exact_rss=True)
     wanted = set(filter(None, args.models.split(",")))
     chosen = [w for w in cw.workloads() if not wanted or w.name in wanted]
-    # memory first, on a fresh heap where every tensor-sized block is mapped and unmapped
-    cw.malloc_mode(exact_rss=True)
     mems = {w.name: memory(w) for w in chosen}
     if args.memory_only:
         print(json.dumps(mems))

@@ -29,7 +29,6 @@ LAM = 0.25
 
 def set_threads() -> None:
     torch.set_num_threads(THREADS)
-    malloc_mode(exact_rss=False)
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
                                        f"intra_op_parallelism_threads={THREADS}")
 

@@ -19,6 +19,7 @@ import cpu_workloads as cw
 import pytest
 
 cw.set_threads()
+cw.malloc_mode(exact_rss=False)  # timing: glibc keeps freed blocks (memory: fresh processes)
 WORKLOADS = {w.name: w for w in cw.workloads()}
 TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
 JAX_METHODS = ("jax_gradreg", "jax_ordinary")

@@ -39,15 +39,22 @@ def check_model_and_batch(model: nn.Module, x: Tensor) -> None:
         raise ValueError(f"x must be a batch of shape (B, ...) with B >= 1, got {tuple(x.shape)}")
 
 
-def check_model_and_x(model: nn.Module, x: Tensor) -> None:
-    """check_model_and_batch, and every parameter on x's device with x's dtype."""
+def check_model_and_x(model: nn.Module, x: Tensor) -> list[nn.Parameter]:
+    """check_model_and_batch, and every parameter on x's device with x's dtype.
+
+    Returns the parameters that require a gradient (the walk over the model is done once).
+    """
     check_model_and_batch(model, x)
+    trainable = []
     for name, p in model.named_parameters():
         if p.device != x.device:
             raise ValueError(f"model parameter {name!r} is on {p.device} but x is on {x.device}")
         if p.dtype != x.dtype:
             raise TypeError(f"model parameter {name!r} is {p.dtype} but x is {x.dtype}; "
                             "cast one to the other")
+        if p.requires_grad:
+            trainable.append(p)
+    return trainable
 
 
 def check_labels(y: Tensor, x: Tensor, name: str = "y") -> Tensor:
@@ -73,8 +80,9 @@ def check_label_range(y: Tensor, logits: Tensor) -> None:
 
 def check_labels_in_range(y: Tensor, num_classes: int, name: str = "y") -> None:
     """Raise a ValueError naming the first label outside [0, num_classes)."""
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
+    lo, hi = torch.aminmax(y)
+    if int(lo) < 0 or int(hi) >= num_classes:
+        bad = (y < 0) | (y >= num_classes)
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} must lie in [0, {num_classes}) for the model's {num_classes} "
                          f"outputs; {name}[{i}] = {int(y[i])}")
@@ -119,7 +127,7 @@ def check_finite_input(x: Tensor, mask: Tensor | None) -> None:
 
 
 def check_finite_loss(data: Tensor, penalty: Tensor) -> None:
-    if not bool(torch.isfinite(data)) or not bool(torch.isfinite(penalty)):
+    if not bool(torch.isfinite(data)) or not bool(torch.isfinite(penalty)):  # both 0-dim
         raise NonFiniteLossError(
             f"non-finite loss: data term = {float(data)}, penalty = {float(penalty)}; no "
             "gradient was produced (lower the learning rate or lam, or check the inputs)")

@@ -149,7 +149,7 @@ def gradreg_loss(
     lam = checks.check_lam(lam)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    checks.check_model_and_x(model, x)
+    params = checks.check_model_and_x(model, x)
     if head != "output":
         if y is None:
             raise ValueError(f"head={head!r} needs labels y")
@@ -165,11 +165,11 @@ def gradreg_loss(
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
         return _autograd_loss(model, x, y, lam, head, mask, value_weight, check_finite)
-    return _fused_loss(plan, model, x, y, lam, head, mask, backend, value_weight, check_finite,
+    return _fused_loss(plan, params, x, y, lam, head, mask, backend, value_weight, check_finite,
                        keep_saved)
 
 
-def _fused_loss(plan: Plan, model: nn.Module, x: Tensor, y: Tensor | None, lam: float,
+def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
                 head: str, mask: Tensor | None, backend: str, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
     bk = get_backend(backend, x.device)
@@ -177,7 +177,6 @@ def _fused_loss(plan: Plan, model: nn.Module, x: Tensor, y: Tensor | None, lam: 
     head_obj = make_head(head, bk)
     schedule = Schedule(rules, head_obj, keep_saved)
     runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, head, bk)
-    params = [p for p in model.parameters() if p.requires_grad]
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
                          runner.logits.detach(), bk.name)

@@ -103,8 +103,11 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _fast(*ts: Tensor | None) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu"
-                             and t.is_contiguous()) for t in ts)
+    """Whether every given operand is a contiguous float32 CPU tensor (None counts as one)."""
+    for t in ts:
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous()):
+            return False
+    return True
 
 
 class CpuBackend(TorchBackend):
