@@ -45,3 +45,35 @@ def test_bn_forward_project_second_order(shape, affine, dtype, device, poison):
     s_ref = REF.bn_second_order(xhat64, inv64, gamma_c.double(), d.double(), r_.double(),
                                 pd_ref, pr_ref, mxd_ref, mxr_ref)
     assert rel_err(s, s_ref) < tol * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (129, 11), (2, 5, 33, 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_fused_chain_tangent_backward(shape, affine, dtype, device, poison):
+    """The per-pass fused kernels against the float64 composition of the portable steps."""
+    bk = _triton()
+    g = torch.Generator().manual_seed(3 + sum(shape))
+    c = shape[1]
+    a = (2 * torch.randn(shape, generator=g) + 1).to(device, dtype)
+    gamma = torch.randn(c, generator=g).to(device, dtype) if affine else None
+    _, xhat64, inv64, _, _ = REF.bn_train_forward(a.double(), None, None, 1e-5)
+    xhat = xhat64.to(dtype)
+    gamma_c = gamma.view([1, -1] + [1] * (a.dim() - 2)) if affine else a.new_ones(())
+    k = (gamma_c.double() * inv64).reshape(-1).expand(c).contiguous()
+    d, r_, abar = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
+    tol = TOL[dtype] * (10 if dtype == torch.float32 else 3)
+    out, state, mx = bk.bn_chain(d, xhat, k.to(dtype))
+    from gradreg_kernels.backends.triton.batchnorm import BnChainState
+
+    assert isinstance(state, BnChainState)  # the fused Triton path, not the fallback
+    out_ref, state_ref, mx_ref = REF.bn_chain(d.double(), xhat64, k)
+    assert rel_err(out, out_ref) < tol and rel_err(mx, mx_ref) < tol
+    got = bk.bn_tangent(state, r_, xhat, k.to(dtype), inv64.to(dtype), gamma_c)
+    want = REF.bn_tangent(state_ref, r_.double(), xhat64, k, inv64, gamma_c.double())
+    for o, w in zip(got, want, strict=True):
+        assert o.shape == w.shape and rel_err(o, w) < tol * 3
+    for extra, extra64 in ((None, None), (got[1], want[1])):
+        for o, w in zip(bk.bn_backward(abar, xhat, k.to(dtype), extra),
+                        REF.bn_backward(abar.double(), xhat64, k, extra64), strict=True):
+            assert o.shape == w.shape and rel_err(o, w) < tol * 3

@@ -157,3 +157,23 @@ class TritonBackend(TorchBackend):
                                            mx_delta, mx_r)
         return batchnorm.bn_second_order(xhat, inv_std, gamma_c, delta, p_delta, p_r,
                                          mx_delta, mx_r)
+
+    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, object, Tensor]:
+        if not supported(d, xhat, k) or d.shape != xhat.shape:
+            return super().bn_chain(d, xhat, k)
+        return batchnorm.bn_chain(d, xhat, k)
+
+    def bn_tangent(
+        self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
+        gamma_c: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if (not isinstance(saved, batchnorm.BnChainState) or not supported(r, xhat)
+                or r.shape != xhat.shape):
+            return super().bn_tangent(saved, r, xhat, k, inv_std, gamma_c)
+        return batchnorm.bn_tangent(saved, r, xhat, k, inv_std, gamma_c)
+
+    def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not supported(abar, xhat, k, s) or abar.shape != xhat.shape:
+            return super().bn_backward(abar, xhat, k, s)
+        return batchnorm.bn_backward(abar, xhat, k, s)

@@ -7,6 +7,10 @@ from one flat kernel each:
     forward:   x̂ = (a − μ) / σ,  y = γ x̂ + β                    (_bn_normalize_kernel)
     project:   P v = v − mean(v) − x̂ mean(x̂ v)                   (_bn_project_kernel)
     2nd order: s = −(γ/σ²) [x̂ mean(δ Pṙ) + mean(x̂ ṙ) Pδ + mean(x̂ δ) Pṙ]  (_bn_second_kernel)
+and, fused per pass of the schedule (one reduction launch or two, then one flat kernel):
+    chain:     k P δ (k = γ/σ) with the channel means of δ and x̂ δ   (_bn_scaled_project_kernel)
+    tangent:   k P ṙ and s, P δ recomputed from δ                    (_bn_tangent_kernel)
+    backward:  k P ā + s, Σ ā x̂, Σ ā                                 (_bn_scaled_project_kernel)
 The variance is summed about a per-channel shift (the channel's first value) to keep
 float32 cancellation small.
 """
@@ -14,6 +18,7 @@ float32 cancellation small.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -103,6 +108,44 @@ def _bn_second_kernel(xhat_ptr, pd_ptr, pr_ptr, coef_ptr, dots_ptr, mxr_ptr, mxd
            + tl.load(mxd_ptr + c, mask=m, other=0.0) * pr) * tl.load(coef_ptr + c, mask=m,
                                                                       other=0.0)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _bn_scaled_project_kernel(v_ptr, xhat_ptr, mean_ptr, mx_ptr, k_ptr, add_ptr, out_ptr, n,
+                              c_count, s_size, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """out = k (v − mean(v) − x̂ mean(x̂ v)) (+ add), per channel constants from the sums."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    c = (offs // s_size) % c_count
+    v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    xh = tl.load(xhat_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    out = (v - tl.load(mean_ptr + c, mask=m, other=0.0)
+           - xh * tl.load(mx_ptr + c, mask=m, other=0.0)) * tl.load(k_ptr + c, mask=m, other=0.0)
+    if ADD:
+        out += tl.load(add_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _bn_tangent_kernel(r_ptr, xhat_ptr, d_ptr, k_ptr, mr_ptr, mxr_ptr, md_ptr, mxd_ptr,
+                       coef_ptr, dots_ptr, out_ptr, s_out_ptr, n, c_count, s_size,
+                       BLOCK: tl.constexpr):
+    """out = k P r and s = coef (x̂ dots + mean(x̂ r) P δ + mean(x̂ δ) P r)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    c = (offs // s_size) % c_count
+    r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    xh = tl.load(xhat_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    mxr = tl.load(mxr_ptr + c, mask=m, other=0.0)
+    mxd = tl.load(mxd_ptr + c, mask=m, other=0.0)
+    pr = r - tl.load(mr_ptr + c, mask=m, other=0.0) - xh * mxr
+    pd = d - tl.load(md_ptr + c, mask=m, other=0.0) - xh * mxd
+    tl.store(out_ptr + offs, (tl.load(k_ptr + c, mask=m, other=0.0) * pr).to(
+        out_ptr.dtype.element_ty), mask=m)
+    sv = tl.load(coef_ptr + c, mask=m, other=0.0) * (
+        xh * tl.load(dots_ptr + c, mask=m, other=0.0) + mxr * pd + mxd * pr)
+    tl.store(s_out_ptr + offs, sv.to(s_out_ptr.dtype.element_ty), mask=m)
 
 
 def _geometry(t: Tensor) -> tuple[int, int, int]:
@@ -195,3 +238,71 @@ def bn_second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tenso
         mx_delta.float().reshape(-1).expand(c).contiguous(), out, xhat.numel(), c, s,
         BLOCK=ELEMENT_BLOCK)
     return out
+
+
+@dataclass
+class BnChainState:
+    """What ``bn_chain`` keeps for ``bn_tangent``: δ and its float32 channel means."""
+
+    d: Tensor
+    md: Tensor
+    mxd: Tensor
+
+
+def _chan_f32(t: Tensor, c: int) -> Tensor:
+    return t.float().reshape(-1).expand(c).contiguous()
+
+
+def bn_chain(d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, BnChainState, Tensor]:
+    """(k P δ, the state for bn_tangent, mean(x̂ δ) (C,)) as TorchBackend.bn_chain."""
+    d, xhat = d.contiguous(), xhat.contiguous()
+    n, c, s = _geometry(d)
+    sd, sxd = channel_sums(d, xhat, MODE_PAIR)
+    md, mxd = sd / (n * s), sxd / (n * s)
+    out = torch.empty_like(d, dtype=torch.promote_types(d.dtype, xhat.dtype))
+    _bn_scaled_project_kernel[flat_grid(d.numel())](d, xhat, md, mxd, _chan_f32(k, c), d, out,
+                                                     d.numel(), c, s, ADD=False,
+                                                     BLOCK=ELEMENT_BLOCK)
+    return out, BnChainState(d, md, mxd), mxd.to(out.dtype)
+
+
+def bn_tangent(state: BnChainState, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
+               gamma_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(k P ṙ, s, Σ δ P ṙ / σ) as TorchBackend.bn_tangent, from bn_chain's state.
+
+    ⟨δ, P ṙ⟩ = Σ δ ṙ − mean(ṙ) Σ δ − mean(x̂ ṙ) Σ x̂ δ per channel (sums in float64).
+    """
+    r, xhat = r.contiguous(), xhat.contiguous()
+    n, c, s = _geometry(r)
+    m_size = n * s
+    sr, sxr = channel_sums(r, xhat, MODE_PAIR)
+    sdr, _ = channel_sums(state.d, r, MODE_DOT)
+    mr, mxr = sr / m_size, sxr / m_size
+    d_pr = (sdr.double() - mr.double() * m_size * state.md.double()
+            - mxr.double() * m_size * state.mxd.double()).float()
+    inv = _chan_f32(inv_std, c)
+    coef = (-_chan_f32(gamma_c, c) * inv * inv).contiguous()
+    dt = torch.promote_types(torch.promote_types(r.dtype, xhat.dtype), state.d.dtype)
+    out, s_out = torch.empty_like(r, dtype=dt), torch.empty_like(r, dtype=dt)
+    _bn_tangent_kernel[flat_grid(r.numel())](r, xhat, state.d, _chan_f32(k, c), mr, mxr,
+                                              state.md, state.mxd, coef, d_pr / m_size, out,
+                                              s_out, r.numel(), c, s, BLOCK=ELEMENT_BLOCK)
+    return out, s_out, (d_pr * inv).to(dt)
+
+
+def bn_backward(abar: Tensor, xhat: Tensor, k: Tensor, s_term: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(k P ā (+ s), Σ ā x̂, Σ ā) as TorchBackend.bn_backward."""
+    abar, xhat = abar.contiguous(), xhat.contiguous()
+    n, c, s = _geometry(abar)
+    sa, sxa = channel_sums(abar, xhat, MODE_PAIR)
+    dt = torch.promote_types(abar.dtype, xhat.dtype)
+    if s_term is not None:
+        s_term = s_term.contiguous()
+        dt = torch.promote_types(dt, s_term.dtype)
+    out = torch.empty_like(abar, dtype=dt)
+    _bn_scaled_project_kernel[flat_grid(abar.numel())](
+        abar, xhat, sa / (n * s), sxa / (n * s), _chan_f32(k, c),
+        abar if s_term is None else s_term, out, abar.numel(), c, s, ADD=s_term is not None,
+        BLOCK=ELEMENT_BLOCK)
+    return out, sxa.to(dt), sa.to(dt)
