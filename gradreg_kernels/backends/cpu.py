@@ -32,9 +32,9 @@ from ..rules.activation_math import ActivationSpec
 from .cpu_build import CpuBuildError, load_extension
 from .torch_ops import ConvGeom, TorchBackend
 
-# Below this many multiply-adds a product runs on MKL: a oneDNN call costs about 15 µs more
-# (AVX-512 CPU, 2 threads; e.g. the (64, 10) × (10, 512) product of a classifier layer).
-ONEDNN_MIN_WORK = 300_000
+# Below this many multiply-adds a product runs on MKL: a oneDNN call costs 5-6 µs more
+# (AVX-512 CPU, 2 threads; a 512 → 10 classifier layer's products cross over at ~128 rows).
+ONEDNN_MIN_WORK = 600_000
 
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5}
 
