@@ -400,3 +400,32 @@ def test_functional_dropout_unchanged_by_backend_mask():
     y, _ = REF.dropout_forward(a, 0.25)
     torch.manual_seed(2)
     assert torch.equal(y, F.dropout(a, 0.25, True))
+
+
+def _fast_path_cnn():
+    """A model through every fast path: a 1-channel first layer (product + fold input
+    gradient), 2×2 pooling (plane-vectorized, plain-store scatter), a strided 1×1 convolution,
+    BatchNorm2d / BatchNorm1d (channel-major copy) and a Linear wide enough for the dᵀr term
+    to run in pass 3."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 8, 1, stride=2), nn.BatchNorm2d(8), nn.Softplus(), nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 300), nn.BatchNorm1d(300), nn.ReLU(), nn.Linear(300, 5))
+
+
+@pytest.mark.parametrize("b", [2, 37, 130])
+def test_fast_paths_match_float64_oracle(bk, b):
+    torch.manual_seed(b)
+    model = _fast_path_cnn()
+    x, y = torch.randn(b, 1, 12, 12), torch.randint(0, 5, (b,))
+    m64 = copy.deepcopy(model).double()
+    out = gradreg_loss(model, x, y, lam=0.9, backend="cpu")
+    out.loss.backward()
+    assert out.backend == "cpu"
+    got = {n: p.grad for n, p in model.named_parameters()}
+    want, loss, _, _ = oracle_grads(m64, x.double(), y, lam=0.9)
+    assert rel(out.loss.detach(), loss) < 1e-5
+    assert _global_rel(got, want) < 1e-4
+    for name, g in got.items():  # each parameter on its own scale too
+        assert rel(g, want[name]) < 1e-3 or want[name].norm() < 1e-6 * max(
+            w.norm() for w in want.values()), name
