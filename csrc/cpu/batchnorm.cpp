@@ -8,6 +8,7 @@
 //   tangent:  k P ṙ, s, and Σ δ Pṙ / σ per channel, from δ, ṙ, x̂ in two sweeps
 //   backward: k P ā (+ s), Σ ā x̂ and Σ ā per channel
 #include <ATen/Parallel.h>
+#include <ATen/ops/ones.h>
 
 #include <cmath>
 
@@ -101,6 +102,48 @@ const float* chan_ptr(const at::Tensor& t, int64_t c, const char* what) {
   return t.data_ptr<float>();
 }
 
+// out = k (v − mean(v) − x̂ mean(x̂ v)) (+ s) per channel; writes Σ v and Σ x̂ v per channel.
+// The sweep of the chain (v = δ) and of the backward (v = ā, plus the second-order term s).
+at::Tensor scaled_project(const at::Tensor& v, const at::Tensor& xhat, const at::Tensor& k,
+                          const c10::optional<at::Tensor>& s, at::Tensor& sum_v,
+                          at::Tensor& sum_xv) {
+  check_f32(xhat, "xhat");
+  check_like(v, xhat, "v");
+  if (s.has_value()) check_like(*s, xhat, "s");
+  const Layout L = layout_of(v);
+  const float* kp = chan_ptr(k, L.c, "k");
+  auto out = at::empty_like(v);
+  sum_v = at::empty({L.c}, v.options());
+  sum_xv = at::empty({L.c}, v.options());
+  const float *vp = v.data_ptr<float>(), *xp = xhat.data_ptr<float>();
+  const float* spp = s.has_value() ? s->data_ptr<float>() : nullptr;
+  float *op = out.data_ptr<float>(), *sv = sum_v.data_ptr<float>();
+  float* sxv = sum_xv.data_ptr<float>();
+  per_channel(L, [&](int64_t c) {
+    double a = 0.0, ax = 0.0;
+    rows(L, c, [&](int64_t o) { sum_and_dot(vp + o, xp + o, L.s, a, ax); });
+    const float m = static_cast<float>(a / L.count());
+    const float mx = static_cast<float>(ax / L.count());
+    const float kc = kp[c];
+    rows(L, c, [&](int64_t o) {
+      const float* __restrict vo = vp + o;
+      const float* __restrict xo = xp + o;
+      float* __restrict oo = op + o;
+      if (spp) {
+        const float* __restrict so = spp + o;
+#pragma omp simd
+        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (vo[j] - m - xo[j] * mx) + so[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (vo[j] - m - xo[j] * mx);
+      }
+    });
+    sv[c] = static_cast<float>(a);
+    sxv[c] = static_cast<float>(ax);
+  });
+  return out;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::Tensor>& gamma,
@@ -143,28 +186,10 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat) {
-  check_f32(xhat, "xhat");
-  check_like(v, xhat, "v");
   const Layout L = layout_of(v);
-  auto out = at::empty_like(v);
-  auto mx = at::empty({L.c}, v.options());
-  const float *vp = v.data_ptr<float>(), *xp = xhat.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *mxp = mx.data_ptr<float>();
-  per_channel(L, [&](int64_t c) {
-    double sv = 0.0, sxv = 0.0;
-    rows(L, c, [&](int64_t o) { sum_and_dot(vp + o, xp + o, L.s, sv, sxv); });
-    const float m = static_cast<float>(sv / L.count());
-    const float mxc = static_cast<float>(sxv / L.count());
-    rows(L, c, [&](int64_t o) {
-      const float* __restrict vo = vp + o;
-      const float* __restrict xo = xp + o;
-      float* __restrict oo = op + o;
-#pragma omp simd
-      for (int64_t j = 0; j < L.s; ++j) oo[j] = vo[j] - m - xo[j] * mxc;
-    });
-    mxp[c] = mxc;
-  });
-  return {out, chan_shaped(mx, v)};
+  at::Tensor sv, sxv;
+  auto out = scaled_project(v, xhat, at::ones({L.c}, v.options()), c10::nullopt, sv, sxv);
+  return {out, chan_shaped(sxv.div_(L.count()), v)};
 }
 
 at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
@@ -206,31 +231,10 @@ at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
 
 std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat,
                                  const at::Tensor& k) {
-  check_f32(xhat, "xhat");
-  check_like(d, xhat, "delta");
-  const Layout L = layout_of(d);
-  const float* kp = chan_ptr(k, L.c, "k");
-  auto out = at::empty_like(d);
-  auto md = at::empty({L.c}, d.options()), mxd = at::empty({L.c}, d.options());
-  const float *dp = d.data_ptr<float>(), *xp = xhat.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *mdp = md.data_ptr<float>(), *mxp = mxd.data_ptr<float>();
-  per_channel(L, [&](int64_t c) {
-    double sd = 0.0, sxd = 0.0;
-    rows(L, c, [&](int64_t o) { sum_and_dot(dp + o, xp + o, L.s, sd, sxd); });
-    const float m = static_cast<float>(sd / L.count());
-    const float mx = static_cast<float>(sxd / L.count());
-    const float kc = kp[c];
-    rows(L, c, [&](int64_t o) {
-      const float* __restrict dd = dp + o;
-      const float* __restrict xo = xp + o;
-      float* __restrict oo = op + o;
-#pragma omp simd
-      for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (dd[j] - m - xo[j] * mx);
-    });
-    mdp[c] = m;
-    mxp[c] = mx;
-  });
-  return {out, md, mxd};
+  at::Tensor sd, sxd;
+  auto out = scaled_project(d, xhat, k, c10::nullopt, sd, sxd);
+  const double count = layout_of(d).count();
+  return {out, sd.div_(count), sxd.div_(count)};  // mean(δ), mean(x̂ δ)
 }
 
 std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
@@ -287,38 +291,8 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
 
 std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
                                     const at::Tensor& k, const c10::optional<at::Tensor>& s) {
-  check_f32(xhat, "xhat");
-  check_like(abar, xhat, "abar");
-  if (s.has_value()) check_like(*s, xhat, "s");
-  const Layout L = layout_of(abar);
-  const float* kp = chan_ptr(k, L.c, "k");
-  auto out = at::empty_like(abar);
-  auto g_xhat = at::empty({L.c}, abar.options()), g_sum = at::empty({L.c}, abar.options());
-  const float *ap = abar.data_ptr<float>(), *xp = xhat.data_ptr<float>();
-  const float* spp = s.has_value() ? s->data_ptr<float>() : nullptr;
-  float *op = out.data_ptr<float>(), *gx = g_xhat.data_ptr<float>(), *gs = g_sum.data_ptr<float>();
-  per_channel(L, [&](int64_t c) {
-    double sa = 0.0, sxa = 0.0;
-    rows(L, c, [&](int64_t o) { sum_and_dot(ap + o, xp + o, L.s, sa, sxa); });
-    const float m = static_cast<float>(sa / L.count());
-    const float mx = static_cast<float>(sxa / L.count());
-    const float kc = kp[c];
-    rows(L, c, [&](int64_t o) {
-      const float* __restrict ao = ap + o;
-      const float* __restrict xo = xp + o;
-      float* __restrict oo = op + o;
-      if (spp) {
-        const float* __restrict so = spp + o;
-#pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (ao[j] - m - xo[j] * mx) + so[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (ao[j] - m - xo[j] * mx);
-      }
-    });
-    gx[c] = static_cast<float>(sxa);
-    gs[c] = static_cast<float>(sa);
-  });
+  at::Tensor g_sum, g_xhat;
+  auto out = scaled_project(abar, xhat, k, s, g_sum, g_xhat);
   return {out, g_xhat, g_sum};
 }
 

@@ -47,6 +47,16 @@ class Rule:
     def param_grads(self) -> list[tuple[nn.Parameter, Tensor]]:
         return []
 
+    def add_tangent_term(self, gw: Tensor) -> Tensor:
+        """gw plus the weight-gradient term the tangent pass computed (``gw_tangent``), if
+        any; the term is released unless ``keep_saved``."""
+        term = getattr(self, "gw_tangent", None)
+        if term is None:
+            return gw
+        if not self.keep_saved:
+            self.gw_tangent = None
+        return gw.add_(term) if gw.dtype == term.dtype else gw + term
+
 
 def wants_grad(p: Tensor | None) -> bool:
     """Whether a parameter exists and asks for a gradient."""

@@ -59,12 +59,7 @@ class Conv2dRule(Rule):
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if self.need_w:
             gw = self.bk.conv2d_weight_grad([(abar, self.a)], self.w, self.geom)
-            if self.gw_tangent is not None:
-                gw = gw.add_(self.gw_tangent) if gw.dtype == self.gw_tangent.dtype else (
-                    gw + self.gw_tangent)
-                if not self.keep_saved:
-                    self.gw_tangent = None
-            self.gw = gw
+            self.gw = self.add_tangent_term(gw)
         if wants_grad(self.b):
             self.gb = abar.sum((0, 2, 3))
         if not need_input_grad:

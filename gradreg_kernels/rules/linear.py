@@ -58,13 +58,7 @@ class LinearRule(Rule):
         z = self._flat(abar, self.w.shape[0])
         if self.need_w:
             pairs = [(z, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
-            gw = self.bk.linear_weight_grad(pairs)
-            if self.gw_tangent is not None:
-                gw = gw.add_(self.gw_tangent) if gw.dtype == self.gw_tangent.dtype else (
-                    gw + self.gw_tangent)
-                if not self.keep_saved:
-                    self.gw_tangent = None
-            self.gw = gw
+            self.gw = self.add_tangent_term(self.bk.linear_weight_grad(pairs))
         if wants_grad(self.b):
             self.gb = z.sum(0)
         if not need_input_grad:

@@ -5,7 +5,7 @@ Reductions run on a (C, SPLITS) grid writing float32 partial sums (``_channel_su
 the C-sized finishing arithmetic is a few tiny torch ops; the per-element results come
 from one flat kernel each:
     forward:   x̂ = (a − μ) / σ,  y = γ x̂ + β                    (_bn_normalize_kernel)
-    project:   P v = v − mean(v) − x̂ mean(x̂ v)                   (_bn_project_kernel)
+    project:   P v = v − mean(v) − x̂ mean(x̂ v)          (_bn_scaled_project_kernel, k = 1)
     2nd order: s = −(γ/σ²) [x̂ mean(δ Pṙ) + mean(x̂ ṙ) Pδ + mean(x̂ δ) Pṙ]  (_bn_second_kernel)
 and, fused per pass of the schedule (one reduction launch or two, then one flat kernel):
     chain:     k P δ (k = γ/σ) with the channel means of δ and x̂ δ   (_bn_scaled_project_kernel)
@@ -79,19 +79,6 @@ def _bn_normalize_kernel(a_ptr, mean_ptr, inv_ptr, g_ptr, b_ptr, y_ptr, xhat_ptr
     if AFFINE:
         xh = xh * tl.load(g_ptr + c, mask=m, other=0.0) + tl.load(b_ptr + c, mask=m, other=0.0)
     tl.store(y_ptr + offs, xh.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit(do_not_specialize=["n"])
-def _bn_project_kernel(v_ptr, xhat_ptr, mean_ptr, mx_ptr, out_ptr, n, c_count, s_size,
-                       BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    c = (offs // s_size) % c_count
-    v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    xh = tl.load(xhat_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    out = v - tl.load(mean_ptr + c, mask=m, other=0.0) - xh * tl.load(mx_ptr + c, mask=m,
-                                                                        other=0.0)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -214,8 +201,9 @@ def bn_project(v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
     sv, sxv = channel_sums(v, xhat, MODE_PAIR)
     mean, mx = sv / (n * s), sxv / (n * s)
     out = torch.empty_like(v, dtype=torch.promote_types(v.dtype, xhat.dtype))
-    _bn_project_kernel[flat_grid(v.numel())](v, xhat, mean, mx, out, v.numel(), c, s,
-                                              BLOCK=ELEMENT_BLOCK)
+    ones = torch.ones(c, dtype=torch.float32, device=v.device)
+    _bn_scaled_project_kernel[flat_grid(v.numel())](v, xhat, mean, mx, ones, v, out, v.numel(),
+                                                     c, s, ADD=False, BLOCK=ELEMENT_BLOCK)
     return out, mx.to(out.dtype).view(_chan_shape(v))
 
 
