@@ -311,12 +311,13 @@ class CpuBackend(TorchBackend):
                                      _cmajor(p_delta), _cmajor(p_r), mx_delta, mx_r)
         return _rmajor(s, xhat)
 
-    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, object, Tensor]:
+    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
+                 ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
         if not _fast(xhat, k) or d.dtype != torch.float32:
             return super().bn_chain(d, xhat, k)
         d = _cmajor(d)
         out, md, mxd = self.ext.bn_chain(d, _cmajor(xhat), k)
-        return _rmajor(out, xhat), _BnChain(d, md, mxd), mxd
+        return _rmajor(out, xhat), _BnChain(d, md, mxd), (md, mxd)
 
     def bn_tangent(
         self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,

@@ -211,11 +211,13 @@ class TorchBackend:
             abar, xhat, k.to(xhat.dtype), None, None, zeros, ones, True, 0.0, (True, True, True))
         return (out if s is None else out.add_(s)), g_xhat, g_sum
 
-    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, object, Tensor]:
+    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
+                 ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
         """Pass 2 of train-mode batch norm: k ⊙ P δ (k = γ/σ, (C,)), what ``bn_tangent``
-        needs of δ (private to the backend) and mean(x̂ δ) per channel, (C,)."""
+        needs of δ (private to the backend) and the channel means (mean(δ), mean(x̂ δ)),
+        each (C,)."""
         pd, mxd = self.bn_project(d, xhat)
-        return _chan(k, d) * pd, (d, pd, mxd), mxd.flatten()
+        return _chan(k, d) * pd, (d, pd, mxd), (self._cmean(d).flatten(), mxd.flatten())
 
     def bn_tangent(
         self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,

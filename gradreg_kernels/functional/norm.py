@@ -38,10 +38,11 @@ class BatchNormTrainGrad(torch.autograd.Function):
         ctx.bk = bk
         gamma_c = channel(gamma, dy) if gamma is not None else dy.new_ones(())
         k = (gamma_c * inv_std).reshape(-1).expand(dy.shape[1]).contiguous()
-        dx, ctx.chain_saved, mxd = bk.bn_chain(dy, xhat, k)  # k P dy in one fused sweep
+        # k P dy and the channel means of dy and x̂ dy, in one fused sweep
+        dx, ctx.chain_saved, (mean_dy, mean_xdy) = bk.bn_chain(dy, xhat, k)
         n = dy.numel() // dy.shape[1]
-        dgamma = mxd * n if want[1] else None  # Σ dy x̂ = N mean(x̂ dy)
-        dbeta = channel_sum(dy) if want[2] else None
+        dgamma = mean_xdy * n if want[1] else None  # Σ dy x̂
+        dbeta = mean_dy * n if want[2] else None  # Σ dy
         ctx.save_for_backward(dy, gamma, xhat, inv_std, k)
         ctx.set_materialize_grads(False)
         return (dx if want[0] else None), dgamma, dbeta

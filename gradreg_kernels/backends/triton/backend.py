@@ -158,7 +158,8 @@ class TritonBackend(TorchBackend):
         return batchnorm.bn_second_order(xhat, inv_std, gamma_c, delta, p_delta, p_r,
                                          mx_delta, mx_r)
 
-    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, object, Tensor]:
+    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
+                 ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
         if not supported(d, xhat, k) or d.shape != xhat.shape:
             return super().bn_chain(d, xhat, k)
         return batchnorm.bn_chain(d, xhat, k)

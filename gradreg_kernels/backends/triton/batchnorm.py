@@ -241,8 +241,9 @@ def _chan_f32(t: Tensor, c: int) -> Tensor:
     return t.float().reshape(-1).expand(c).contiguous()
 
 
-def bn_chain(d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, BnChainState, Tensor]:
-    """(k P δ, the state for bn_tangent, mean(x̂ δ) (C,)) as TorchBackend.bn_chain."""
+def bn_chain(d: Tensor, xhat: Tensor, k: Tensor
+             ) -> tuple[Tensor, BnChainState, tuple[Tensor, Tensor]]:
+    """(k P δ, the state for bn_tangent, (mean(δ), mean(x̂ δ))) as TorchBackend.bn_chain."""
     d, xhat = d.contiguous(), xhat.contiguous()
     n, c, s = _geometry(d)
     sd, sxd = channel_sums(d, xhat, MODE_PAIR)
@@ -251,7 +252,7 @@ def bn_chain(d: Tensor, xhat: Tensor, k: Tensor) -> tuple[Tensor, BnChainState, 
     _bn_scaled_project_kernel[flat_grid(d.numel())](d, xhat, md, mxd, _chan_f32(k, c), d, out,
                                                      d.numel(), c, s, ADD=False,
                                                      BLOCK=ELEMENT_BLOCK)
-    return out, BnChainState(d, md, mxd), mxd.to(out.dtype)
+    return out, BnChainState(d, md, mxd), (md.to(out.dtype), mxd.to(out.dtype))
 
 
 def bn_tangent(state: BnChainState, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
