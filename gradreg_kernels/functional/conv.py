@@ -17,12 +17,12 @@ from torch.nn.modules.utils import _pair
 
 from ..rules.activation_math import ActivationSpec
 from ._common import (
+    activate_and_save,
     input_needed,
     load_with_act,
     record_inputs,
     resolve_act,
     resolve_backend,
-    save_with_act,
 )
 from .activation import ActivationGrad
 
@@ -102,13 +102,7 @@ class Conv2dAct(torch.autograd.Function):
         record_inputs(ctx, a, w, b, geom, spec, bk)
         ctx.geom, ctx.spec, ctx.bk = geom, spec, bk
         ctx.set_materialize_grads(False)
-        z = bk.conv2d(a, w, b, geom)
-        if spec is None:
-            save_with_act(ctx, (a, w, b), None)
-            return z
-        y, act_saved = bk.act_forward(spec, z)
-        save_with_act(ctx, (a, w, b), act_saved)
-        return y
+        return activate_and_save(ctx, bk, spec, bk.conv2d(a, w, b, geom), (a, w, b))
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):

@@ -17,12 +17,12 @@ from torch import Tensor
 
 from ..rules.activation_math import ActivationSpec
 from ._common import (
+    activate_and_save,
     input_needed,
     load_with_act,
     record_inputs,
     resolve_act,
     resolve_backend,
-    save_with_act,
 )
 from .activation import ActivationGrad
 
@@ -88,13 +88,7 @@ class LinearAct(torch.autograd.Function):
         record_inputs(ctx, a, w, b, spec, bk)
         ctx.spec, ctx.bk = spec, bk
         ctx.set_materialize_grads(False)
-        z = bk.linear(a, w, b)
-        if spec is None:
-            save_with_act(ctx, (a, w, b), None)
-            return z
-        y, act_saved = bk.act_forward(spec, z)
-        save_with_act(ctx, (a, w, b), act_saved)
-        return y
+        return activate_and_save(ctx, bk, spec, bk.linear(a, w, b), (a, w, b))
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
