@@ -430,3 +430,17 @@ def test_fast_paths_match_float64_oracle(bk, b):
     for name, g in got.items():  # each parameter on its own scale too
         assert rel(g, want[name]) < 1e-3 or want[name].norm() < 1e-6 * max(
             w.norm() for w in want.values()), name
+
+
+@pytest.mark.parametrize("b", [2, 130])  # the dᵀr term in pass 4 (b = 2) and in pass 3
+def test_keep_saved_backward_twice_on_the_fast_paths(bk, b):
+    """keep_saved=True: a second backward adds the same gradients again (float32 kernels)."""
+    torch.manual_seed(b)
+    model = _fast_path_cnn()
+    x, y = torch.randn(b, 1, 12, 12), torch.randint(0, 5, (b,))
+    kept = gradreg_loss(model, x, y, 0.9, backend="cpu", keep_saved=True).loss
+    kept.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    kept.backward()
+    for g, p in zip(first, model.parameters(), strict=True):
+        assert torch.allclose(p.grad, 2 * g, rtol=1e-5, atol=1e-6)
