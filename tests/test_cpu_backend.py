@@ -65,6 +65,21 @@ def test_linear_products(bk, n, out_f, in_f):
     close(bk.linear_weight_grad([(d, a), (d2, a2)]), REF.linear_weight_grad([(d, a), (d2, a2)]))
 
 
+def test_weight_product_reads_stacked_operands_without_a_copy(bk):
+    """The Linear rule's [a; r] buffer is read as one operand; other parts are concatenated."""
+    from gradreg_kernels.backends.cpu import _stacked_rows
+
+    a, r = torch.randn(67, 801), torch.randn(67, 801)
+    a_view, r_view = bk.weight_grad_operands(a, r)
+    assert _stacked_rows([a_view, r_view]).data_ptr() == a_view.data_ptr()  # no copy
+    assert _stacked_rows([r_view, a_view]).data_ptr() not in (a_view.data_ptr(),
+                                                              r_view.data_ptr())  # order
+    assert torch.equal(_stacked_rows([a, r]), torch.cat([a, r]))
+    z, d = torch.randn(67, 512), torch.randn(67, 512)
+    close(bk.linear_weight_grad([(z, a_view), (d, r_view)]),
+          REF.linear_weight_grad([(z, a), (d, r)]))
+
+
 def test_products_see_weights_updated_in_place(bk):
     """oneDNN reads W through a view on every call: an optimizer step in place is seen."""
     w, d, a = torch.randn(512, 784), torch.randn(256, 512), torch.randn(256, 784)

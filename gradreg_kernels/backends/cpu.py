@@ -141,11 +141,20 @@ class CpuBackend(TorchBackend):
         # [d_1; d_2]ᵀ [a_1; a_2] as one product: the narrower side is copied transposed,
         # the other is read through a transposed view of its (stacked) rows
         if out_f <= in_f:
-            a_rows = as_[0] if len(as_) == 1 else torch.cat(as_)
-            return self._mm(self.ext.transpose_cat(ds), a_rows.t(), None, "none", [], "")
+            return self._mm(self.ext.transpose_cat(ds), _stacked_rows(as_).t(), None, "none",
+                            [], "")
         dt = self.ext.transpose_cat(ds)  # (out, ΣN)
         at = self.ext.transpose_cat(as_)  # (in, ΣN)
         return self._mm(dt, at, None, "none", [], "")
+
+    def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """a and r as the two row blocks of one (2N, in) buffer: the doubled-batch product then
+        reads [a; r] as one view instead of stacking a copy next to the live r in pass 4
+        (and a's own storage is freed here unless something else holds it)."""
+        if not _fast(a, r) or a.dim() != 2 or a.shape[1] != r.shape[1]:
+            return a, r
+        ar = torch.cat([a, r])
+        return ar[: a.shape[0]], ar[a.shape[0]:]
 
     # ---- activations ----------------------------------------------------------------
     def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
@@ -338,6 +347,24 @@ class CpuBackend(TorchBackend):
         out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
                                                   None if s is None else _cmajor(s))
         return _rmajor(out, xhat), g_xhat, g_sum
+
+
+def _stacked_rows(parts: Sequence[Tensor]) -> Tensor:
+    """[p_1; p_2; ...] as one (ΣN, C) tensor: the buffer itself when the parts already are
+    its consecutive row blocks (the Linear rule's [a; r]), else a concatenation."""
+    if len(parts) == 1:
+        return parts[0]
+    base = parts[0]._base
+    if base is not None and base.dim() == 2 and base.is_contiguous() and all(
+            p._base is base for p in parts) and sum(p.shape[0] for p in parts) == base.shape[0]:
+        offset = base.storage_offset()
+        for p in parts:
+            if p.storage_offset() != offset:
+                break
+            offset += p.numel()
+        else:
+            return base
+    return torch.cat(parts)
 
 
 def _cmajor(t: Tensor) -> Tensor:

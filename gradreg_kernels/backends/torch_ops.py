@@ -45,6 +45,11 @@ class TorchBackend:
                 out = torch.addmm(out, d.t(), a)
         return out
 
+    def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """How a Linear keeps its input a and tangent r (N, in) for the weight product of pass 4;
+        here as they are (MKL reads both through strides)."""
+        return a, r
+
     def conv2d(self, a: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeom) -> Tensor:
         """2-D cross-correlation (N, C, H, W) → (N, O, H', W')."""
         stride, padding, dilation, groups = geom

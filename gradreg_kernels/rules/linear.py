@@ -4,7 +4,8 @@ chain:    Jᵀd = d W                      tangent:  J r = r Wᵀ,   ΔW += dᵀ
 backward: ā = z̄ W,  ΔW += z̄ᵀ a,  Δb += Σ z̄
 The two ΔW terms cost the same products either way; where they run is a memory choice:
 - small batches: both in pass 4 as one doubled-batch product [z̄; d]ᵀ [a; r] (d and r are
-  held from passes 2-3 to pass 4, and the product's operands are stacked);
+  held from passes 2-3 to pass 4; the backend may keep a and r as one (2N, in) buffer from
+  the tangent pass on, so that the product reads [a; r] without stacking it then);
 - from 2 N (in + out) ≥ in · out on: dᵀ r at once in pass 3, so d and r are released there
   and pass 4 adds z̄ᵀ a to it (one weight-sized buffer more during pass 4).
 """
@@ -51,7 +52,7 @@ class LinearRule(Rule):
                 if not self.keep_saved:
                     self.d = None
             else:
-                self.r = r2
+                self.a, self.r = self.bk.weight_grad_operands(self.a, r2)
         return self.bk.linear(r2, self.w, None).view(*self.lead, self.w.shape[0])
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
