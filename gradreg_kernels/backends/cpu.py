@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..rules.activation_math import ActivationSpec
 from .cpu_build import CpuBuildError, load_extension
-from .torch_ops import ConvGeom, TorchBackend
+from .torch_ops import ConvGeom, TorchBackend, _chan
 
 # Below this many multiply-adds a product runs on MKL: a oneDNN call costs 5-6 µs more
 # (AVX-512 CPU, 2 threads; a 512 → 10 classifier layer's products cross over at ~128 rows).
@@ -300,13 +300,13 @@ class CpuBackend(TorchBackend):
         if not _fast(a, gamma, beta):
             return super().bn_train_forward(a, gamma, beta, eps)
         y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps)
-        return _rmajor(y, a), _rmajor(xhat, a), inv_std.view(_chan_shape(a)), mean, var
+        return _rmajor(y, a), _rmajor(xhat, a), _chan(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
         if not _fast(xhat) or v.dtype != torch.float32:
             return super().bn_project(v, xhat)
         pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
-        return _rmajor(pv, xhat), mx.view(_chan_shape(xhat))
+        return _rmajor(pv, xhat), _chan(mx, xhat)
 
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
@@ -376,7 +376,3 @@ def _rmajor(t: Tensor, like: Tensor) -> Tensor:
     """The inverse of ``_cmajor`` for a result shaped like ``like``."""
     return t.squeeze(0).t().contiguous() if like.dim() == 2 else t
 
-
-def _chan_shape(like: Tensor) -> list[int]:
-    """The broadcastable shape (1, C, 1, ...) of a per-channel vector."""
-    return [1, like.shape[1]] + [1] * (like.dim() - 2)
