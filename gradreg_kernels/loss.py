@@ -71,13 +71,21 @@ class _Runner:
                                "second time, but its saved tensors were released; pass "
                                "keep_saved=True to gradreg_loss to backward more than once")
         b = self.x.shape[0]
-        r = [None if self.g is None else self.g * (go * (2.0 * self.lam / b))]
         zbar = self.data_grad * (go * (self.w / b))
         if not self.schedule.keep_saved:
-            self.g = self.data_grad = None
-        # r goes over without a reference left here, so pass 3 can release it
-        xgrad, grads = self.schedule.adjoint_and_backward(r.pop(), zbar, need_input_grad)
+            self.data_grad = None
+        # r is passed straight on (no local keeps it), so pass 3 can release it
+        xgrad, grads = self.schedule.adjoint_and_backward(self._tangent_seed(go, b), zbar,
+                                                          need_input_grad)
         return grads, xgrad
+
+    def _tangent_seed(self, go: Tensor, b: int) -> Tensor | None:
+        """r = (2λ/B) g · go, the seed of pass 3 (None without a penalty); g is released
+        unless keep_saved."""
+        r = None if self.g is None else self.g * (go * (2.0 * self.lam / b))
+        if not self.schedule.keep_saved:
+            self.g = None
+        return r
 
 
 class _FusedGradReg(torch.autograd.Function):
