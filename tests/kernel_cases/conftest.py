@@ -3,15 +3,32 @@ the CPU under TRITON_INTERPRET=1 and by test_gpu_kernels.py on a CUDA device).
 
 GRADREG_KERNEL_DEVICE picks the device ("cpu" by default); on the CPU the cases need the
 interpreter, so without TRITON_INTERPRET=1 they skip instead of importing triton.
+GRADREG_RECORD_LAUNCHES=file (interpreter only) records every kernel launch there
+(launch_recorder.py), for the sm_90 compile test.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from kernel_check import DEVICE, INTERPRET
+
+
+def pytest_configure(config):
+    if INTERPRET and os.environ.get("GRADREG_RECORD_LAUNCHES"):
+        import launch_recorder
+
+        launch_recorder.install()
+
+
+def pytest_unconfigure(config):
+    if INTERPRET and os.environ.get("GRADREG_RECORD_LAUNCHES"):
+        import launch_recorder
+
+        launch_recorder.dump(os.environ["GRADREG_RECORD_LAUNCHES"])
 
 
 def pytest_collection_modifyitems(config, items):
