@@ -65,6 +65,21 @@ def test_linear_products(bk, n, out_f, in_f):
     close(bk.linear_weight_grad([(d, a), (d2, a2)]), REF.linear_weight_grad([(d, a), (d2, a2)]))
 
 
+@pytest.mark.parametrize("n, out_f, in_f", [(5, 29, 37), (256, 300, 97), (131, 129, 2000)])
+def test_weight_product_accumulates_in_place(bk, n, out_f, in_f):
+    """acc += Σ dᵀa in place on both backends (the oneDNN one in blocks of output rows, the
+    last one short), one pair and two."""
+    pairs = [(torch.randn(n, out_f), torch.randn(n, in_f)) for _ in range(2)]
+    acc0 = torch.randn(out_f, in_f)
+    for backend in (bk, REF):
+        for k in (1, 2):
+            acc = acc0.clone()
+            out = backend.linear_weight_grad(pairs[:k], acc=acc)
+            assert out.data_ptr() == acc.data_ptr()
+            ref = acc0.double() + sum(d.double().t() @ a.double() for d, a in pairs[:k])
+            close(out, ref.float())
+
+
 def test_weight_product_reads_stacked_operands_without_a_copy(bk):
     """The Linear rule's [a; r] buffer is read as one operand; other parts are concatenated."""
     from gradreg_kernels.backends.cpu import _stacked_rows

@@ -40,10 +40,10 @@ class CountingBackend(TorchBackend):
         self.flops += 2 * d.shape[0] * w.shape[0] * w.shape[1]
         return super().linear_input_grad(d, w)
 
-    def linear_weight_grad(self, pairs):
+    def linear_weight_grad(self, pairs, acc=None):
         for d, a in pairs:
             self.flops += 2 * d.shape[0] * d.shape[1] * a.shape[1]
-        return super().linear_weight_grad(pairs)
+        return super().linear_weight_grad(pairs, acc)
 
 
 @pytest.fixture

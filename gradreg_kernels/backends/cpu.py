@@ -36,6 +36,10 @@ from .torch_ops import ConvGeom, TorchBackend, _chan
 # (AVX-512 CPU, 2 threads; a 512 → 10 classifier layer's products cross over at ~128 rows).
 ONEDNN_MIN_WORK = 600_000
 
+# Output rows per block of an accumulating weight product (a 128 × in block of a 512 × 784
+# weight is a quarter of it; blocks of 128 rows run at the full product's rate).
+ACC_BLOCK_ROWS = 128
+
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5}
 
 _EXT = None
@@ -130,22 +134,31 @@ class CpuBackend(TorchBackend):
             return super().linear_input_grad(d, w)
         return self._mm(d, w.detach().t(), None, "none", [], "")  # Wᵀ as a strided view
 
-    def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]],
+                           acc: Tensor | None = None) -> Tensor:
+        """Σ_k d_kᵀ a_k as one oneDNN product; with ``acc``, added to it in row blocks.
+
+        oneDNN (as torch exposes it) writes a product only to a new buffer, so an
+        accumulating product runs in blocks of ACC_BLOCK_ROWS output rows, each added to
+        ``acc`` as it comes: the extra buffer is one block, not a second weight.
+        """
         flat = [t for pair in pairs for t in pair]
-        if not _fast(*flat) or any(t.dim() != 2 for t in flat):
-            return super().linear_weight_grad(pairs)
+        if not _fast(acc, *flat) or any(t.dim() != 2 for t in flat):
+            return super().linear_weight_grad(pairs, acc)
         ds, as_ = [d for d, _ in pairs], [a for _, a in pairs]
         n, out_f, in_f = sum(d.shape[0] for d in ds), ds[0].shape[1], as_[0].shape[1]
         if n * out_f * in_f < ONEDNN_MIN_WORK:
-            return super().linear_weight_grad(pairs)
+            return super().linear_weight_grad(pairs, acc)
         # [d_1; d_2]ᵀ [a_1; a_2] as one product: the narrower side is copied transposed,
         # the other is read through a transposed view of its (stacked) rows
-        if out_f <= in_f:
-            return self._mm(self.ext.transpose_cat(ds), _stacked_rows(as_).t(), None, "none",
-                            [], "")
         dt = self.ext.transpose_cat(ds)  # (out, ΣN)
-        at = self.ext.transpose_cat(as_)  # (in, ΣN)
-        return self._mm(dt, at, None, "none", [], "")
+        at = _stacked_rows(as_).t() if out_f <= in_f else self.ext.transpose_cat(as_)
+        if acc is None:
+            return self._mm(dt, at, None, "none", [], "")
+        for lo in range(0, out_f, ACC_BLOCK_ROWS):
+            hi = min(lo + ACC_BLOCK_ROWS, out_f)
+            acc[lo:hi].add_(self._mm(dt[lo:hi], at, None, "none", [], ""))
+        return acc
 
     def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         """a and r as the two row blocks of one (2N, in) buffer: the doubled-batch product then

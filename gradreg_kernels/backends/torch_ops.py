@@ -34,11 +34,22 @@ class TorchBackend:
         """d w: (N, out) → (N, in); the transpose of ``linear`` without bias."""
         return d.mm(w)
 
-    def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-        """Σ_k d_kᵀ a_k over the pairs: (out, in). Two pairs are one doubled-batch product."""
+    def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]],
+                           acc: Tensor | None = None) -> Tensor:
+        """Σ_k d_kᵀ a_k over the pairs: (out, in). Two pairs are one doubled-batch product.
+
+        acc: an (out, in) tensor the sum is added to in place and returned (no second
+        weight-sized buffer); None: a new tensor.
+        """
+        if acc is not None:
+            return self._accumulate(acc, pairs)
         d0, a0 = pairs[0]
         out = d0.t().mm(a0)
-        for d, a in pairs[1:]:
+        return self._accumulate(out, pairs[1:])
+
+    @staticmethod
+    def _accumulate(out: Tensor, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        for d, a in pairs:
             if d.dtype == a.dtype == out.dtype:
                 out.addmm_(d.t(), a)
             else:  # mixed dtypes under autocast: the out-of-place product is autocast

@@ -47,6 +47,15 @@ class Rule:
     def param_grads(self) -> list[tuple[nn.Parameter, Tensor]]:
         return []
 
+    def take_tangent_term(self) -> Tensor | None:
+        """The weight-gradient term of the tangent pass (``gw_tangent``) for pass 4 to add
+        to in place: the term itself (released here), or a copy of it under keep_saved."""
+        term = getattr(self, "gw_tangent", None)
+        if term is None or not self.keep_saved:
+            self.gw_tangent = None
+            return term
+        return term.clone()
+
     def add_tangent_term(self, gw: Tensor) -> Tensor:
         """gw plus the weight-gradient term the tangent pass computed (``gw_tangent``), if
         any; the term is released unless ``keep_saved``."""

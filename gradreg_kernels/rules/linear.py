@@ -7,7 +7,7 @@ The two ΔW terms cost the same products either way; where they run is a memory 
   held from passes 2-3 to pass 4; the backend may keep a and r as one (2N, in) buffer from
   the tangent pass on, so that the product reads [a; r] without stacking it then);
 - from 2 N (in + out) ≥ in · out on: dᵀ r at once in pass 3, so d and r are released there
-  and pass 4 adds z̄ᵀ a to it (one weight-sized buffer more during pass 4).
+  and pass 4 adds z̄ᵀ a into it in place (``acc``; a copy of it under keep_saved).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class LinearRule(Rule):
         z = self._flat(abar, self.w.shape[0])
         if self.need_w:
             pairs = [(z, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
-            self.gw = self.add_tangent_term(self.bk.linear_weight_grad(pairs))
+            self.gw = self.bk.linear_weight_grad(pairs, acc=self.take_tangent_term())
         if wants_grad(self.b):
             self.gb = z.sum(0)
         if not need_input_grad:
