@@ -110,15 +110,21 @@ def test_transpose_cat(bk):
 
 
 # ---- activations ---------------------------------------------------------------------------
-ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("tanh",), ("sigmoid",),
-        ("gelu",), ("gelu_tanh",), ("elu", 0.8)]
+ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("softplus", 1.0, 20.0),
+        ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",), ("gelu",), ("gelu_tanh",),
+        ("elu", 0.8)]
+#: the kinds whose derivatives come from the output (the passes keep y alone)
+FROM_OUTPUT = {("softplus", 1.0, 20.0), ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",),
+               ("elu", 0.8)}
 
 
-@pytest.mark.parametrize("act", ACTS, ids=[a[0] for a in ACTS])
+@pytest.mark.parametrize("act", ACTS, ids=["-".join(map(str, a)) for a in ACTS])
 def test_activation_steps(bk, act):
     spec = spec_by_name(*act)
     z = torch.randn(3, 41, 7) * 3
-    z.view(-1)[:5] = torch.tensor([0.0, -0.0, 1e-8, 30.0, -30.0])  # kinks and tails
+    # kinks, tails, both sides of softplus' linear region and where 1 − e^{−βy} cancels
+    z.view(-1)[:13] = torch.tensor([0.0, -0.0, 1e-8, 30.0, -30.0, 19.99, 20.01, 29.99, 30.01,
+                                    -12.0, -4.0, -2.2, -1.9])
     d, r, u, s0 = (torch.randn_like(z) for _ in range(4))
     # every output against float64, allowed a few times the portable float32 error
     z64 = z.double()
@@ -131,6 +137,11 @@ def test_activation_steps(bk, act):
                                                                       rel(ref32, ref64))
 
     check(y, y_ref, y64)
+    from gradreg_kernels.backends.cpu import _FromOutput
+
+    assert isinstance(saved, _FromOutput) == (act in FROM_OUTPUT)
+    if act in FROM_OUTPUT:  # the state is the output itself, no second buffer
+        assert saved.tensor is y
     check(bk.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d),
           REF.act_chain(spec, saved64, d.double()))
     out, s = bk.act_tangent(spec, saved, r, u)

@@ -3,6 +3,9 @@ plus forward values against torch's own ops."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +222,40 @@ def test_gradient_with_respect_to_an_intermediate():
     hr = torch.tanh(F.linear(x, w1)).detach().requires_grad_()
     (ref,) = torch.autograd.grad(F.relu(F.linear(hr, w2)).sum(), hr)
     torch.testing.assert_close(gh, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act, args", [("softplus", (1.0, 20.0)), ("tanh", ()), ("sigmoid", ()),
+                                       ("elu", (0.7,))])
+def test_cpu_activation_kept_as_its_output(act, args):
+    """The cpu backend keeps a Softplus / Tanh / Sigmoid / ELU output alone and recomputes
+    σ', σ'' from it: a float32 double-backward step matches float64, the output is saved
+    through autograd (an in-place change of it is caught) and is freed with its graph (no
+    reference cycle through the saved state)."""
+    if ("cpu", "cpu") not in _usable_backends():
+        pytest.skip("the cpu backend is not built here")
+    gen = torch.Generator().manual_seed(5)
+    x0, w0, b0 = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in
+                  [(37, 53), (29, 53), (29,)])
+
+    def step(dtype, backend):
+        x, w, b = (t.to(dtype).requires_grad_(True) for t in (x0, w0, b0))
+        y = linear_act(x, w, b, act, args, backend=backend)
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum() + y.sum(), (w, b))
+
+    for got, ref in zip(step(torch.float32, "cpu"), step(torch.float64, "torch")):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+    x = torch.randn(5, 53, requires_grad=True)
+    y = linear_act(x, w0.float(), None, act, args, backend="cpu")
+    y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = linear_act(x, w0.float(), None, act, args, backend="cpu")
+    alive = weakref.ref(y)
+    gc.disable()
+    try:
+        del y
+        assert alive() is None
+    finally:
+        gc.enable()

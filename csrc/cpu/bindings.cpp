@@ -12,6 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("smooth_tangent", &gradreg::smooth_tangent, "(σ' ⊙ r, σ'' ⊙ u ⊙ r)");
   m.def("mul_add", &gradreg::mul_add, "d1 ⊙ t (+ s)", pybind11::arg("d1"), pybind11::arg("t"),
         pybind11::arg("s") = pybind11::none());
+  m.def("smooth_value", &gradreg::smooth_value, "σ(z) alone");
+  m.def("output_mul_add", &gradreg::output_mul_add, "σ'(y) ⊙ t (+ s) from the output y",
+        pybind11::arg("y"), pybind11::arg("t"), pybind11::arg("s"), pybind11::arg("kind"),
+        pybind11::arg("p0"), pybind11::arg("p1"));
+  m.def("output_tangent", &gradreg::output_tangent, "(σ'(y) ⊙ r, σ''(y) ⊙ u ⊙ r) from y");
   m.def("softmax_head", &gradreg::softmax_head, "CE, p, ∇CE, ∇ℓ of the softmax heads");
   m.def("softmax_hvp", &gradreg::softmax_hvp, "p ⊙ (t − pᵀt)");
   m.def("max_pool2d", &gradreg::max_pool2d, "max pooling and the flat argmax per plane");

@@ -26,6 +26,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_forward(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> smooth_tangent(const at::Tensor& d1, const at::Tensor& d2,
                                                   const at::Tensor& r, const at::Tensor& u);
 at::Tensor mul_add(const at::Tensor& d1, const at::Tensor& t, const c10::optional<at::Tensor>& s);
+at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1);
+
+// ---- smooth activations whose σ', σ'' are functions of y = σ(z) (softplus, tanh, sigmoid,
+// elu): the passes keep y alone
+at::Tensor output_mul_add(const at::Tensor& y, const at::Tensor& t,
+                          const c10::optional<at::Tensor>& s, int64_t kind, double p0, double p1);
+std::tuple<at::Tensor, at::Tensor> output_tangent(const at::Tensor& y, const at::Tensor& r,
+                                                  const at::Tensor& u, int64_t kind, double p0,
+                                                  double p1);
 
 // ---- softmax heads -------------------------------------------------------------------
 std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, bool uniform);

@@ -1,5 +1,6 @@
 // Smooth activations: one forward sweep gives σ(z), σ'(z), σ''(z); later passes need only
-// products: chain σ'⊙d, tangent (σ'⊙r, σ''⊙u⊙r), backward σ'⊙ā + s. Kind codes follow
+// products: chain σ'⊙d, tangent (σ'⊙r, σ''⊙u⊙r), backward σ'⊙ā + s. smooth_value gives σ(z)
+// alone, for the kinds whose derivatives come from the output (smooth_output.cpp). Kind codes follow
 // gradreg_kernels/backends/cpu.py; derivatives follow rules/activation_math.py.
 #include <ATen/Parallel.h>
 
@@ -95,6 +96,31 @@ void sweep(const float* z, float* y, float* d1, float* d2, int64_t n, F f) {
   });
 }
 
+template <typename F>
+void value_sweep(const float* z, float* y, int64_t n, F f) {
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+    const float* __restrict zr = z;
+    float* __restrict yw = y;
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) yw[i] = f(zr[i]).v;  // the derivatives are dead code
+  });
+}
+
+// Runs body(f) with f the kind's z ↦ (σ, σ', σ'') functor (one loop instance per kind).
+template <typename Body>
+void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body) {
+  const float a = static_cast<float>(p0), b = static_cast<float>(p1);
+  switch (kind) {
+    case kSoftplus: body([=](float v) { return softplus(v, a, b); }); break;
+    case kTanh: body([](float v) { return tanh_(v); }); break;
+    case kSigmoid: body([](float v) { return sigmoid(v); }); break;
+    case kGelu: body([](float v) { return gelu(v); }); break;
+    case kGeluTanh: body([](float v) { return gelu_tanh(v); }); break;
+    case kElu: body([=](float v) { return elu(v, a); }); break;
+    default: TORCH_CHECK(false, what, ": unknown activation kind ", kind);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_forward(const at::Tensor& z,
@@ -104,18 +130,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_forward(const at::Tensor& 
   auto y = at::empty_like(z), d1 = at::empty_like(z), d2 = at::empty_like(z);
   const float* zp = z.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *p1p = d1.data_ptr<float>(), *p2p = d2.data_ptr<float>();
-  const int64_t n = z.numel();
-  const float a = static_cast<float>(p0), b = static_cast<float>(p1);
-  switch (kind) {
-    case kSoftplus: sweep(zp, yp, p1p, p2p, n, [=](float v) { return softplus(v, a, b); }); break;
-    case kTanh: sweep(zp, yp, p1p, p2p, n, [](float v) { return tanh_(v); }); break;
-    case kSigmoid: sweep(zp, yp, p1p, p2p, n, [](float v) { return sigmoid(v); }); break;
-    case kGelu: sweep(zp, yp, p1p, p2p, n, [](float v) { return gelu(v); }); break;
-    case kGeluTanh: sweep(zp, yp, p1p, p2p, n, [](float v) { return gelu_tanh(v); }); break;
-    case kElu: sweep(zp, yp, p1p, p2p, n, [=](float v) { return elu(v, a); }); break;
-    default: TORCH_CHECK(false, "smooth_forward: unknown activation kind ", kind);
-  }
+  with_kind(kind, p0, p1, "smooth_forward",
+            [&](auto f) { sweep(zp, yp, p1p, p2p, z.numel(), f); });
   return {y, d1, d2};
+}
+
+at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1) {
+  check_f32(z, "z");
+  auto y = at::empty_like(z);
+  const float* zp = z.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  with_kind(kind, p0, p1, "smooth_value", [&](auto f) { value_sweep(zp, yp, z.numel(), f); });
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> smooth_tangent(const at::Tensor& d1, const at::Tensor& d2,

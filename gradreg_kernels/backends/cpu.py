@@ -42,6 +42,20 @@ ACC_BLOCK_ROWS = 128
 
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5}
 
+
+def _derivs_from_output(spec: ActivationSpec) -> bool:
+    """Whether σ'(z) and σ''(z) are recomputed from y = σ(z) (smooth_output.cpp), so the
+    passes keep y alone: tanh, sigmoid, ELU with α > 0, and Softplus with β > 0 and a
+    threshold ≥ 15 (below that, log(1 + e^{βz}) > threshold for some βz ≤ threshold and y
+    would not tell torch's linear region apart)."""
+    if spec.name in ("tanh", "sigmoid"):
+        return True
+    if spec.name == "elu":
+        return spec.params[0] > 0
+    if spec.name == "softplus":
+        return spec.params[0] > 0 and spec.params[1] >= 15
+    return False
+
 _EXT = None
 _EXT_ERROR: str | None = None
 
@@ -100,6 +114,16 @@ class _Smooth:
 
     d1: Tensor
     d2: Tensor
+
+
+@dataclass
+class _FromOutput:
+    """A smooth activation's output y (``tensor``): σ', σ'' are recomputed from it."""
+
+    tensor: Tensor
+    kind: int
+    p0: float
+    p1: float
 
 
 def _pair(v) -> tuple[int, int]:
@@ -181,6 +205,9 @@ class CpuBackend(TorchBackend):
         if kind is None:
             return super().act_forward(spec, z)
         p = tuple(spec.params) + (0.0, 0.0)
+        if _derivs_from_output(spec):
+            y = self.ext.smooth_value(z, kind, p[0], p[1])
+            return y, _FromOutput(y, kind, p[0], p[1])
         y, d1, d2 = self.ext.smooth_forward(z, kind, p[0], p[1])
         return y, _Smooth(d1, d2)
 
@@ -189,6 +216,9 @@ class CpuBackend(TorchBackend):
             return self.ext.mask_apply(saved.bits, d.contiguous(), saved.hi, saved.lo)
         if isinstance(saved, _Smooth):
             return self.ext.mul_add(saved.d1, d.contiguous(), None)
+        if isinstance(saved, _FromOutput):
+            return self.ext.output_mul_add(saved.tensor, d.contiguous(), None, saved.kind,
+                                           saved.p0, saved.p1)
         return super().act_chain(spec, saved, d)
 
     def act_tangent(
@@ -198,6 +228,10 @@ class CpuBackend(TorchBackend):
             return self.ext.mask_apply(saved.bits, r.contiguous(), saved.hi, saved.lo), None
         if isinstance(saved, _Smooth):
             out, s = self.ext.smooth_tangent(saved.d1, saved.d2, r.contiguous(), u.contiguous())
+            return out, s
+        if isinstance(saved, _FromOutput):
+            out, s = self.ext.output_tangent(saved.tensor, r.contiguous(), u.contiguous(),
+                                             saved.kind, saved.p0, saved.p1)
             return out, s
         return super().act_tangent(spec, saved, r, u)
 
@@ -210,6 +244,10 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _Smooth):
             return self.ext.mul_add(saved.d1, abar.contiguous(),
                                     None if s is None else s.contiguous())
+        if isinstance(saved, _FromOutput):
+            return self.ext.output_mul_add(saved.tensor, abar.contiguous(),
+                                           None if s is None else s.contiguous(), saved.kind,
+                                           saved.p0, saved.p1)
         return super().act_backward(spec, saved, abar, s)
 
     # ---- dropout ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ it. ``ctx.needs_input_grad`` only says an input requires grad; under
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -83,10 +84,20 @@ def input_needed(ctx, i: int) -> bool:
 
 def save_with_act(ctx, tensors: tuple, act_saved: object) -> None:
     """save_for_backward of the inputs and of what ``act_forward`` kept, so autograd's
-    version check catches an in-place change of either (the ReLU output, say)."""
+    version check catches an in-place change of either (the ReLU output, say).
+
+    A state object that holds a tensor in a field ``tensor`` (a smooth activation's output,
+    from which its derivatives are recomputed) has that tensor saved the same way: the
+    output kept as an attribute of ctx would make a reference cycle (output → grad_fn → ctx →
+    output) that is never freed.
+    """
+    held = getattr(act_saved, "tensor", None)
     if isinstance(act_saved, Tensor):
         ctx.save_for_backward(*tensors, act_saved)
         ctx.act_saved = None
+    elif isinstance(held, Tensor):
+        ctx.save_for_backward(*tensors, held)
+        ctx.act_saved = dataclasses.replace(act_saved, tensor=None)
     else:
         ctx.save_for_backward(*tensors, None)
         ctx.act_saved = act_saved
@@ -106,7 +117,10 @@ def load_with_act(ctx, n: int) -> tuple[tuple, object]:
     """The inputs saved by ``save_with_act`` and the activation's saved state (detached:
     the backward treats it as a constant)."""
     *tensors, act = ctx.saved_tensors
-    return tuple(tensors), (ctx.act_saved if act is None else act.detach())
+    state, act = ctx.act_saved, None if act is None else act.detach()
+    if state is None:
+        return tuple(tensors), act  # the state was a tensor itself (or there was none)
+    return tuple(tensors), state if act is None else dataclasses.replace(state, tensor=act)
 
 
 def channel(v: Tensor, like: Tensor) -> Tensor:

@@ -1,0 +1,125 @@
+// Smooth activations whose derivatives are functions of their output y = σ(z), so that the
+// passes keep y (which the next layer keeps anyway) instead of σ'(z) and σ''(z):
+//   softplus (β > 0):  s = 1 − e^{−βy} = sigmoid(βz),  σ' = s,       σ'' = β s (1 − s)
+//                      (σ' = 1, σ'' = 0 in torch's linear region βy > threshold)
+//   tanh:              σ' = 1 − y²,                    σ'' = −2 y σ'
+//   sigmoid:           σ' = y (1 − y),                 σ'' = σ' (1 − 2y)
+//   elu (α > 0):       y > 0: σ' = 1, σ'' = 0;  else σ' = σ'' = y + α  (= α e^z)
+// Kind codes follow gradreg_kernels/backends/cpu.py (those of smooth.cpp).
+#include <ATen/Parallel.h>
+
+#include "fastmath.h"
+#include "kernels.h"
+
+namespace gradreg {
+namespace {
+
+constexpr int64_t kGrain = 8192;
+
+enum Kind : int64_t { kSoftplus = 0, kTanh = 1, kSigmoid = 2, kElu = 5 };
+
+struct D12 {
+  float d1, d2;
+};
+
+// 1 − e^{−x} for x ≥ 0 with its relative accuracy kept near 0 (where 1 − e^{−x} cancels):
+// the series x (1 − x/2 + x²/6 − x³/24 + x⁴/120) below 0.1, as a select so loops vectorize.
+inline float one_minus_exp_neg(float x) {
+  const float series = x * (1.f - x * (0.5f - x * (1.f / 6.f - x * (1.f / 24.f - x / 120.f))));
+  const float direct = 1.f - fast_exp(-x);
+  return x < 0.1f ? series : direct;
+}
+
+inline D12 softplus_d(float y, float beta, float threshold) {
+  const float by = beta * y;
+  const float s = one_minus_exp_neg(by);
+  const float lin = static_cast<float>(by > threshold);
+  return {lin + (1.f - lin) * s, (1.f - lin) * beta * s * (1.f - s)};
+}
+
+inline D12 tanh_d(float y) {
+  const float g = 1.f - y * y;
+  return {g, -2.f * y * g};
+}
+
+inline D12 sigmoid_d(float y) {
+  const float g = y * (1.f - y);
+  return {g, g * (1.f - 2.f * y)};
+}
+
+inline D12 elu_d(float y, float alpha) {
+  const float neg = static_cast<float>(!(y > 0.f));
+  const float e = neg * (y + alpha);
+  return {(1.f - neg) + e, e};
+}
+
+// Runs body(derivs) with derivs the kind's y ↦ (σ', σ'') functor (one loop instance per kind).
+template <typename Body>
+void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body) {
+  const float a = static_cast<float>(p0), b = static_cast<float>(p1);
+  switch (kind) {
+    case kSoftplus: body([=](float y) { return softplus_d(y, a, b); }); break;
+    case kTanh: body([](float y) { return tanh_d(y); }); break;
+    case kSigmoid: body([](float y) { return sigmoid_d(y); }); break;
+    case kElu: body([=](float y) { return elu_d(y, a); }); break;
+    default: TORCH_CHECK(false, what, ": no derivatives from the output for kind ", kind);
+  }
+}
+
+void check_same_size(const at::Tensor& y, const at::Tensor& t, const char* what) {
+  check_f32(t, what);
+  TORCH_CHECK(t.numel() == y.numel(), what, ": operand sizes differ (", t.numel(), " vs ",
+              y.numel(), ")");
+}
+
+}  // namespace
+
+at::Tensor output_mul_add(const at::Tensor& y, const at::Tensor& t,
+                          const c10::optional<at::Tensor>& s, int64_t kind, double p0,
+                          double p1) {
+  // σ'(y) ⊙ t (+ s): the chain and the backward step
+  check_f32(y, "y");
+  check_same_size(y, t, "output_mul_add t");
+  if (s.has_value()) check_same_size(y, *s, "output_mul_add s");
+  auto out = at::empty_like(t);
+  const float *yp = y.data_ptr<float>(), *tp = t.data_ptr<float>();
+  const float* sp = s.has_value() ? s->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  with_kind(kind, p0, p1, "output_mul_add", [&](auto derivs) {
+    at::parallel_for(0, y.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      if (sp) {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) op[i] = derivs(yp[i]).d1 * tp[i] + sp[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) op[i] = derivs(yp[i]).d1 * tp[i];
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> output_tangent(const at::Tensor& y, const at::Tensor& r,
+                                                  const at::Tensor& u, int64_t kind, double p0,
+                                                  double p1) {
+  // (σ'(y) ⊙ r, σ''(y) ⊙ u ⊙ r)
+  check_f32(y, "y");
+  check_same_size(y, r, "output_tangent r");
+  check_same_size(y, u, "output_tangent u");
+  auto out = at::empty_like(r), s = at::empty_like(r);
+  const float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>(), *up = u.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *sp = s.data_ptr<float>();
+  with_kind(kind, p0, p1, "output_tangent", [&](auto derivs) {
+    at::parallel_for(0, y.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) {
+        const D12 d = derivs(yp[i]);
+        op[i] = d.d1 * rp[i];
+        sp[i] = d.d2 * up[i] * rp[i];
+      }
+    });
+  });
+  return {out, s};
+}
+
+}  // namespace gradreg
