@@ -80,12 +80,15 @@ class _Runner:
         return grads, xgrad
 
     def _tangent_seed(self, go: Tensor, b: int) -> Tensor | None:
-        """r = (2λ/B) g · go, the seed of pass 3 (None without a penalty); g is released
-        unless keep_saved."""
-        r = None if self.g is None else self.g * (go * (2.0 * self.lam / b))
-        if not self.schedule.keep_saved:
-            self.g = None
-        return r
+        """r = (2λ/B) g · go, the seed of pass 3 (None without a penalty); g is scaled in
+        place into r and released (no second g-sized buffer), unless keep_saved."""
+        if self.g is None:
+            return None
+        g, scale = self.g, go * (2.0 * self.lam / b)
+        if self.schedule.keep_saved:
+            return g * scale
+        self.g = None
+        return g.mul_(scale) if scale.dtype == g.dtype else g * scale
 
 
 class _FusedGradReg(torch.autograd.Function):

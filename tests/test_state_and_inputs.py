@@ -73,6 +73,22 @@ def test_grad_output_scaling():
         assert rel_err(a, 3.5 * p.grad) < 1e-12
 
 
+@pytest.mark.parametrize("keep_saved", [False, True])
+def test_pass3_seed_scales_g_in_place_unless_kept(keep_saved):
+    """r = (2λ/B) g · go reuses g's buffer (no second g-sized tensor at the start of pass 3),
+    except under keep_saved, where g must survive for a second backward."""
+    model = small_cnn()
+    x, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    out = gradreg_loss(model, x, y, 1.0, backend="torch", keep_saved=keep_saved)
+    runner = out.loss.grad_fn.runner
+    g = runner.g.clone()
+    ptr = runner.g.data_ptr()
+    r = runner._tangent_seed(torch.tensor(3.5, dtype=torch.float64), x.shape[0])
+    assert rel_err(r, g * (3.5 * 2.0 / x.shape[0])) < 1e-15
+    assert (r.data_ptr() == ptr) != keep_saved
+    assert (runner.g is None) != keep_saved
+
+
 def test_combines_with_other_losses_in_one_graph():
     model = small_cnn().eval()
     x, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (3,))

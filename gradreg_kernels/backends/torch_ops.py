@@ -151,7 +151,12 @@ class TorchBackend:
         """(Σ (M ⊙ g)², M² ⊙ g): the penalty's sum over the batch and, up to the factor
         2λ/B, the seed r of pass 3; M = 1 when mask is None. g: (B, ...) = ∇_X Σ ℓ."""
         gm = g if mask is None else g * mask
-        return gm.pow(2).sum(), (gm if mask is None else gm * mask)
+        # ‖gm‖² as a reduction: no g-sized temporary at the end of pass 2, where the step's
+        # memory peaks (every d and activation is alive)
+        total = torch.linalg.vector_norm(gm, dtype=torch.float32
+                                         if gm.dtype in (torch.float16, torch.bfloat16)
+                                         else None).square().to(gm.dtype)
+        return total, (gm if mask is None else gm * mask)
 
     # ---- dropout ----------------------------------------------------------------------
     def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, object]:
