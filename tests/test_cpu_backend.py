@@ -320,9 +320,15 @@ def test_auto_picks_cpu_backend_on_cpu_tensors(bk):
 def test_environment_switch_turns_the_backend_off(bk, monkeypatch):
     from gradreg_kernels.backends import cpu
 
+    dev = torch.device("cpu")
+    assert get_backend("auto", dev) is get_backend("cpu", dev)  # one instance, remembered
     monkeypatch.setenv("GRADREG_KERNELS_CPU_EXT", "0")
     assert "GRADREG_KERNELS_CPU_EXT" in cpu.available()
-    assert get_backend("auto", torch.device("cpu")).name == "torch"
+    assert get_backend("auto", dev).name == "torch"  # the remembered choice follows the switch
+    with pytest.raises(RuntimeError, match="GRADREG_KERNELS_CPU_EXT"):
+        get_backend("cpu", dev)
+    monkeypatch.delenv("GRADREG_KERNELS_CPU_EXT")
+    assert get_backend("auto", dev).name == "cpu"
 
 
 def test_float64_runs_the_portable_kernels(bk):

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
-from gradreg_kernels.backends import _INSTANCES, _REGISTRY, BackendEntry, register_backend
+from gradreg_kernels.backends import (
+    _INSTANCES,
+    BackendEntry,
+    register_backend,
+    unregister_backend,
+)
 from gradreg_kernels.backends.torch_ops import TorchBackend
 
 
@@ -50,8 +55,7 @@ class CountingBackend(TorchBackend):
 def counting():
     register_backend(BackendEntry("counting", CountingBackend, ("cpu",), lambda: None, -1))
     yield
-    _REGISTRY.pop("counting")
-    _INSTANCES.pop("counting", None)
+    unregister_backend("counting")
 
 
 @pytest.mark.parametrize("widths", [(13, 7), (20, 17, 9), (31, 23, 19, 11, 5)])

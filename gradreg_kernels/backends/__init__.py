@@ -6,6 +6,7 @@ with ``register_backend`` and are tried in order of preference by ``backend="aut
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,11 +26,16 @@ class BackendEntry:
 
 _REGISTRY: dict[str, BackendEntry] = {}
 _INSTANCES: dict[str, TorchBackend] = {}
+#: (name, device type, the environment variables that switch backends) → the entry chosen;
+#: a drop-in Function resolves its backend on every call, so the choice is remembered
+_RESOLVED: dict[tuple, BackendEntry] = {}
+_SWITCHES = ("GRADREG_KERNELS_CPU_EXT", "TRITON_INTERPRET")
 
 
 def register_backend(entry: BackendEntry) -> None:
     """Add a backend; ``auto`` picks the highest priority one usable on the device."""
     _REGISTRY[entry.name] = entry
+    _RESOLVED.clear()
 
 
 register_backend(BackendEntry("torch", TorchBackend, ("cpu", "cuda", "mps", "xpu"),
@@ -54,19 +60,37 @@ def _cpu_factory() -> TorchBackend:
 register_backend(BackendEntry("cpu", _cpu_factory, ("cpu",), _cpu_available, priority=10))
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (and its instance); for tests and plug-ins."""
+    _REGISTRY.pop(name, None)
+    _INSTANCES.pop(name, None)
+    _RESOLVED.clear()
+
+
 def backend_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
 def get_backend(name: str, device: torch.device) -> TorchBackend:
-    """The backend called ``name`` (or the best for ``device`` when name is "auto")."""
+    """The backend called ``name`` (or the best for ``device`` when name is "auto").
+
+    The choice is remembered per name, device type and backend switches of the environment
+    (a registered backend's availability is settled once it has been built)."""
+    key = (name, device.type, *(os.environ.get(k) for k in _SWITCHES))
+    e = _RESOLVED.get(key)
+    if e is None or _REGISTRY.get(e.name) is not e:
+        e = _RESOLVED[key] = _resolve(name, device)
+    return _instance(e)
+
+
+def _resolve(name: str, device: torch.device) -> BackendEntry:
     if name == "auto":
         candidates = sorted((e for e in _REGISTRY.values() if device.type in e.device_types),
                             key=lambda e: -e.priority)
         for e in candidates:
             if e.available() is None:
-                return _instance(e)
-        return _instance(_REGISTRY["torch"])
+                return e
+        return _REGISTRY["torch"]
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known: {backend_names()} or 'auto'")
     e = _REGISTRY[name]
@@ -75,7 +99,7 @@ def get_backend(name: str, device: torch.device) -> TorchBackend:
     why = e.available()
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
-    return _instance(e)
+    return e
 
 
 def _instance(e: BackendEntry) -> TorchBackend:
