@@ -59,11 +59,9 @@ class Rule:
     def add_tangent_term(self, gw: Tensor) -> Tensor:
         """gw plus the weight-gradient term the tangent pass computed (``gw_tangent``), if
         any; the term is released unless ``keep_saved``."""
-        term = getattr(self, "gw_tangent", None)
+        term = self.take_tangent_term()
         if term is None:
             return gw
-        if not self.keep_saved:
-            self.gw_tangent = None
         return gw.add_(term) if gw.dtype == term.dtype else gw + term
 
 
