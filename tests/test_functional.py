@@ -259,3 +259,36 @@ def test_cpu_activation_kept_as_its_output(act, args):
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_nested_functions_skip_autograd_bookkeeping_without_a_graph(monkeypatch):
+    """Where no graph is recorded (a backward without create_graph, inference under
+    no_grad) a drop-in's nested Functions run their forward directly: the same values, no
+    Function.apply call; with create_graph the nested Functions are applied as before."""
+    from gradreg_kernels.functional import conv as fconv
+
+    calls = {"n": 0}
+    real = fconv.Conv2dInputGrad.apply.__func__
+
+    def counting(cls, *args):
+        calls["n"] += 1
+        return real(cls, *args)
+
+    monkeypatch.setattr(fconv.Conv2dInputGrad, "apply", classmethod(counting))
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def grads(create_graph):
+        y = conv2d_act(x, w, None, padding=1, act="tanh", backend="torch")
+        return torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=create_graph)
+
+    plain = grads(False)
+    assert calls["n"] == 0
+    graphed = grads(True)
+    assert calls["n"] == 1 and graphed[0].requires_grad
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b.detach())
+    with torch.no_grad():
+        y = conv2d_act(x, w, None, padding=1, act="tanh", backend="torch")
+    assert y.grad_fn is None
+    assert torch.equal(y, conv2d_act(x, w, None, padding=1, act="tanh", backend="torch").detach())

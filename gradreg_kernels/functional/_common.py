@@ -133,6 +133,30 @@ def channel_sum(t: Tensor) -> Tensor:
     return t.sum(dim=[0] + list(range(2, t.dim())))
 
 
+class _NoGraphCtx:
+    """Stands in for a Function's ctx when its forward is called directly (nothing records a
+    graph, so what the forward saves for a backward is dropped)."""
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors) -> None:
+        pass
+
+
+def apply(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)``, or, where no graph is being recorded (grad mode off: a backward
+    without create_graph, or inference under no_grad), ``fn.forward`` on a stand-in ctx:
+    the same values without the autograd Function's per-call bookkeeping, which at small
+    sizes costs more than the kernels (every nested Function of a drop-in's backward)."""
+    if torch.is_grad_enabled():
+        return fn.apply(*args)
+    return fn.forward(_NoGraphCtx(), *args)
+
+
 def last_differentiable(backward):
     """Marks a backward that is not itself differentiable (the last level: second
     derivatives of the op). Asking for a graph through it (create_graph=True, i.e. third

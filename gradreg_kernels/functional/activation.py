@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..rules.activation_math import ActivationSpec
 from ._common import (
+    apply,
     input_needed,
     last_differentiable,
     load_with_act,
@@ -98,7 +99,7 @@ class _BiasAct(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None
         (x, b), act_saved = load_with_act(ctx, 2)
-        dz = ActivationGrad.apply(dy, act_saved, ctx.spec, ctx.bk, _bias_pullback(ctx.dim), x, b)
+        dz = apply(ActivationGrad, dy, act_saved, ctx.spec, ctx.bk, _bias_pullback(ctx.dim), x, b)
         dims = [i for i in range(dz.dim()) if i != ctx.dim]
         db = dz.sum(dims) if b is not None and input_needed(ctx, 1) else None
         return dz, db, None, None, None

@@ -18,6 +18,7 @@ from torch.nn.modules.utils import _pair
 from ..rules.activation_math import ActivationSpec
 from ._common import (
     activate_and_save,
+    apply,
     input_needed,
     load_with_act,
     record_inputs,
@@ -53,8 +54,8 @@ class Conv2dInputGrad(torch.autograd.Function):
             return None, None, None, None, None
         d, w = ctx.saved_tensors
         geom, bk = ctx.geom, ctx.bk
-        gd = Conv2dAct.apply(g, w, None, geom, None, bk) if input_needed(ctx, 0) else None
-        gw = (Conv2dWeightGrad.apply(d, g, tuple(w.shape), geom, bk)
+        gd = apply(Conv2dAct, g, w, None, geom, None, bk) if input_needed(ctx, 0) else None
+        gw = (apply(Conv2dWeightGrad, d, g, tuple(w.shape), geom, bk)
               if input_needed(ctx, 1) else None)
         return gd, gw, None, None, None
 
@@ -77,8 +78,8 @@ class Conv2dWeightGrad(torch.autograd.Function):
             return None, None, None, None, None
         d, a = ctx.saved_tensors
         geom, bk = ctx.geom, ctx.bk
-        gd = Conv2dAct.apply(a, g, None, geom, None, bk) if input_needed(ctx, 0) else None
-        ga = (Conv2dInputGrad.apply(d, g, tuple(a.shape), geom, bk)
+        gd = apply(Conv2dAct, a, g, None, geom, None, bk) if input_needed(ctx, 0) else None
+        ga = (apply(Conv2dInputGrad, d, g, tuple(a.shape), geom, bk)
               if input_needed(ctx, 1) else None)
         return gd, ga, None, None, None
 
@@ -112,10 +113,10 @@ class Conv2dAct(torch.autograd.Function):
         geom, spec, bk = ctx.geom, ctx.spec, ctx.bk
         dz = dy
         if spec is not None:
-            dz = ActivationGrad.apply(dy, act_saved, spec, bk, _conv_pullback(bk, geom), a, w, b)
-        da = (Conv2dInputGrad.apply(dz, w, tuple(a.shape), geom, bk)
+            dz = apply(ActivationGrad, dy, act_saved, spec, bk, _conv_pullback(bk, geom), a, w, b)
+        da = (apply(Conv2dInputGrad, dz, w, tuple(a.shape), geom, bk)
               if input_needed(ctx, 0) else None)
-        dw = (Conv2dWeightGrad.apply(dz, a, tuple(w.shape), geom, bk)
+        dw = (apply(Conv2dWeightGrad, dz, a, tuple(w.shape), geom, bk)
               if input_needed(ctx, 1) else None)
         db = dz.sum((0, 2, 3)) if b is not None and input_needed(ctx, 2) else None
         return da, dw, db, None, None, None
@@ -141,4 +142,4 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     if isinstance(padding, str):
         raise ValueError("conv2d_act takes integer padding; resolve 'same'/'valid' first")
     geom = (tuple(_pair(stride)), tuple(_pair(padding)), tuple(_pair(dilation)), int(groups))
-    return Conv2dAct.apply(x, weight, bias, geom, spec, resolve_backend(backend, x.device))
+    return apply(Conv2dAct, x, weight, bias, geom, spec, resolve_backend(backend, x.device))

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..rules.activation_math import ActivationSpec
 from ._common import (
     activate_and_save,
+    apply,
     input_needed,
     load_with_act,
     record_inputs,
@@ -43,8 +44,8 @@ class LinearInputGrad(torch.autograd.Function):
         if g is None:
             return None, None, None
         d, w = ctx.saved_tensors
-        gd = LinearAct.apply(g, w, None, None, ctx.bk) if input_needed(ctx, 0) else None
-        gw = LinearWeightGrad.apply(d, g, ctx.bk) if input_needed(ctx, 1) else None
+        gd = apply(LinearAct, g, w, None, None, ctx.bk) if input_needed(ctx, 0) else None
+        gw = apply(LinearWeightGrad, d, g, ctx.bk) if input_needed(ctx, 1) else None
         return gd, gw, None
 
 
@@ -64,8 +65,8 @@ class LinearWeightGrad(torch.autograd.Function):
         if g is None:
             return None, None, None
         d, a = ctx.saved_tensors
-        gd = LinearAct.apply(a, g, None, None, ctx.bk) if input_needed(ctx, 0) else None
-        ga = LinearInputGrad.apply(d, g, ctx.bk) if input_needed(ctx, 1) else None
+        gd = apply(LinearAct, a, g, None, None, ctx.bk) if input_needed(ctx, 0) else None
+        ga = apply(LinearInputGrad, d, g, ctx.bk) if input_needed(ctx, 1) else None
         return gd, ga, None
 
 
@@ -98,9 +99,9 @@ class LinearAct(torch.autograd.Function):
         bk, spec = ctx.bk, ctx.spec
         dz = dy
         if spec is not None:
-            dz = ActivationGrad.apply(dy, act_saved, spec, bk, _linear_pullback(bk), a, w, b)
-        da = LinearInputGrad.apply(dz, w, bk) if input_needed(ctx, 0) else None
-        dw = LinearWeightGrad.apply(dz, a, bk) if input_needed(ctx, 1) else None
+            dz = apply(ActivationGrad, dy, act_saved, spec, bk, _linear_pullback(bk), a, w, b)
+        da = apply(LinearInputGrad, dz, w, bk) if input_needed(ctx, 0) else None
+        dw = apply(LinearWeightGrad, dz, a, bk) if input_needed(ctx, 1) else None
         db = dz.sum(0) if b is not None and input_needed(ctx, 2) else None
         return da, dw, db, None, None
 
@@ -123,5 +124,5 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None,
         raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
     bk = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
-    y = LinearAct.apply(x.reshape(-1, in_f), weight, bias, spec, bk)
+    y = apply(LinearAct, x.reshape(-1, in_f), weight, bias, spec, bk)
     return y.view(*lead, out_f)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import input_needed, last_differentiable, record_inputs, resolve_backend
+from ._common import apply, input_needed, last_differentiable, record_inputs, resolve_backend
 
 
 def _grad_at_logits(p: Tensor, y: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ class SoftmaxCE(torch.autograd.Function):
         if g is None or not input_needed(ctx, 0):
             return None, None, None
         (z,) = ctx.saved_tensors
-        return SoftmaxCEGrad.apply(g, z, ctx.p, ctx.y, ctx.bk), None, None
+        return apply(SoftmaxCEGrad, g, z, ctx.p, ctx.y, ctx.bk), None, None
 
 
 def softmax_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean",
@@ -79,7 +79,7 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean
     k = logits.shape[1]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= k):
         raise ValueError(f"target labels must lie in [0, {k})")
-    ce = SoftmaxCE.apply(logits, target.long(), resolve_backend(backend, logits.device))
+    ce = apply(SoftmaxCE, logits, target.long(), resolve_backend(backend, logits.device))
     if reduction == "mean":
         return ce.mean()
     return ce.sum() if reduction == "sum" else ce

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._common import (
+    apply,
     channel,
     channel_sum,
     input_needed,
@@ -94,7 +95,7 @@ class BatchNormTrain(torch.autograd.Function):
             return None, None, None, None, None
         x, gamma = ctx.saved_tensors
         want = (input_needed(ctx, 0), input_needed(ctx, 1), input_needed(ctx, 2))
-        dx, dgamma, dbeta = BatchNormTrainGrad.apply(dy, x, gamma, ctx.xhat, ctx.inv_std,
+        dx, dgamma, dbeta = apply(BatchNormTrainGrad, dy, x, gamma, ctx.xhat, ctx.inv_std,
                                                      want, ctx.bk)
         return dx, dgamma, dbeta, None, None
 
@@ -158,7 +159,7 @@ class BatchNormEval(torch.autograd.Function):
             return (None,) * 6
         x, gamma, mean, inv = ctx.saved_tensors
         want = (input_needed(ctx, 0), input_needed(ctx, 1), input_needed(ctx, 2))
-        dx, dgamma, dbeta = BatchNormEvalGrad.apply(dy, x, gamma, mean, inv, want)
+        dx, dgamma, dbeta = apply(BatchNormEvalGrad, dy, x, gamma, mean, inv, want)
         return dx, dgamma, dbeta, None, None, None
 
 
@@ -183,14 +184,14 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm with training=False needs running_mean and running_var")
-        return BatchNormEval.apply(x, weight, bias, running_mean.to(x.dtype),
+        return apply(BatchNormEval, x, weight, bias, running_mean.to(x.dtype),
                                    running_var.to(x.dtype), float(eps))
     n = x.numel() // c
     if n <= 1:
         raise ValueError(f"batch_norm in training mode needs more than 1 value per channel, "
                          f"got input of shape {tuple(x.shape)}")
     bk = resolve_backend(backend, x.device)
-    y, mean, var = BatchNormTrain.apply(x, weight, bias, float(eps), bk)
+    y, mean, var = apply(BatchNormTrain, x, weight, bias, float(eps), bk)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

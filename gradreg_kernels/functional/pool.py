@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._common import input_needed, record_inputs, resolve_backend
+from ._common import apply, input_needed, record_inputs, resolve_backend
 
 
 class PoolGather(torch.autograd.Function):
@@ -31,7 +31,7 @@ class PoolGather(torch.autograd.Function):
     def backward(ctx, g: Tensor | None):
         if g is None or not input_needed(ctx, 0):
             return None, None, None
-        return PoolScatter.apply(g, ctx.idx, ctx.in_shape, ctx.bk), None, None
+        return apply(PoolScatter, g, ctx.idx, ctx.in_shape, ctx.bk), None, None
 
 
 class PoolScatter(torch.autograd.Function):
@@ -48,7 +48,7 @@ class PoolScatter(torch.autograd.Function):
     def backward(ctx, g: Tensor | None):
         if g is None or not input_needed(ctx, 0):
             return None, None, None, None
-        return PoolGather.apply(g, ctx.idx, ctx.bk), None, None, None
+        return apply(PoolGather, g, ctx.idx, ctx.bk), None, None, None
 
 
 class MaxPool2d(torch.autograd.Function):
@@ -64,7 +64,7 @@ class MaxPool2d(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None):
         if dy is None or not input_needed(ctx, 0):
             return None, None, None
-        return PoolScatter.apply(dy, ctx.idx, ctx.in_shape, ctx.bk), None, None
+        return apply(PoolScatter, dy, ctx.idx, ctx.in_shape, ctx.bk), None, None
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
@@ -75,4 +75,4 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
     k = tuple(_pair(kernel_size))
     s = k if stride is None or stride == [] or stride == () else tuple(_pair(stride))
     args = (k, s, tuple(_pair(padding)), tuple(_pair(dilation)), bool(ceil_mode))
-    return MaxPool2d.apply(x, args, resolve_backend(backend, x.device))
+    return apply(MaxPool2d, x, args, resolve_backend(backend, x.device))
