@@ -12,11 +12,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import checks
+from .autocast import Function
 from .backends import get_backend
 from .fallback import autograd_terms
 from .plan import Plan, Unsupported, UnsupportedModelError, build_plan
@@ -91,7 +91,7 @@ class _Runner:
         return g.mul_(scale) if scale.dtype == g.dtype else g * scale
 
 
-class _FusedGradReg(torch.autograd.Function):
+class _FusedGradReg(Function):
     """loss(θ, x): forward = passes 1-2, backward = passes 3-4 (once differentiable)."""
 
     @staticmethod

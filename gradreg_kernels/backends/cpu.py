@@ -131,6 +131,13 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _f32(t: Tensor | None) -> Tensor | None:
+    """A contiguous float32 operand for the kernels (no copy when it is one already). The
+    saved states are float32; under autocast a later step may hand in bf16, and computes in
+    float32 as TorchBackend's promotion would."""
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
 def _fast(*ts: Tensor | None) -> bool:
     """Whether every given operand is a contiguous float32 CPU tensor (None counts as one)."""
     for t in ts:
@@ -212,27 +219,34 @@ class CpuBackend(TorchBackend):
         y, d1, d2 = self.ext.smooth_forward(z, kind, p[0], p[1])
         return y, _Smooth(d1, d2)
 
+    def _mask_apply(self, saved: _Masked, t: Tensor) -> Tensor:
+        """t ⊙ (bit ? hi : lo), in float32; a ReLU step keeps t's dtype (an autocast step
+        hands in bf16), the others promote to their float32 state as TorchBackend's do."""
+        out = self.ext.mask_apply(saved.bits, _f32(t), saved.hi, saved.lo)
+        relu = saved.hi == 1.0 and saved.lo == 0.0
+        return out.to(t.dtype) if relu else out
+
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
-            return self.ext.mask_apply(saved.bits, d.contiguous(), saved.hi, saved.lo)
+            return self._mask_apply(saved, d)
         if isinstance(saved, _Smooth):
-            return self.ext.mul_add(saved.d1, d.contiguous(), None)
+            return self.ext.mul_add(saved.d1, _f32(d), None)
         if isinstance(saved, _FromOutput):
-            return self.ext.output_mul_add(saved.tensor, d.contiguous(), None, saved.kind,
-                                           saved.p0, saved.p1)
+            return self.ext.output_mul_add(saved.tensor, _f32(d), None, saved.kind, saved.p0,
+                                           saved.p1)
         return super().act_chain(spec, saved, d)
 
     def act_tangent(
         self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(saved, _Masked):
-            return self.ext.mask_apply(saved.bits, r.contiguous(), saved.hi, saved.lo), None
+            return self._mask_apply(saved, r), None
         if isinstance(saved, _Smooth):
-            out, s = self.ext.smooth_tangent(saved.d1, saved.d2, r.contiguous(), u.contiguous())
+            out, s = self.ext.smooth_tangent(saved.d1, saved.d2, _f32(r), _f32(u))
             return out, s
         if isinstance(saved, _FromOutput):
-            out, s = self.ext.output_tangent(saved.tensor, r.contiguous(), u.contiguous(),
-                                             saved.kind, saved.p0, saved.p1)
+            out, s = self.ext.output_tangent(saved.tensor, _f32(r), _f32(u), saved.kind,
+                                             saved.p0, saved.p1)
             return out, s
         return super().act_tangent(spec, saved, r, u)
 
@@ -240,14 +254,12 @@ class CpuBackend(TorchBackend):
         self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
     ) -> Tensor:
         if isinstance(saved, _Masked):
-            out = self.ext.mask_apply(saved.bits, abar.contiguous(), saved.hi, saved.lo)
+            out = self._mask_apply(saved, abar)
             return out if s is None else out.add_(s)
         if isinstance(saved, _Smooth):
-            return self.ext.mul_add(saved.d1, abar.contiguous(),
-                                    None if s is None else s.contiguous())
+            return self.ext.mul_add(saved.d1, _f32(abar), _f32(s))
         if isinstance(saved, _FromOutput):
-            return self.ext.output_mul_add(saved.tensor, abar.contiguous(),
-                                           None if s is None else s.contiguous(), saved.kind,
+            return self.ext.output_mul_add(saved.tensor, _f32(abar), _f32(s), saved.kind,
                                            saved.p0, saved.p1)
         return super().act_backward(spec, saved, abar, s)
 
@@ -262,7 +274,7 @@ class CpuBackend(TorchBackend):
 
     def dropout_apply(self, saved: object, t: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
-            return self.ext.mask_apply(saved.bits, t.contiguous(), saved.hi, saved.lo)
+            return self._mask_apply(saved, t)
         return super().dropout_apply(saved, t)
 
     # ---- heads ------------------------------------------------------------------------

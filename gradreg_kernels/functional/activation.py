@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor
 
+from ..autocast import Function
 from ..rules.activation_math import ActivationSpec
 from ._common import (
     apply,
@@ -32,7 +32,7 @@ from ._common import (
 Pullback = Callable[[Tensor, Sequence[Tensor | None], Sequence[bool]], Sequence[Tensor | None]]
 
 
-class ActivationGrad(torch.autograd.Function):
+class ActivationGrad(Function):
     """dz = σ'(z) ⊙ dy, differentiable in dy and (for smooth σ) in what z was made from.
 
     apply(dy, saved, spec, bk, pullback, *sources): ``saved`` is what ``bk.act_forward``
@@ -83,7 +83,7 @@ def _bias_pullback(dim: int) -> Pullback:
     return pull
 
 
-class _BiasAct(torch.autograd.Function):
+class _BiasAct(Function):
     @staticmethod
     def forward(ctx, x: Tensor, b: Tensor | None, spec: ActivationSpec, bk, dim: int) -> Tensor:
         record_inputs(ctx, x, b, spec, bk, dim)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from ..autocast import Function
 from ..rules.activation_math import ActivationSpec
 from ._common import (
     activate_and_save,
@@ -36,7 +36,7 @@ def _shape_only(like: Tensor, shape: Sequence[int]) -> Tensor:
     return like.new_empty(shape)
 
 
-class Conv2dInputGrad(torch.autograd.Function):
+class Conv2dInputGrad(Function):
     """Wᵀ ⋆ d: (N, O, H', W') → (N, C, H, W) with (N, C, H, W) = in_shape."""
 
     @staticmethod
@@ -60,7 +60,7 @@ class Conv2dInputGrad(torch.autograd.Function):
         return gd, gw, None, None, None
 
 
-class Conv2dWeightGrad(torch.autograd.Function):
+class Conv2dWeightGrad(Function):
     """G(d, a): (N, O, H', W'), (N, C, H, W) → w_shape (O, C/groups, kh, kw)."""
 
     @staticmethod
@@ -94,7 +94,7 @@ def _conv_pullback(bk, geom: ConvGeom):
     return pull
 
 
-class Conv2dAct(torch.autograd.Function):
+class Conv2dAct(Function):
     """σ(W ⋆ a + b) for a (N, C, H, W); spec None means no activation."""
 
     @staticmethod

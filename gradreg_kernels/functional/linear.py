@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
+from ..autocast import Function
 from ..rules.activation_math import ActivationSpec
 from ._common import (
     activate_and_save,
@@ -28,7 +28,7 @@ from ._common import (
 from .activation import ActivationGrad
 
 
-class LinearInputGrad(torch.autograd.Function):
+class LinearInputGrad(Function):
     """d W: (N, out), (out, in) → (N, in)."""
 
     @staticmethod
@@ -49,7 +49,7 @@ class LinearInputGrad(torch.autograd.Function):
         return gd, gw, None
 
 
-class LinearWeightGrad(torch.autograd.Function):
+class LinearWeightGrad(Function):
     """dᵀ a: (N, out), (N, in) → (out, in)."""
 
     @staticmethod
@@ -80,7 +80,7 @@ def _linear_pullback(bk):
     return pull
 
 
-class LinearAct(torch.autograd.Function):
+class LinearAct(Function):
     """σ(a Wᵀ + b) for 2-D a (N, in); spec None means no activation."""
 
     @staticmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..autocast import Function
 from ._common import apply, input_needed, last_differentiable, record_inputs, resolve_backend
 
 
@@ -22,7 +23,7 @@ def _grad_at_logits(p: Tensor, y: Tensor) -> Tensor:
     return out
 
 
-class SoftmaxCEGrad(torch.autograd.Function):
+class SoftmaxCEGrad(Function):
     """(g, z) ↦ g[:, None] ⊙ (p − e_y); z is passed for its graph only (p is saved)."""
 
     @staticmethod
@@ -45,7 +46,7 @@ class SoftmaxCEGrad(torch.autograd.Function):
         return d_g, d_z, None, None, None
 
 
-class SoftmaxCE(torch.autograd.Function):
+class SoftmaxCE(Function):
     """Per-example cross-entropy (N,) of logits z (N, K) and labels y (N,)."""
 
     @staticmethod

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..autocast import Function
 from ._common import (
     apply,
     channel,
@@ -29,7 +30,7 @@ from ._common import (
 )
 
 
-class BatchNormTrainGrad(torch.autograd.Function):
+class BatchNormTrainGrad(Function):
     """(dy, x, γ) ↦ (dx, dγ, dβ) of train-mode batch norm; each output only when asked."""
 
     @staticmethod
@@ -75,7 +76,7 @@ class BatchNormTrainGrad(torch.autograd.Function):
         return d_dy, d_x, d_gamma, None, None, None, None
 
 
-class BatchNormTrain(torch.autograd.Function):
+class BatchNormTrain(Function):
     """y = γ x̂ + β with batch statistics; returns y, μ and the biased variance (constants)."""
 
     @staticmethod
@@ -100,7 +101,7 @@ class BatchNormTrain(torch.autograd.Function):
         return dx, dgamma, dbeta, None, None
 
 
-class BatchNormEvalGrad(torch.autograd.Function):
+class BatchNormEvalGrad(Function):
     """(dy, x, γ) ↦ (dx, dγ, dβ) of eval-mode batch norm."""
 
     @staticmethod
@@ -139,7 +140,7 @@ class BatchNormEvalGrad(torch.autograd.Function):
         return d_dy, d_x, d_gamma, None, None, None
 
 
-class BatchNormEval(torch.autograd.Function):
+class BatchNormEval(Function):
     """y = c (x − μ_run) + β, c = γ/√(v_run + ε)."""
 
     @staticmethod

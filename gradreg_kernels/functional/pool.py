@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from ..autocast import Function
 from ._common import apply, input_needed, record_inputs, resolve_backend
 
 
-class PoolGather(torch.autograd.Function):
+class PoolGather(Function):
     """out[n, c, i] = r[n, c, idx[n, c, i]]."""
 
     @staticmethod
@@ -34,7 +34,7 @@ class PoolGather(torch.autograd.Function):
         return apply(PoolScatter, g, ctx.idx, ctx.in_shape, ctx.bk), None, None
 
 
-class PoolScatter(torch.autograd.Function):
+class PoolScatter(Function):
     """The transpose of PoolGather: sums d into the input positions idx points to."""
 
     @staticmethod
@@ -51,7 +51,7 @@ class PoolScatter(torch.autograd.Function):
         return apply(PoolGather, g, ctx.idx, ctx.bk), None, None, None
 
 
-class MaxPool2d(torch.autograd.Function):
+class MaxPool2d(Function):
     @staticmethod
     def forward(ctx, x: Tensor, args: tuple, bk) -> Tensor:
         record_inputs(ctx, x, args, bk)

@@ -1,0 +1,96 @@
+"""Mixed precision as users write it: the forward under torch.autocast, backward() after
+the context has closed. The fused step and the drop-in Functions must run their backward
+under their forward's autocast state (as built-in ops do), giving the same gradients as a
+backward inside the context, in the parameters' dtype."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gradreg_kernels import backend_names, get_backend, gradreg_loss
+from gradreg_kernels.nn import convert
+
+AMP = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _cpu_backends() -> list[str]:
+    out = []
+    for name in backend_names():
+        try:
+            get_backend(name, torch.device("cpu"))
+        except (RuntimeError, ValueError):
+            continue
+        out.append(name)
+    return out
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)) ** 0.5
+    return float(num / sum((y.double() ** 2).sum() for y in b) ** 0.5)
+
+
+def small_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4 * 4, 16),
+                         nn.LeakyReLU(0.1), nn.Dropout(0.2), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_fused_step_backward_after_the_autocast_context(backend):
+    torch.manual_seed(0)
+    model = small_net()
+    x, y = torch.randn(12, 2, 8, 8), torch.randint(0, 5, (12,))
+
+    def step(inside: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast(**AMP):
+            out = gradreg_loss(model, x, y, 0.3, backend=backend)
+            if inside:
+                out.loss.backward()
+        if not inside:
+            out.loss.backward()
+        return _grads(model)
+
+    outside, inside = step(False), step(True)
+    assert all(g.dtype == torch.float32 for g in outside)
+    assert _rel(outside, inside) == 0.0
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    gradreg_loss(model, x, y, 0.3, backend=backend).loss.backward()
+    assert _rel(outside, _grads(model)) < 0.1  # bf16 against float32
+
+
+def test_drop_in_double_backward_after_the_autocast_context():
+    """A converted model's own R1-style step: forward and autograd.grad(create_graph=True)
+    under autocast, the penalty's backward after it."""
+    torch.manual_seed(0)
+    model = convert(copy.deepcopy(small_net()))
+    x = torch.randn(12, 2, 8, 8)
+
+    def step(inside: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast(**AMP):
+            out = model(xg)
+            (g,) = torch.autograd.grad(out.float().sum(), xg, create_graph=True)
+            loss = out.float().mean() + g.float().pow(2).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        return _grads(model)
+
+    outside, inside = step(False), step(True)
+    assert all(g.dtype == torch.float32 for g in outside)
+    assert _rel(outside, inside) == 0.0
