@@ -138,7 +138,8 @@ def gradreg_loss(
 
     Args:
         model: the network; nested nn.Sequential of supported layers runs fused, anything
-            else through plain autograd (one FallbackWarning naming the module).
+            else through plain autograd (one FallbackWarning naming the module). A
+            ``torch.compile``d model runs as the module it wraps.
         x: (B, ...) floating-point inputs, same device and dtype as the model.
         y: (B,) integer labels in [0, K) (unused for head="output").
         lam: penalty weight λ >= 0 (λ = λ_paper / (2B) in the paper code's convention).
@@ -158,6 +159,7 @@ def gradreg_loss(
         requires one (and x.grad when x requires grad).
     """
     lam = checks.check_lam(lam)
+    model = _uncompiled(model)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     params = checks.check_model_and_x(model, x)
@@ -178,6 +180,16 @@ def gradreg_loss(
         return _autograd_loss(model, x, y, lam, head, mask, value_weight, check_finite)
     return _fused_loss(plan, params, x, y, lam, head, mask, backend, value_weight, check_finite,
                        keep_saved)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(model)`` wraps: the fused step never calls forward,
+    and a compiled forward cannot be differentiated twice (the fallback's double backprop
+    runs the original module)."""
+    orig = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(orig, nn.Module):
+        return orig
+    return model
 
 
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,

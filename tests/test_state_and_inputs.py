@@ -160,3 +160,36 @@ def test_loss_parts_under_no_grad_for_logging():
     assert not out.loss.requires_grad
     _, ce, pen, _ = oracle_loss(model, x, y, 1.5)
     assert rel_err(out.ce, ce.detach()) < 1e-12 and rel_err(out.penalty, pen.detach()) < 1e-12
+
+
+def test_torch_compiled_model_runs_as_the_module_it_wraps():
+    """torch.compile(model) refuses double backward; gradreg_loss plans (or, for an
+    unsupported model, differentiates twice) the wrapped module instead. Nothing is compiled:
+    the fused step never calls forward."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    ref = copy.deepcopy(model)
+    torch.manual_seed(3)
+    out = gradreg_loss(torch.compile(model), x, y, 0.7)
+    out.loss.backward()
+    assert out.backend != "autograd"
+    torch.manual_seed(3)
+    gradreg_loss(ref, x, y, 0.7).loss.backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-12
+
+    class Unsupported(nn.Module):  # no fused rule: the fallback runs the eager module
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3).double()
+
+        def forward(self, t):
+            return self.lin(torch.sin(t))
+
+    net = Unsupported()
+    with pytest.warns(FallbackWarning):
+        out = gradreg_loss(torch.compile(net), torch.randn(4, 5, dtype=torch.float64),
+                           torch.randint(0, 3, (4,)), 0.7)
+    out.loss.backward()
+    assert out.backend == "autograd" and net.lin.weight.grad is not None
