@@ -66,7 +66,7 @@ class Function(torch.autograd.Function):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" in cls.__dict__:
-            cls.forward = staticmethod(_remembering(cls.__dict__["forward"].__func__))
-        if "backward" in cls.__dict__:
-            cls.backward = staticmethod(_restoring(cls.__dict__["backward"].__func__))
+        for name, wrap in (("forward", _remembering), ("backward", _restoring)):
+            if name in cls.__dict__:
+                fn = cls.__dict__[name]
+                setattr(cls, name, staticmethod(wrap(getattr(fn, "__func__", fn))))
