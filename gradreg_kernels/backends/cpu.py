@@ -135,7 +135,9 @@ def _f32(t: Tensor | None) -> Tensor | None:
     """A contiguous float32 operand for the kernels (no copy when it is one already). The
     saved states are float32; under autocast a later step may hand in bf16, and computes in
     float32 as TorchBackend's promotion would."""
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _fast(*ts: Tensor | None) -> bool:
