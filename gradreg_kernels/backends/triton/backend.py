@@ -25,12 +25,14 @@ from .matmul import linear_act
 
 @dataclass
 class ActState:
-    """What act_forward keeps: a uint8 mask (ReLU, LeakyReLU) or the pre-activation z."""
+    """What act_forward keeps: a uint8 mask (ReLU, LeakyReLU), the output y (``from_y``:
+    elementwise.from_output) or the pre-activation z."""
 
     code: int
     params: tuple[float, ...]
     tensor: Tensor
     zdtype: torch.dtype
+    from_y: bool = False
 
     def out_dtype(self, *ts: Tensor | None) -> torch.dtype:
         """The dtype TorchBackend's step gives: ReLU keeps the operand's, others promote z's."""
@@ -39,6 +41,25 @@ class ActState:
             if t is not None:
                 dt = torch.promote_types(dt, t.dtype)
         return dt if self.code == 0 else torch.promote_types(dt, self.zdtype)
+
+
+def _derivs_from_y(saved: ActState) -> tuple[Tensor, Tensor]:
+    """σ'(z) and σ''(z) of a from-y state in torch ops (where a step takes the portable
+    path: float64 or broadcast operands), by the formulas of elementwise._act_d1_from_y."""
+    y = saved.tensor
+    p0, p1 = (tuple(float(v) for v in saved.params) + (0.0, 0.0))[:2]
+    if saved.code == 2:
+        x = p0 * y
+        sg, lin = -torch.expm1(-x), x > p1
+        return torch.where(lin, 1.0, sg), torch.where(lin, 0.0, p0 * sg * (1.0 - sg))
+    if saved.code == 3:
+        d1 = 1.0 - y * y
+        return d1, -2.0 * y * d1
+    if saved.code == 4:
+        d1 = y * (1.0 - y)
+        return d1, d1 * (1.0 - 2.0 * y)
+    e, pos = y + p0, y > 0
+    return torch.where(pos, 1.0, e), torch.where(pos, 0.0, e)
 
 
 def _portable(saved: ActState) -> Tensor:
@@ -74,21 +95,26 @@ class TritonBackend(TorchBackend):
         if code is None or not supported(z):
             return super().act_forward(spec, z)
         y, t = elementwise.act_forward(code, spec.params, z)
-        return y, ActState(code, spec.params, t, z.dtype)
+        return y, ActState(code, spec.params, t, z.dtype, from_y=t is y)
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_chain(spec, saved, d)
         if not supported(d) or d.shape != saved.tensor.shape:
+            if saved.from_y:
+                return _derivs_from_y(saved)[0] * d
             return super().act_chain(spec, _portable(saved), d)
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, d,
-                                     out_dtype=saved.out_dtype(d))
+                                     out_dtype=saved.out_dtype(d), from_y=saved.from_y)
 
     def act_tangent(self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
                     ) -> tuple[Tensor, Tensor | None]:
         if not isinstance(saved, ActState):
             return super().act_tangent(spec, saved, r, u)
         if not supported(r, u) or r.shape != saved.tensor.shape:
+            if saved.from_y:
+                d1, d2 = _derivs_from_y(saved)
+                return d1 * r, d2 * u * r
             return super().act_tangent(spec, _portable(saved), r, u)
         if saved.code in elementwise.PIECEWISE:
             out = elementwise.act_chain(saved.code, saved.params, saved.tensor, r,
@@ -96,16 +122,19 @@ class TritonBackend(TorchBackend):
             return out, None
         return elementwise.act_tangent(saved.code, saved.params, saved.tensor, r, u,
                                        out_dtype=saved.out_dtype(r),
-                                       s_dtype=saved.out_dtype(r, u))
+                                       s_dtype=saved.out_dtype(r, u), from_y=saved.from_y)
 
     def act_backward(self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
                      ) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_backward(spec, saved, abar, s)
         if not supported(abar, s) or abar.shape != saved.tensor.shape:
+            if saved.from_y:
+                out = _derivs_from_y(saved)[0] * abar
+                return out if s is None else out + s
             return super().act_backward(spec, _portable(saved), abar, s)
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, abar, s,
-                                     out_dtype=saved.out_dtype(abar))
+                                     out_dtype=saved.out_dtype(abar), from_y=saved.from_y)
 
     # ---- heads ------------------------------------------------------------------------
     def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

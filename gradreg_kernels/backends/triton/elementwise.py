@@ -1,8 +1,9 @@
 """Fused elementwise activation steps of the four passes, one kernel per step.
 
 With z the pre-activation and σ one of the supported activations:
-    forward:  y = σ(z), and the saved state (a 1-byte mask z > 0 for ReLU / LeakyReLU,
-              z itself for smooth σ)
+    forward:  y = σ(z), and the saved state (a 1-byte mask z > 0 for ReLU / LeakyReLU;
+              for float32 Softplus (threshold ≥ 15), Tanh, Sigmoid and ELU (α > 0) the
+              output y itself, from which σ', σ'' are recomputed; z for the other smooth σ)
     chain:    σ'(z) ⊙ d (+ s)             (also the pass-4 backward, with s)
     tangent:  σ'(z) ⊙ r  and  s = σ''(z) ⊙ u ⊙ r   (s only for smooth σ)
 Every kernel loads its operands once, computes in float32 and stores in the operand dtype.
@@ -106,13 +107,54 @@ def _act_d2(z, ACT: tl.constexpr, p0, p1):
 
 
 @triton.jit
-def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, p0, p1):
-    """σ'(z) from the saved state: the mask for piecewise-linear σ, else z."""
+def _softplus_s_from_y(y, p0):
+    """sigmoid(βz) = 1 − e^{−βy} from y = softplus(z), keeping its relative accuracy near 0
+    (a series below βy = 0.1, where 1 − e^{−βy} cancels)."""
+    x = p0 * y
+    series = x * (1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x / 120.0))))
+    return tl.where(x < 0.1, series, 1.0 - tl.exp(-x))
+
+
+@triton.jit
+def _act_d1_from_y(y, ACT: tl.constexpr, p0, p1):
+    """σ'(z) from y = σ(z) for codes 2 (Softplus), 3 (Tanh), 4 (Sigmoid), 7 (ELU)."""
+    if ACT == 2:
+        out = tl.where(p0 * y > p1, 1.0, _softplus_s_from_y(y, p0))
+    elif ACT == 3:
+        out = 1.0 - y * y
+    elif ACT == 4:
+        out = y * (1.0 - y)
+    else:
+        out = tl.where(y > 0, 1.0, y + p0)
+    return out
+
+
+@triton.jit
+def _act_d2_from_y(y, ACT: tl.constexpr, p0, p1):
+    """σ''(z) from y = σ(z) (codes as _act_d1_from_y)."""
+    if ACT == 2:
+        sg = _softplus_s_from_y(y, p0)
+        out = tl.where(p0 * y > p1, 0.0, p0 * sg * (1.0 - sg))
+    elif ACT == 3:
+        out = -2.0 * y * (1.0 - y * y)
+    elif ACT == 4:
+        out = y * (1.0 - y) * (1.0 - 2.0 * y)
+    else:
+        out = tl.where(y > 0, 0.0, y + p0)
+    return out
+
+
+@triton.jit
+def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, FROM_Y: tl.constexpr, p0, p1):
+    """σ'(z) from the saved state: the mask for piecewise-linear σ, else z (or y)."""
     if ACT == 0:
         out = tl.load(saved_ptr + offs, mask=m, other=0).to(tl.float32)
     elif ACT == 1:
         keep = tl.load(saved_ptr + offs, mask=m, other=0)
         out = tl.where(keep != 0, 1.0, p0)
+    elif FROM_Y:
+        y = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        out = _act_d1_from_y(y, ACT, p0, p1)
     else:
         z = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
         out = _act_d1(z, ACT, p0, p1)
@@ -133,12 +175,12 @@ def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, ACT: tl.constexpr,
 
 @triton.jit(do_not_specialize=["n"])
 def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.constexpr,
-                      HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+                      FROM_Y: tl.constexpr, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
     """out = σ'(z) ⊙ d (+ s)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    out = _saved_d1(saved_ptr, offs, m, ACT, p0, p1) * d
+    out = _saved_d1(saved_ptr, offs, m, ACT, FROM_Y, p0, p1) * d
     if HAS_S:
         out += tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
@@ -146,15 +188,21 @@ def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.const
 
 @triton.jit(do_not_specialize=["n"])
 def _act_tangent_kernel(z_ptr, r_ptr, u_ptr, out_ptr, s_ptr, n, p0, p1, ACT: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """Smooth σ: out = σ'(z) ⊙ r and s = σ''(z) ⊙ u ⊙ r, z loaded once."""
+                        FROM_Y: tl.constexpr, BLOCK: tl.constexpr):
+    """Smooth σ: out = σ'(z) ⊙ r and s = σ''(z) ⊙ u ⊙ r, the state (z, or y) loaded once."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (_act_d1(z, ACT, p0, p1) * r).to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(s_ptr + offs, (_act_d2(z, ACT, p0, p1) * u * r).to(s_ptr.dtype.element_ty), mask=m)
+    if FROM_Y:
+        d1 = _act_d1_from_y(v, ACT, p0, p1)
+        d2 = _act_d2_from_y(v, ACT, p0, p1)
+    else:
+        d1 = _act_d1(v, ACT, p0, p1)
+        d2 = _act_d2(v, ACT, p0, p1)
+    tl.store(out_ptr + offs, (d1 * r).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + offs, (d2 * u * r).to(s_ptr.dtype.element_ty), mask=m)
 
 
 def _params(params: tuple[float, ...]) -> tuple[float, float]:
@@ -162,12 +210,26 @@ def _params(params: tuple[float, ...]) -> tuple[float, float]:
     return p[0], p[1]
 
 
+def from_output(code: int, params: tuple[float, ...], dtype: torch.dtype) -> bool:
+    """Whether the state is the output y: float32 Softplus (β > 0, threshold ≥ 15: below,
+    y would not tell torch's linear region apart), Tanh, Sigmoid, ELU (α > 0). In bf16 / fp16
+    y is too coarse near saturation (1 − y² of a rounded tanh), so z is kept there."""
+    if dtype != torch.float32:
+        return False
+    p0, p1 = _params(params)
+    return code in (3, 4) or (code == 7 and p0 > 0) or (code == 2 and p0 > 0 and p1 >= 15)
+
+
 def act_forward(code: int, params: tuple[float, ...], z: Tensor) -> tuple[Tensor, Tensor]:
-    """y = σ(z) (z's dtype) and the state: uint8 mask (piecewise σ) or z (contiguous)."""
+    """y = σ(z) (z's dtype) and the state: uint8 mask (piecewise σ), y itself (see
+    ``from_output``) or z (contiguous)."""
     z = z.contiguous()
     y = torch.empty_like(z)
     piecewise = code in PIECEWISE
-    mask = torch.empty(z.shape, dtype=torch.uint8, device=z.device) if piecewise else z
+    if piecewise:
+        mask = torch.empty(z.shape, dtype=torch.uint8, device=z.device)
+    else:
+        mask = y if from_output(code, params, z.dtype) else z
     n = z.numel()
     p0, p1 = _params(params)
     _act_forward_kernel[flat_grid(n)](z, y, mask, n, p0, p1, ACT=code, SAVE_MASK=piecewise,
@@ -176,27 +238,29 @@ def act_forward(code: int, params: tuple[float, ...], z: Tensor) -> tuple[Tensor
 
 
 def act_chain(code: int, params: tuple[float, ...], saved: Tensor, d: Tensor,
-              s: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
-    """σ'(z) ⊙ d (+ s), in out_dtype (d's dtype by default)."""
+              s: Tensor | None = None, out_dtype: torch.dtype | None = None,
+              from_y: bool = False) -> Tensor:
+    """σ'(z) ⊙ d (+ s), in out_dtype (d's dtype by default); ``saved`` is y if from_y."""
     d = d.contiguous()
     out = torch.empty_like(d, dtype=out_dtype or d.dtype)
     s_arg = d if s is None else s.contiguous()
     n = d.numel()
     p0, p1 = _params(params)
-    _act_chain_kernel[flat_grid(n)](saved, d, s_arg, out, n, p0, p1, ACT=code,
+    _act_chain_kernel[flat_grid(n)](saved, d, s_arg, out, n, p0, p1, ACT=code, FROM_Y=from_y,
                                     HAS_S=s is not None, BLOCK=ELEMENT_BLOCK)
     return out
 
 
 def act_tangent(code: int, params: tuple[float, ...], z: Tensor, r: Tensor, u: Tensor,
-                out_dtype: torch.dtype | None = None, s_dtype: torch.dtype | None = None
-                ) -> tuple[Tensor, Tensor]:
-    """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) for a smooth σ, in out_dtype and s_dtype (r's default)."""
+                out_dtype: torch.dtype | None = None, s_dtype: torch.dtype | None = None,
+                from_y: bool = False) -> tuple[Tensor, Tensor]:
+    """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) for a smooth σ, in out_dtype and s_dtype (r's default);
+    ``z`` is the state: z, or y if from_y."""
     r, u = r.contiguous(), u.contiguous()
     out = torch.empty_like(r, dtype=out_dtype or r.dtype)
     s = torch.empty_like(r, dtype=s_dtype or r.dtype)
     n = r.numel()
     p0, p1 = _params(params)
-    _act_tangent_kernel[flat_grid(n)](z, r, u, out, s, n, p0, p1, ACT=code,
+    _act_tangent_kernel[flat_grid(n)](z, r, u, out, s, n, p0, p1, ACT=code, FROM_Y=from_y,
                                       BLOCK=ELEMENT_BLOCK)
     return out, s
