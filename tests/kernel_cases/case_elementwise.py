@@ -57,12 +57,21 @@ def test_activation_steps_match_reference(name, params, dtype, device, poison):
     assert rel_err(back, REF.act_backward(spec, saved_ref, d64, s_in64)) < tol
 
 
-def test_relu_keeps_a_one_byte_mask(device):
+@pytest.mark.parametrize("n", [1, 8, 13, 1024, 1031, 3000])
+def test_relu_keeps_a_one_bit_mask(n, device):
+    """(n + 7) // 8 bytes, bit i % 8 of byte i // 8 set where z_i > 0 (across program
+    blocks and a ragged tail), and the portable path unpacks it."""
+    from gradreg_kernels.backends.triton.elementwise import unpack_mask
+
     bk, spec = _triton(), spec_by_name("relu")
-    z = torch.randn(5, 3, device=device)
+    z = torch.randn(n, device=device)
     _, saved = bk.act_forward(spec, z)
-    assert saved.tensor.dtype == torch.uint8
-    assert torch.equal(saved.tensor.bool(), z > 0)
+    assert saved.tensor.dtype == torch.uint8 and saved.tensor.numel() == (n + 7) // 8
+    bits = ((saved.tensor[:, None].long() >> torch.arange(8, device=device)) & 1).flatten()
+    assert torch.equal(bits[:n].bool(), z > 0) and not bits[n:].any()
+    assert torch.equal(unpack_mask(saved.tensor, z.shape), z > 0)
+    d = torch.randn(n, device=device, dtype=torch.float64)  # the portable path
+    assert torch.equal(bk.act_chain(spec, saved, d), d * (z > 0))
 
 
 def test_float64_takes_the_portable_path(device):

@@ -25,13 +25,14 @@ from .matmul import linear_act
 
 @dataclass
 class ActState:
-    """What act_forward keeps: a uint8 mask (ReLU, LeakyReLU), the output y (``from_y``:
-    elementwise.from_output) or the pre-activation z."""
+    """What act_forward keeps: a packed bit mask (ReLU, LeakyReLU), the output y
+    (``from_y``: elementwise.from_output) or the pre-activation z; ``shape`` is z's."""
 
     code: int
     params: tuple[float, ...]
     tensor: Tensor
     zdtype: torch.dtype
+    shape: torch.Size
     from_y: bool = False
 
     def out_dtype(self, *ts: Tensor | None) -> torch.dtype:
@@ -65,10 +66,9 @@ def _derivs_from_y(saved: ActState) -> tuple[Tensor, Tensor]:
 def _portable(saved: ActState) -> Tensor:
     """The state as TorchBackend's steps read it: ReLU's bool mask, or z, for which a 0/1
     mask in z's dtype stands (LeakyReLU's σ' depends only on the sign)."""
-    if saved.code == 0:
-        return saved.tensor.bool()
     if saved.code in elementwise.PIECEWISE:
-        return saved.tensor.to(saved.zdtype)
+        mask = elementwise.unpack_mask(saved.tensor, saved.shape)
+        return mask if saved.code == 0 else mask.to(saved.zdtype)
     return saved.tensor
 
 
@@ -95,12 +95,12 @@ class TritonBackend(TorchBackend):
         if code is None or not supported(z):
             return super().act_forward(spec, z)
         y, t = elementwise.act_forward(code, spec.params, z)
-        return y, ActState(code, spec.params, t, z.dtype, from_y=t is y)
+        return y, ActState(code, spec.params, t, z.dtype, z.shape, from_y=t is y)
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_chain(spec, saved, d)
-        if not supported(d) or d.shape != saved.tensor.shape:
+        if not supported(d) or d.shape != saved.shape:
             if saved.from_y:
                 return _derivs_from_y(saved)[0] * d
             return super().act_chain(spec, _portable(saved), d)
@@ -111,7 +111,7 @@ class TritonBackend(TorchBackend):
                     ) -> tuple[Tensor, Tensor | None]:
         if not isinstance(saved, ActState):
             return super().act_tangent(spec, saved, r, u)
-        if not supported(r, u) or r.shape != saved.tensor.shape:
+        if not supported(r, u) or r.shape != saved.shape:
             if saved.from_y:
                 d1, d2 = _derivs_from_y(saved)
                 return d1 * r, d2 * u * r
@@ -128,7 +128,7 @@ class TritonBackend(TorchBackend):
                      ) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_backward(spec, saved, abar, s)
-        if not supported(abar, s) or abar.shape != saved.tensor.shape:
+        if not supported(abar, s) or abar.shape != saved.shape:
             if saved.from_y:
                 out = _derivs_from_y(saved)[0] * abar
                 return out if s is None else out + s

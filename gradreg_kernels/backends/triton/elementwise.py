@@ -1,7 +1,8 @@
 """Fused elementwise activation steps of the four passes, one kernel per step.
 
 With z the pre-activation and σ one of the supported activations:
-    forward:  y = σ(z), and the saved state (a 1-byte mask z > 0 for ReLU / LeakyReLU;
+    forward:  y = σ(z), and the saved state (a 1-bit mask z > 0 for ReLU / LeakyReLU, bit
+              i % 8 of byte i // 8 for element i;
               for float32 Softplus (threshold ≥ 15), Tanh, Sigmoid and ELU (α > 0) the
               output y itself, from which σ', σ'' are recomputed; z for the other smooth σ)
     chain:    σ'(z) ⊙ d (+ s)             (also the pass-4 backward, with s)
@@ -11,6 +12,9 @@ Activation codes (constexpr ACT): see ``ACT_CODES``.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -22,6 +26,13 @@ from ._common import ELEMENT_BLOCK, flat_grid
 ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
              "gelu_tanh": 6, "elu": 7}
 PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
+
+
+def unpack_mask(bits: Tensor, shape: Sequence[int]) -> Tensor:
+    """The packed mask as a bool tensor of ``shape`` (for the portable path)."""
+    n = math.prod(shape)
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits[:, None] >> shifts) & 1).flatten()[:n].view(shape).bool()
 # Kernels spell their constants out (1/√2, 1/√(2π), √(2/π), GELU's 0.044715): Triton
 # kernels may not read non-constexpr globals.
 
@@ -145,13 +156,19 @@ def _act_d2_from_y(y, ACT: tl.constexpr, p0, p1):
 
 
 @triton.jit
+def _mask_bit(bits_ptr, offs, m):
+    """Bit ``offs`` of the packed mask (bit i % 8 of byte i // 8), as 0 / 1 int32."""
+    byte = tl.load(bits_ptr + offs // 8, mask=m, other=0).to(tl.int32)
+    return (byte >> (offs % 8)) & 1
+
+
+@triton.jit
 def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, FROM_Y: tl.constexpr, p0, p1):
-    """σ'(z) from the saved state: the mask for piecewise-linear σ, else z (or y)."""
+    """σ'(z) from the saved state: the bit mask for piecewise-linear σ, else z (or y)."""
     if ACT == 0:
-        out = tl.load(saved_ptr + offs, mask=m, other=0).to(tl.float32)
+        out = _mask_bit(saved_ptr, offs, m).to(tl.float32)
     elif ACT == 1:
-        keep = tl.load(saved_ptr + offs, mask=m, other=0)
-        out = tl.where(keep != 0, 1.0, p0)
+        out = tl.where(_mask_bit(saved_ptr, offs, m) != 0, 1.0, p0)
     elif FROM_Y:
         y = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
         out = _act_d1_from_y(y, ACT, p0, p1)
@@ -164,13 +181,17 @@ def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, FROM_Y: tl.constexpr, p0, p
 @triton.jit(do_not_specialize=["n"])
 def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, ACT: tl.constexpr,
                         SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """y = σ(z); for piecewise-linear σ also mask = (z > 0) as uint8."""
+    """y = σ(z); for piecewise-linear σ also the packed mask of z > 0 (BLOCK // 8 bytes per
+    program; bits past n are 0)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, _act_value(z, ACT, p0, p1).to(y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
-        tl.store(mask_ptr + offs, (z > 0).to(tl.uint8), mask=m)
+        bits = tl.reshape((z > 0).to(tl.int32), (BLOCK // 8, 8))
+        byte = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
+        boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(mask_ptr + boffs, byte.to(tl.uint8), mask=boffs < (n + 7) // 8)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -221,13 +242,13 @@ def from_output(code: int, params: tuple[float, ...], dtype: torch.dtype) -> boo
 
 
 def act_forward(code: int, params: tuple[float, ...], z: Tensor) -> tuple[Tensor, Tensor]:
-    """y = σ(z) (z's dtype) and the state: uint8 mask (piecewise σ), y itself (see
-    ``from_output``) or z (contiguous)."""
+    """y = σ(z) (z's dtype) and the state: the packed bit mask ((n + 7) // 8 uint8,
+    piecewise σ), y itself (see ``from_output``) or z (contiguous)."""
     z = z.contiguous()
     y = torch.empty_like(z)
     piecewise = code in PIECEWISE
     if piecewise:
-        mask = torch.empty(z.shape, dtype=torch.uint8, device=z.device)
+        mask = torch.empty((z.numel() + 7) // 8, dtype=torch.uint8, device=z.device)
     else:
         mask = y if from_output(code, params, z.dtype) else z
     n = z.numel()
