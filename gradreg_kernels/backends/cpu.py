@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rules.activation_math import ActivationSpec
+from ..rules.activation_math import ActivationSpec, derivs_from_output
 from .cpu_build import CpuBuildError, load_extension
 from .torch_ops import ConvGeom, TorchBackend, _chan
 
@@ -43,19 +43,6 @@ ACC_BLOCK_ROWS = 256
 
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5}
 
-
-def _derivs_from_output(spec: ActivationSpec) -> bool:
-    """Whether σ'(z) and σ''(z) are recomputed from y = σ(z) (smooth_output.cpp), so the
-    passes keep y alone: tanh, sigmoid, ELU with α > 0, and Softplus with β > 0 and a
-    threshold ≥ 15 (below that, log(1 + e^{βz}) > threshold for some βz ≤ threshold and y
-    would not tell torch's linear region apart)."""
-    if spec.name in ("tanh", "sigmoid"):
-        return True
-    if spec.name == "elu":
-        return spec.params[0] > 0
-    if spec.name == "softplus":
-        return spec.params[0] > 0 and spec.params[1] >= 15
-    return False
 
 _EXT = None
 _EXT_ERROR: str | None = None
@@ -215,7 +202,7 @@ class CpuBackend(TorchBackend):
         if kind is None:
             return super().act_forward(spec, z)
         p = tuple(spec.params) + (0.0, 0.0)
-        if _derivs_from_output(spec):
+        if derivs_from_output(spec):  # keep y alone (smooth_output.cpp)
             y = self.ext.smooth_value(z, kind, p[0], p[1])
             return y, _FromOutput(y, kind, p[0], p[1])
         y, d1, d2 = self.ext.smooth_forward(z, kind, p[0], p[1])

@@ -161,6 +161,21 @@ def activation_spec(module: nn.Module) -> ActivationSpec | None:
     return None
 
 
+def derivs_from_output(spec: ActivationSpec) -> bool:
+    """Whether σ'(z) and σ''(z) are functions of the output y = σ(z), so that a backend may
+    keep y alone: tanh (1 − y², −2y(1 − y²)), sigmoid (y(1 − y), y(1 − y)(1 − 2y)), ELU with
+    α > 0 (below 0 both are y + α) and Softplus with β > 0 and a threshold ≥ 15 (s = 1 − e^{−βy},
+    then s and βs(1 − s); below that threshold log(1 + e^{βz}) > threshold for some
+    βz ≤ threshold, and y would not tell torch's linear region apart)."""
+    if spec.name in ("tanh", "sigmoid"):
+        return True
+    if spec.name == "elu":
+        return spec.params[0] > 0
+    if spec.name == "softplus":
+        return spec.params[0] > 0 and spec.params[1] >= 15
+    return False
+
+
 def spec_by_name(name: str, *params: float) -> ActivationSpec:
     """The spec of an activation given by name and hyper-parameters (for functional use)."""
     makers: dict[str, Callable[..., ActivationSpec]] = {

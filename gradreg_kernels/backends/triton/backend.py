@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...rules.activation_math import ActivationSpec
+from ...rules.activation_math import ActivationSpec, derivs_from_output
 from ..torch_ops import TorchBackend
 from . import batchnorm, elementwise, penalty, pool, softmax_head
 from ._common import supported
@@ -26,7 +26,8 @@ from .matmul import linear_act
 @dataclass
 class ActState:
     """What act_forward keeps: a packed bit mask (ReLU, LeakyReLU), the output y
-    (``from_y``: elementwise.from_output) or the pre-activation z; ``shape`` is z's."""
+    (``from_y``: activation_math.derivs_from_output, float32) or the pre-activation z;
+    ``shape`` is z's."""
 
     code: int
     params: tuple[float, ...]
@@ -94,8 +95,11 @@ class TritonBackend(TorchBackend):
         code = elementwise.ACT_CODES.get(spec.name)
         if code is None or not supported(z):
             return super().act_forward(spec, z)
-        y, t = elementwise.act_forward(code, spec.params, z)
-        return y, ActState(code, spec.params, t, z.dtype, z.shape, from_y=t is y)
+        # float32 only: in bf16 / fp16 y is too coarse near saturation (1 − y² of a rounded
+        # tanh), so z is kept there
+        from_y = z.dtype == torch.float32 and derivs_from_output(spec)
+        y, t = elementwise.act_forward(code, spec.params, z, keep_output=from_y)
+        return y, ActState(code, spec.params, t, z.dtype, z.shape, from_y=from_y)
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if not isinstance(saved, ActState):

@@ -231,26 +231,17 @@ def _params(params: tuple[float, ...]) -> tuple[float, float]:
     return p[0], p[1]
 
 
-def from_output(code: int, params: tuple[float, ...], dtype: torch.dtype) -> bool:
-    """Whether the state is the output y: float32 Softplus (β > 0, threshold ≥ 15: below,
-    y would not tell torch's linear region apart), Tanh, Sigmoid, ELU (α > 0). In bf16 / fp16
-    y is too coarse near saturation (1 − y² of a rounded tanh), so z is kept there."""
-    if dtype != torch.float32:
-        return False
-    p0, p1 = _params(params)
-    return code in (3, 4) or (code == 7 and p0 > 0) or (code == 2 and p0 > 0 and p1 >= 15)
-
-
-def act_forward(code: int, params: tuple[float, ...], z: Tensor) -> tuple[Tensor, Tensor]:
+def act_forward(code: int, params: tuple[float, ...], z: Tensor, keep_output: bool = False
+                ) -> tuple[Tensor, Tensor]:
     """y = σ(z) (z's dtype) and the state: the packed bit mask ((n + 7) // 8 uint8,
-    piecewise σ), y itself (see ``from_output``) or z (contiguous)."""
+    piecewise σ), y itself (smooth σ with ``keep_output``) or z (contiguous)."""
     z = z.contiguous()
     y = torch.empty_like(z)
     piecewise = code in PIECEWISE
     if piecewise:
         mask = torch.empty((z.numel() + 7) // 8, dtype=torch.uint8, device=z.device)
     else:
-        mask = y if from_output(code, params, z.dtype) else z
+        mask = y if keep_output else z
     n = z.numel()
     p0, p1 = _params(params)
     _act_forward_kernel[flat_grid(n)](z, y, mask, n, p0, p1, ACT=code, SAVE_MASK=piecewise,
