@@ -37,6 +37,21 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(num / sum((y.double() ** 2).sum() for y in b) ** 0.5)
 
 
+def _fused_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str,
+                 device_type: str, inside: bool) -> list[torch.Tensor]:
+    """The fused step's gradients with the forward under bf16 autocast and the backward
+    inside the context (``inside``) or after it."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+        out = gradreg_loss(model, x, y, 0.3, backend=backend)
+        if inside:
+            out.loss.backward()
+    if not inside:
+        out.loss.backward()
+    return _grads(model)
+
+
 def small_net() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4 * 4, 16),
@@ -50,18 +65,7 @@ def test_fused_step_backward_after_the_autocast_context(backend):
     model = small_net()
     x, y = torch.randn(12, 2, 8, 8), torch.randint(0, 5, (12,))
 
-    def step(inside: bool) -> list[torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        with torch.autocast(**AMP):
-            out = gradreg_loss(model, x, y, 0.3, backend=backend)
-            if inside:
-                out.loss.backward()
-        if not inside:
-            out.loss.backward()
-        return _grads(model)
-
-    outside, inside = step(False), step(True)
+    outside, inside = (_fused_grads(model, x, y, backend, "cpu", flag) for flag in (False, True))
     assert all(g.dtype == torch.float32 for g in outside)
     assert _rel(outside, inside) == 0.0
     model.zero_grad(set_to_none=True)
@@ -111,18 +115,7 @@ def test_fused_step_backward_after_the_autocast_context_on_cuda(backend):
     x = torch.randn(12, 2, 8, 8, device=dev)
     y = torch.randint(0, 5, (12,), device=dev)
 
-    def step(inside: bool) -> list[torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            out = gradreg_loss(model, x, y, 0.3, backend=backend)
-            if inside:
-                out.loss.backward()
-        if not inside:
-            out.loss.backward()
-        return _grads(model)
-
-    outside, inside = step(False), step(True)
+    outside, inside = (_fused_grads(model, x, y, backend, "cuda", flag) for flag in (False, True))
     assert all(g.dtype == torch.float32 for g in outside)
     # bf16 results of two runs may differ by reordered float atomics (pooling's scatter,
     # cuDNN's weight gradients); a backward outside the forward's autocast state would fail
