@@ -176,6 +176,26 @@ def derivs_from_output(spec: ActivationSpec) -> bool:
     return False
 
 
+def output_derivs(spec: ActivationSpec, y: Tensor) -> tuple[Tensor, Tensor]:
+    """σ'(z) and σ''(z) from y = σ(z) for a spec with ``derivs_from_output`` (the formulas
+    there; the C++ and Triton kernels compute the same in their own sweeps)."""
+    p = tuple(float(v) for v in spec.params) + (0.0, 0.0)
+    if spec.name == "softplus":
+        x = p[0] * y
+        s, lin = -torch.expm1(-x), x > p[1]
+        return torch.where(lin, 1.0, s), torch.where(lin, 0.0, p[0] * s * (1.0 - s))
+    if spec.name == "tanh":
+        d1 = 1.0 - y * y
+        return d1, -2.0 * y * d1
+    if spec.name == "sigmoid":
+        d1 = y * (1.0 - y)
+        return d1, d1 * (1.0 - 2.0 * y)
+    if spec.name == "elu":
+        e, pos = y + p[0], y > 0
+        return torch.where(pos, 1.0, e), torch.where(pos, 0.0, e)
+    raise ValueError(f"{spec.name} has no derivatives from its output")
+
+
 def spec_by_name(name: str, *params: float) -> ActivationSpec:
     """The spec of an activation given by name and hyper-parameters (for functional use)."""
     makers: dict[str, Callable[..., ActivationSpec]] = {

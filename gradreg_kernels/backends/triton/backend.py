@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...rules.activation_math import ActivationSpec, derivs_from_output
+from ...rules.activation_math import ActivationSpec, derivs_from_output, output_derivs
 from ..torch_ops import TorchBackend
 from . import batchnorm, elementwise, penalty, pool, softmax_head
 from ._common import supported
@@ -43,25 +43,6 @@ class ActState:
             if t is not None:
                 dt = torch.promote_types(dt, t.dtype)
         return dt if self.code == 0 else torch.promote_types(dt, self.zdtype)
-
-
-def _derivs_from_y(saved: ActState) -> tuple[Tensor, Tensor]:
-    """σ'(z) and σ''(z) of a from-y state in torch ops (where a step takes the portable
-    path: float64 or broadcast operands), by the formulas of elementwise._act_d1_from_y."""
-    y = saved.tensor
-    p0, p1 = (tuple(float(v) for v in saved.params) + (0.0, 0.0))[:2]
-    if saved.code == 2:
-        x = p0 * y
-        sg, lin = -torch.expm1(-x), x > p1
-        return torch.where(lin, 1.0, sg), torch.where(lin, 0.0, p0 * sg * (1.0 - sg))
-    if saved.code == 3:
-        d1 = 1.0 - y * y
-        return d1, -2.0 * y * d1
-    if saved.code == 4:
-        d1 = y * (1.0 - y)
-        return d1, d1 * (1.0 - 2.0 * y)
-    e, pos = y + p0, y > 0
-    return torch.where(pos, 1.0, e), torch.where(pos, 0.0, e)
 
 
 def _portable(saved: ActState) -> Tensor:
@@ -106,7 +87,7 @@ class TritonBackend(TorchBackend):
             return super().act_chain(spec, saved, d)
         if not supported(d) or d.shape != saved.shape:
             if saved.from_y:
-                return _derivs_from_y(saved)[0] * d
+                return output_derivs(spec, saved.tensor)[0] * d
             return super().act_chain(spec, _portable(saved), d)
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, d,
                                      out_dtype=saved.out_dtype(d), from_y=saved.from_y)
@@ -117,7 +98,7 @@ class TritonBackend(TorchBackend):
             return super().act_tangent(spec, saved, r, u)
         if not supported(r, u) or r.shape != saved.shape:
             if saved.from_y:
-                d1, d2 = _derivs_from_y(saved)
+                d1, d2 = output_derivs(spec, saved.tensor)
                 return d1 * r, d2 * u * r
             return super().act_tangent(spec, _portable(saved), r, u)
         if saved.code in elementwise.PIECEWISE:
@@ -134,7 +115,7 @@ class TritonBackend(TorchBackend):
             return super().act_backward(spec, saved, abar, s)
         if not supported(abar, s) or abar.shape != saved.shape:
             if saved.from_y:
-                out = _derivs_from_y(saved)[0] * abar
+                out = output_derivs(spec, saved.tensor)[0] * abar
                 return out if s is None else out + s
             return super().act_backward(spec, _portable(saved), abar, s)
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, abar, s,

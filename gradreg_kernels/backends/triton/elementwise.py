@@ -27,12 +27,6 @@ ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4,
              "gelu_tanh": 6, "elu": 7}
 PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
 
-
-def unpack_mask(bits: Tensor, shape: Sequence[int]) -> Tensor:
-    """The packed mask as a bool tensor of ``shape`` (for the portable path)."""
-    n = math.prod(shape)
-    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    return ((bits[:, None] >> shifts) & 1).flatten()[:n].view(shape).bool()
 # Kernels spell their constants out (1/√2, 1/√(2π), √(2/π), GELU's 0.044715): Triton
 # kernels may not read non-constexpr globals.
 
@@ -224,6 +218,13 @@ def _act_tangent_kernel(z_ptr, r_ptr, u_ptr, out_ptr, s_ptr, n, p0, p1, ACT: tl.
         d2 = _act_d2(v, ACT, p0, p1)
     tl.store(out_ptr + offs, (d1 * r).to(out_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + offs, (d2 * u * r).to(s_ptr.dtype.element_ty), mask=m)
+
+
+def unpack_mask(bits: Tensor, shape: Sequence[int]) -> Tensor:
+    """The packed mask as a bool tensor of ``shape`` (for the portable path)."""
+    n = math.prod(shape)
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits[:, None] >> shifts) & 1).flatten()[:n].view(shape).bool()
 
 
 def _params(params: tuple[float, ...]) -> tuple[float, float]:
