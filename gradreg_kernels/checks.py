@@ -80,8 +80,8 @@ def check_label_range(y: Tensor, logits: Tensor) -> None:
 
 def check_labels_in_range(y: Tensor, num_classes: int, name: str = "y") -> None:
     """Raise a ValueError naming the first label outside [0, num_classes)."""
-    lo, hi = torch.aminmax(y)
-    if int(lo) < 0 or int(hi) >= num_classes:
+    lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one read-back for both
+    if lo < 0 or hi >= num_classes:
         bad = (y < 0) | (y >= num_classes)
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} must lie in [0, {num_classes}) for the model's {num_classes} "
@@ -114,7 +114,7 @@ def _all_finite(t: Tensor) -> bool:
     """
     if not t.is_floating_point() and not t.is_complex():
         return True
-    if bool(torch.isfinite(t.detach().sum())):
+    if t.is_floating_point() and math.isfinite(float(t.detach().sum())):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -127,7 +127,8 @@ def check_finite_input(x: Tensor, mask: Tensor | None) -> None:
 
 
 def check_finite_loss(data: Tensor, penalty: Tensor) -> None:
-    if not bool(torch.isfinite(data)) or not bool(torch.isfinite(penalty)):  # both 0-dim
+    """data and penalty are 0-dim; each is read back as a Python float and checked there."""
+    if not (math.isfinite(float(data)) and math.isfinite(float(penalty))):
         raise NonFiniteLossError(
             f"non-finite loss: data term = {float(data)}, penalty = {float(penalty)}; no "
             "gradient was produced (lower the learning rate or lam, or check the inputs)")

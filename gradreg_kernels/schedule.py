@@ -55,8 +55,8 @@ class Schedule:
         zbar = zbar_data
         if r is not None:
             t, r = r, None  # the rules hold the tangent only as long as they need it
-            for rule in self.rules:
-                t = rule.tangent(t)
+            for i in range(len(self.rules)):  # no loop variable outlives the pass
+                t = self.rules[i].tangent(t)
             hr = self.head.hvp(t)
             if hr is not None:
                 zbar = zbar + hr

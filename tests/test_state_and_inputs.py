@@ -193,3 +193,64 @@ def test_torch_compiled_model_runs_as_the_module_it_wraps():
                            torch.randint(0, 3, (4,)), 0.7)
     out.loss.backward()
     assert out.backend == "autograd" and net.lin.weight.grad is not None
+
+
+def _leaf_rules(rule) -> list:
+    """The leaf rules under a rule (its sub-rules, recursively, for the composite ones)."""
+    from gradreg_kernels.rules.residual import ResidualRule, SequenceRule
+
+    if isinstance(rule, SequenceRule):
+        return [leaf for sub in rule.rules for leaf in _leaf_rules(sub)]
+    if isinstance(rule, ResidualRule):
+        return _leaf_rules(rule.f) + _leaf_rules(rule.s)
+    return [rule]
+
+
+@pytest.mark.parametrize("keep_saved", [False, True])
+@pytest.mark.parametrize("model_name", ["mlp", "converted_mlp", "resnet"])
+def test_pass4_releases_each_rule_once_its_step_is_done(monkeypatch, model_name, keep_saved):
+    """When a rule's pass-4 step starts, every rule whose step is done is gone (with all it
+    saved), unless keep_saved: nothing (a loop variable, a composite rule) holds one on."""
+    import weakref
+
+    from gradreg_kernels import schedule
+    from gradreg_kernels.nn import cifar_resnet, convert
+
+    torch.manual_seed(0)
+    if model_name == "resnet":
+        model, x = cifar_resnet(1, 4), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(),
+                                 nn.Linear(5, 3)), torch.randn(4, 6)
+        if model_name == "converted_mlp":
+            model = convert(model)
+    y = torch.randint(0, 3, (x.shape[0],))
+    done: list[weakref.ref] = []
+    alive_at_start: list[int] = []
+
+    def watch(rule) -> None:
+        ref, step = weakref.ref(rule), type(rule).backward
+
+        def backward(abar, need_input_grad=True):
+            alive_at_start.append(sum(d() is not None for d in done))
+            out = step(ref(), abar, need_input_grad)
+            done.append(ref)
+            return out
+
+        rule.backward = backward  # holds the rule only weakly
+
+    init = schedule.Schedule.__init__
+
+    def init_watching(self, rules, head, keep_saved=False):
+        init(self, rules, head, keep_saved)
+        for rule in self.rules:
+            for leaf in _leaf_rules(rule):
+                watch(leaf)
+
+    monkeypatch.setattr(schedule.Schedule, "__init__", init_watching)
+    gradreg_loss(model, x, y, 1.0, backend="torch", keep_saved=keep_saved).loss.backward()
+    assert len(alive_at_start) > 4
+    if keep_saved:
+        assert alive_at_start == list(range(len(alive_at_start)))
+    else:
+        assert alive_at_start == [0] * len(alive_at_start)

@@ -23,10 +23,12 @@ class SequenceRule(Rule):
     """Sub-rules applied one after another (an empty list is the identity)."""
 
     def __init__(self, rules: Sequence[Rule], module=None) -> None:
-        self.rules = list(rules)
+        self.rules: list[Rule | None] = list(rules)
         self.module = module
+        self.grads: list = []
 
     def set_keep_saved(self, keep: bool) -> None:
+        self.keep_saved = keep
         for rule in self.rules:
             rule.set_keep_saved(keep)
 
@@ -49,15 +51,18 @@ class SequenceRule(Rule):
         return r
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        """The sub-rules' pass-4 steps in reverse; unless keep_saved, each sub-rule (with what
+        it saved) is released as soon as its step is done and its gradients are collected."""
+        self.grads = []
         for i in range(len(self.rules) - 1, -1, -1):
             abar = self.rules[i].backward(abar, need_input_grad or i > 0)
+            self.grads.extend(self.rules[i].param_grads())
+            if not self.keep_saved:
+                self.rules[i] = None
         return abar
 
     def param_grads(self):
-        out = []
-        for rule in self.rules:
-            out.extend(rule.param_grads())
-        return out
+        return list(self.grads)
 
 
 class ResidualRule(Rule):
