@@ -8,26 +8,16 @@ Fresh random weights and inputs, odd sizes; BatchNorm in train mode.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-from kernel_check import DEVICE, rel_err
+from kernel_check import rel_err, step_backends
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
 from reference import oracle_grads
 
-
-def _cuda_backend_testable() -> bool:
-    if DEVICE != "cuda" or os.environ.get("GRADREG_TEST_CUDA_BACKEND", "1") != "1":
-        return False
-    from gradreg_kernels.backends.gpu_entries import cuda_unavailable
-
-    return cuda_unavailable() is None
-
-
-BACKENDS = ["triton"] + (["cuda"] if _cuda_backend_testable() else [])
+BACKENDS = step_backends()
 
 
 def mlp() -> tuple[nn.Module, tuple[int, ...]]:

@@ -21,3 +21,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def step_backends() -> list[str]:
+    """The backends whole steps are checked on: "triton", and "cuda" on a CUDA device where
+    that extension builds (GRADREG_TEST_CUDA_BACKEND=0 leaves it out)."""
+    if DEVICE != "cuda" or os.environ.get("GRADREG_TEST_CUDA_BACKEND", "1") != "1":
+        return ["triton"]
+    from gradreg_kernels.backends.gpu_entries import cuda_unavailable
+
+    return ["triton"] + (["cuda"] if cuda_unavailable() is None else [])
