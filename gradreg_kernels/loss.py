@@ -52,18 +52,20 @@ class _Runner:
         x, mask = self.x, self.mask
         b = x.shape[0]
         z = self.schedule.forward(x)
-        if self.head != "output" and self.check_finite:
+        if self.head != "output" and self.check_finite and not self.bk.head_checks_labels(z):
             checks.check_label_range(self.y, z)
         ev = self.schedule.head.evaluate(z, self.y)
         g = self.schedule.chain(ev.pen_grad)
         pen_sum, seed = self.bk.penalty_terms(g, mask)
         self.data = ev.data.mean()
-        self.penalty = pen_sum / b
+        self.penalty = pen_sum.div_(b)  # a fresh 0-dim sum: divided in place
         if self.check_finite:
             checks.check_finite_loss(self.data, self.penalty)
         self.logits, self.data_grad = z, ev.data_grad
         self.g = None if self.lam == 0 else seed
-        return self.w * self.data + self.lam * self.penalty
+        if self.w == 1.0:
+            return self.data.add(self.penalty, alpha=self.lam)
+        return self.data.mul(self.w).add(self.penalty, alpha=self.lam)
 
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
         if self.data_grad is None:

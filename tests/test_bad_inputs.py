@@ -25,12 +25,17 @@ def test_batch_mismatch(model):
         gradreg_loss(model, X, Y[:4], 1.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("bad", [-1, 3, 7])
-def test_labels_out_of_range(model, bad):
+def test_labels_out_of_range(model, bad, backend):
+    """The same error whether Python checks the labels or a backend's softmax head does
+    (the C++ head of the "cpu" backend, which "auto" picks for float32 on the CPU, checks
+    them even under check_finite=False)."""
     y = Y.clone()
     y[2] = bad
-    with pytest.raises(ValueError, match=rf"\[0, 3\).*y\[2\] = {bad}"):
-        gradreg_loss(model, X, y, 1.0)
+    for check_finite in (True, False) if backend == "auto" else (True,):
+        with pytest.raises(ValueError, match=rf"\[0, 3\).*y\[2\] = {bad}"):
+            gradreg_loss(model, X, y, 1.0, backend=backend, check_finite=check_finite)
 
 
 def test_labels_must_be_integers(model):

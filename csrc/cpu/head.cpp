@@ -23,6 +23,10 @@ std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, b
   float *cp = ce.data_ptr<float>(), *pp = p.data_ptr<float>(), *dp = dg.data_ptr<float>();
   float* gp = pg.data_ptr<float>();
   const float inv_k = 1.f / static_cast<float>(k);
+  for (int64_t r = 0; r < n; ++r) {  // the label check of gradreg_loss, same message
+    TORCH_CHECK_VALUE(yp[r] >= 0 && yp[r] < k, "y must lie in [0, ", k, ") for the model's ", k,
+                      " outputs; y[", r, "] = ", yp[r]);
+  }
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -37,7 +41,6 @@ std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, b
       }
       const float inv = static_cast<float>(1.0 / sum);
       const int64_t label = yp[r];
-      TORCH_CHECK(label >= 0 && label < k, "softmax_head: label ", label, " out of [0, ", k, ")");
       cp[r] = static_cast<float>(std::log(sum)) + m - zr[label];
       for (int64_t j = 0; j < k; ++j) {
         const float q = pp[r * k + j] * inv;

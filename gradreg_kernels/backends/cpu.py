@@ -127,6 +127,12 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
+def _plain(t: Tensor | None) -> Tensor | None:
+    """t without autograd history for oneDNN's ops, which have no derivative (the rules
+    pass detached parameters already; only a tensor that requires grad is detached)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 def _fast(*ts: Tensor | None) -> bool:
     """Whether every given operand is a contiguous float32 CPU tensor (None counts as one)."""
     for t in ts:
@@ -148,12 +154,12 @@ class CpuBackend(TorchBackend):
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if not _fast(a, w, b) or a.dim() != 2 or a.numel() * w.shape[0] < ONEDNN_MIN_WORK:
             return super().linear(a, w, b)
-        return self._mm(a, w.detach(), None if b is None else b.detach(), "none", [], "")
+        return self._mm(a, _plain(w), _plain(b), "none", [], "")
 
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
         if not _fast(d, w) or d.dim() != 2 or d.numel() * w.shape[1] < ONEDNN_MIN_WORK:
             return super().linear_input_grad(d, w)
-        return self._mm(d, w.detach().t(), None, "none", [], "")  # Wᵀ as a strided view
+        return self._mm(d, _plain(w).t(), None, "none", [], "")  # Wᵀ as a strided view
 
     def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]],
                            acc: Tensor | None = None) -> Tensor:
@@ -272,6 +278,10 @@ class CpuBackend(TorchBackend):
             return super().softmax_ce(z, y)
         ce, p, _, _ = self.ext.softmax_head(z, y, False)
         return ce, p
+
+    def head_checks_labels(self, z: Tensor) -> bool:
+        """The C++ softmax head validates every label itself (gradreg_loss's message)."""
+        return _fast(z) and z.dim() == 2
 
     def softmax_head(
         self, z: Tensor, y: Tensor, uniform: bool

@@ -21,27 +21,37 @@ class LinearRule(Rule):
     def __init__(self, module: nn.Linear, bk) -> None:
         self.module, self.bk = module, bk
         self.w, self.b = module.weight, module.bias
-        self.need_w = wants_grad(self.w)
+        # the products take the parameters as plain tensors: nothing inside the fused step
+        # records an autograd graph, so they are detached once here instead of per product
+        self.wd = self.w.detach()
+        self.bd = None if self.b is None else self.b.detach()
+        self.need_w, self.need_b = wants_grad(self.w), wants_grad(self.b)
+        self.lead = None  # the leading shape of an N-D input (None for the usual (N, in))
         self.a = self.d = self.r = self.gw_tangent = None
 
     def _flat(self, t: Tensor, width: int) -> Tensor:
-        return t.reshape(-1, width)
+        return t if self.lead is None else t.reshape(-1, width)
+
+    def _shaped(self, t: Tensor) -> Tensor:
+        return t if self.lead is None else t.view(*self.lead, t.shape[-1])
 
     def forward(self, a: Tensor) -> Tensor:
-        if a.dim() < 1 or a.shape[-1] != self.w.shape[1]:
-            raise ValueError(f"Linear expects inputs of width {self.w.shape[1]} in the last "
+        in_f = self.w.shape[1]
+        if a.dim() < 1 or a.shape[-1] != in_f:
+            raise ValueError(f"Linear expects inputs of width {in_f} in the last "
                              f"dimension, got shape {tuple(a.shape)}")
-        self.lead = a.shape[:-1]
-        a2 = self._flat(a, self.w.shape[1])
+        if a.dim() != 2:
+            self.lead = a.shape[:-1]
+            a = a.reshape(-1, in_f)
         if self.need_w:
-            self.a = a2
-        return self.bk.linear(a2, self.w, self.b).view(*self.lead, self.w.shape[0])
+            self.a = a
+        return self._shaped(self.bk.linear(a, self.wd, self.bd))
 
     def chain(self, d: Tensor) -> Tensor:
         d2 = self._flat(d, self.w.shape[0])
         if self.need_w:
             self.d = d2
-        return self.bk.linear_input_grad(d2, self.w).view(*self.lead, self.w.shape[1])
+        return self._shaped(self.bk.linear_input_grad(d2, self.wd))
 
     def tangent(self, r: Tensor) -> Tensor:
         r2 = self._flat(r, self.w.shape[1])
@@ -53,19 +63,19 @@ class LinearRule(Rule):
                     self.d = None
             else:
                 self.a, self.r = self.bk.weight_grad_operands(self.a, r2)
-        return self.bk.linear(r2, self.w, None).view(*self.lead, self.w.shape[0])
+        return self._shaped(self.bk.linear(r2, self.wd, None))
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         z = self._flat(abar, self.w.shape[0])
         if self.need_w:
-            pairs = [(z, self.a)] + ([(self.d, self.r)] if self.r is not None else [])
+            pairs = [(z, self.a)] if self.r is None else [(z, self.a), (self.d, self.r)]
             self.gw = self.bk.linear_weight_grad(pairs, acc=self.take_tangent_term())
-        if wants_grad(self.b):
+        if self.need_b:
             self.gb = z.sum(0)
         if not need_input_grad:
             return None
-        return self.bk.linear_input_grad(z, self.w).view(*self.lead, self.w.shape[1])
+        return self._shaped(self.bk.linear_input_grad(z, self.wd))
 
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
-        return out + ([(self.b, self.gb)] if wants_grad(self.b) else [])
+        return out + [(self.b, self.gb)] if self.need_b else out
