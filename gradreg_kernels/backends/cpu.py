@@ -218,8 +218,9 @@ class CpuBackend(TorchBackend):
         """t ⊙ (bit ? hi : lo), in float32; a ReLU step keeps t's dtype (an autocast step
         hands in bf16), the others promote to their float32 state as TorchBackend's do."""
         out = self.ext.mask_apply(saved.bits, _f32(t), saved.hi, saved.lo)
-        relu = saved.hi == 1.0 and saved.lo == 0.0
-        return out.to(t.dtype) if relu else out
+        if out.dtype == t.dtype or saved.hi != 1.0 or saved.lo != 0.0:
+            return out
+        return out.to(t.dtype)  # a ReLU step keeps a bf16 operand's dtype
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if isinstance(saved, _Masked):

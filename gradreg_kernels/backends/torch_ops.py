@@ -159,7 +159,9 @@ class TorchBackend:
         # ‖gm‖² as a reduction: no g-sized temporary at the end of pass 2, where the step's
         # memory peaks (every d and activation is alive)
         acc_dtype = torch.float32 if gm.dtype in (torch.float16, torch.bfloat16) else None
-        total = torch.linalg.vector_norm(gm, dtype=acc_dtype).square().to(gm.dtype)
+        total = torch.linalg.vector_norm(gm, dtype=acc_dtype).square_()
+        if total.dtype != gm.dtype:
+            total = total.to(gm.dtype)
         return total, (gm if mask is None else gm * mask)
 
     # ---- dropout ----------------------------------------------------------------------

@@ -30,7 +30,12 @@ class Rule:
 
     def has_trainable_params(self) -> bool:
         """Whether pass 4 must fill a gradient here (so the rules before need theirs)."""
-        return self.module is not None and any(p.requires_grad for p in self.module.parameters())
+        m = self.module
+        if m is None:
+            return False
+        if not m._modules:  # a leaf module (most layers): its own parameters, no walk
+            return any(p is not None and p.requires_grad for p in m._parameters.values())
+        return any(p.requires_grad for p in m.parameters())
 
     def forward(self, a: Tensor) -> Tensor:
         return a

@@ -29,6 +29,9 @@ class LinearRule(Rule):
         self.lead = None  # the leading shape of an N-D input (None for the usual (N, in))
         self.a = self.d = self.r = self.gw_tangent = None
 
+    def has_trainable_params(self) -> bool:
+        return self.need_w or self.need_b
+
     def _flat(self, t: Tensor, width: int) -> Tensor:
         return t if self.lead is None else t.reshape(-1, width)
 
