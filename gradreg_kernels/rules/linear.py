@@ -81,4 +81,4 @@ class LinearRule(Rule):
 
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
-        return out + [(self.b, self.gb)] if self.need_b else out
+        return (out + [(self.b, self.gb)]) if self.need_b else out
