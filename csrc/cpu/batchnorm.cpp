@@ -192,43 +192,6 @@ std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Ten
   return {out, chan_shaped(sxv.div_(L.count()), v)};
 }
 
-at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
-                           const c10::optional<at::Tensor>& gamma, const at::Tensor& d,
-                           const at::Tensor& pd, const at::Tensor& pr, const at::Tensor& mxd,
-                           const at::Tensor& mxr) {
-  check_f32(xhat, "xhat");
-  check_like(d, xhat, "delta");
-  check_like(pd, xhat, "P delta");
-  check_like(pr, xhat, "P r");
-  const Layout L = layout_of(xhat);
-  auto inv = inv_std.contiguous(), mxd_c = mxd.contiguous(), mxr_c = mxr.contiguous();
-  const float* ip = chan_ptr(inv, L.c, "inv_std");
-  const float* ad = chan_ptr(mxd_c, L.c, "mean(x̂ δ)");
-  const float* ar = chan_ptr(mxr_c, L.c, "mean(x̂ r)");
-  const float* g = opt_ptr(gamma, L.c, "gamma");
-  auto s = at::empty_like(xhat);
-  const float *xp = xhat.data_ptr<float>(), *dp = d.data_ptr<float>();
-  const float *pdp = pd.data_ptr<float>(), *prp = pr.data_ptr<float>();
-  float* sp = s.data_ptr<float>();
-  per_channel(L, [&](int64_t c) {
-    double acc = 0.0;
-    rows(L, c, [&](int64_t o) { acc += dot(dp + o, prp + o, L.s); });
-    const float dots = static_cast<float>(acc / L.count());
-    const float coef = -(g ? g[c] : 1.f) * ip[c] * ip[c];
-    const float a_r = ar[c], a_d = ad[c];
-    rows(L, c, [&](int64_t o) {
-      const float* __restrict xo = xp + o;
-      const float* __restrict pdo = pdp + o;
-      const float* __restrict pro = prp + o;
-      float* __restrict so = sp + o;
-#pragma omp simd
-      for (int64_t j = 0; j < L.s; ++j)
-        so[j] = coef * (xo[j] * dots + a_r * pdo[j] + a_d * pro[j]);
-    });
-  });
-  return s;
-}
-
 std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat,
                                  const at::Tensor& k) {
   at::Tensor sd, sxd;

@@ -24,7 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_scatter", &gradreg::pool_scatter, "scatter-add of d into idx per plane");
   m.def("bn_forward", &gradreg::bn_forward, "train-mode batch norm forward per channel");
   m.def("bn_project", &gradreg::bn_project, "P v and mean(x̂ v) per channel");
-  m.def("bn_second_order", &gradreg::bn_second_order, "the second-order term s of batch norm");
   m.def("bn_chain", &gradreg::bn_chain, "k P δ, mean(δ), mean(x̂ δ) per channel");
   m.def("bn_tangent", &gradreg::bn_tangent, "k P r, the second-order term s, Σ δ P r / σ");
   m.def("bn_backward", &gradreg::bn_backward, "k P ā (+ s), Σ ā x̂, Σ ā per channel",

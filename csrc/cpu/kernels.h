@@ -51,10 +51,6 @@ at::Tensor pool_scatter(const at::Tensor& d, const at::Tensor& idx, int64_t plan
 std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::Tensor>& gamma,
                                    const c10::optional<at::Tensor>& beta, double eps);
 std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat);
-at::Tensor bn_second_order(const at::Tensor& xhat, const at::Tensor& inv_std,
-                           const c10::optional<at::Tensor>& gamma, const at::Tensor& d,
-                           const at::Tensor& pd, const at::Tensor& pr, const at::Tensor& mxd,
-                           const at::Tensor& mxr);
 std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat, const at::Tensor& k);
 std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
                                    const at::Tensor& d, const at::Tensor& k,

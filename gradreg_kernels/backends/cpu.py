@@ -372,18 +372,6 @@ class CpuBackend(TorchBackend):
         pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
         return _rmajor(pv, xhat), _chan(mx, xhat)
 
-    def bn_second_order(
-        self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
-        p_delta: Tensor, p_r: Tensor, mx_delta: Tensor, mx_r: Tensor,
-    ) -> Tensor:
-        if not _fast(xhat, p_delta, p_r) or delta.dtype != torch.float32:
-            return super().bn_second_order(xhat, inv_std, gamma_c, delta, r, p_delta, p_r,
-                                           mx_delta, mx_r)
-        gamma = None if gamma_c.dim() == 0 else gamma_c.reshape(-1).contiguous()
-        s = self.ext.bn_second_order(_cmajor(xhat), inv_std, gamma, _cmajor(delta),
-                                     _cmajor(p_delta), _cmajor(p_r), mx_delta, mx_r)
-        return _rmajor(s, xhat)
-
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
                  ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
         if not _fast(xhat, k) or d.dtype != torch.float32:
