@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .rules.base import Rule
+from .rules.base import Rule, backward_releasing
 
 
 class Schedule:
@@ -65,12 +65,8 @@ class Schedule:
         first = next((i for i, rule in enumerate(self.rules) if rule.has_trainable_params()),
                      len(self.rules))
         stop = 0 if need_input_grad else first
-        grads = []
-        for i in range(len(self.rules) - 1, stop - 1, -1):
-            zbar = self.rules[i].backward(zbar, need_input_grad or i > first)
-            grads.extend(self.rules[i].param_grads())
-            if not self.keep_saved:
-                self.rules[i] = None  # its saved tensors go now, lowering the peak
+        zbar, grads = backward_releasing(self.rules, zbar, need_input_grad, first, stop,
+                                         self.keep_saved)
         if not self.keep_saved:
             self.rules = [None] * len(self.rules)
         return (zbar if need_input_grad else None), grads

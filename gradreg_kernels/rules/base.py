@@ -70,6 +70,21 @@ class Rule:
         return gw.add_(term) if gw.dtype == term.dtype else gw + term
 
 
+def backward_releasing(rules: list, abar: Tensor, need_input_grad: bool, first: int,
+                       stop: int, keep_saved: bool) -> tuple[Tensor | None, list]:
+    """Pass 4 over ``rules[stop:]`` in reverse, rule i asked for its input gradient when
+    ``need_input_grad or i > first``. Each rule's gradients are collected and, unless
+    keep_saved, its slot in ``rules`` is set to None as soon as its step is done, so what
+    it saved goes then (the peak is lower). Returns the last ā and the (param, grad) list."""
+    grads = []
+    for i in range(len(rules) - 1, stop - 1, -1):
+        abar = rules[i].backward(abar, need_input_grad or i > first)
+        grads.extend(rules[i].param_grads())
+        if not keep_saved:
+            rules[i] = None
+    return abar, grads
+
+
 def wants_grad(p: Tensor | None) -> bool:
     """Whether a parameter exists and asks for a gradient."""
     return p is not None and p.requires_grad

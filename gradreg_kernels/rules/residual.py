@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import Rule
+from .base import Rule, backward_releasing
 
 
 class SequenceRule(Rule):
@@ -53,12 +53,8 @@ class SequenceRule(Rule):
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         """The sub-rules' pass-4 steps in reverse; unless keep_saved, each sub-rule (with what
         it saved) is released as soon as its step is done and its gradients are collected."""
-        self.grads = []
-        for i in range(len(self.rules) - 1, -1, -1):
-            abar = self.rules[i].backward(abar, need_input_grad or i > 0)
-            self.grads.extend(self.rules[i].param_grads())
-            if not self.keep_saved:
-                self.rules[i] = None
+        abar, self.grads = backward_releasing(self.rules, abar, need_input_grad, 0, 0,
+                                              self.keep_saved)
         return abar
 
     def param_grads(self):
