@@ -104,9 +104,73 @@ def test_products_see_weights_updated_in_place(bk):
         w.mul_(-0.5).add_(1.0)
 
 
-def test_transpose_cat(bk):
-    parts = [torch.randn(n, 45) for n in (3, 70, 1)]
-    close(bk.ext.transpose_cat(parts), torch.cat(parts).t(), 1e-12)
+@pytest.mark.parametrize("k", [1, 2, 7, 10, 16])
+@pytest.mark.parametrize("n, in_f", [(1, 3), (5, 16), (64, 512), (131, 17), (300, 1001)])
+def test_thin_products(bk, k, n, in_f):
+    """A layer with ≤ THIN_MAX outputs runs its products in the extension's one-sweep
+    kernels: each against float64, odd sizes (rows and columns not multiples of 16)."""
+    from gradreg_kernels.backends.cpu import THIN_MAX
+
+    assert k <= THIN_MAX
+    a, w, b = torch.randn(n, in_f), torch.randn(k, in_f), torch.randn(k)
+    d, d2, a2 = torch.randn(n, k), torch.randn(n, k), torch.randn(n, in_f)
+    ad, wd = a.double(), w.double()
+    close(bk.linear(a, w, b), ad @ wd.t() + b.double())
+    close(bk.linear(a, w, None), ad @ wd.t())
+    close(bk.linear_input_grad(d, w), d.double() @ wd)
+    ref = d.double().t() @ ad + d2.double().t() @ a2.double()
+    close(bk.linear_weight_grad([(d, a), (d2, a2)]), ref)
+    acc0 = torch.randn(k, in_f)
+    acc = acc0.clone()
+    gw, gb = bk.linear_param_grads([(d, a), (d2, a2)], acc, True, True)
+    assert gw.data_ptr() == acc.data_ptr()  # added in place
+    close(gw, ref + acc0.double())
+    close(gb, d.double().sum(0))
+
+
+def test_thin_kernels_name_bad_operands(bk):
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        bk.ext.thin_linear(torch.randn(3, 5), torch.randn(17, 5), None)
+    with pytest.raises(RuntimeError, match="d \\(N, K\\) and W \\(K, in\\)"):
+        bk.ext.thin_input_grad(torch.randn(3, 4), torch.randn(5, 7))
+    with pytest.raises(RuntimeError, match="acc must be"):
+        bk.ext.thin_weight_grad([torch.randn(3, 4)], [torch.randn(3, 5)], torch.randn(4, 6),
+                                False)
+
+
+@pytest.mark.parametrize("need_w, need_b", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("n, out_f, in_f", [(3, 29, 37), (64, 512, 784), (131, 300, 97)])
+def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(bk, need_w, need_b, n, out_f,
+                                                             in_f):
+    """(Σ dᵀa (+ acc), Σ_n z̄) on both backends, the oneDNN path taking the bias sum from
+    the transposing sweep."""
+    pairs = [(torch.randn(n, out_f), torch.randn(n, in_f)) for _ in range(2)]
+    ref_w = sum(d.double().t() @ a.double() for d, a in pairs)
+    for backend in (bk, REF):
+        for acc in (None, torch.randn(out_f, in_f)):
+            if acc is not None and not need_w:
+                continue
+            acc0 = None if acc is None else acc.clone()
+            gw, gb = backend.linear_param_grads(pairs, acc, need_w, need_b)
+            if need_w:
+                close(gw, ref_w if acc0 is None else ref_w + acc0.double())
+            else:
+                assert gw is None
+            if need_b:
+                close(gb, pairs[0][0].double().sum(0))
+            else:
+                assert gb is None
+
+
+@pytest.mark.parametrize("c", [1, 15, 16, 45, 512])
+def test_transpose_cat(bk, c):
+    """Exact, with 16 × 16 register tiles and the edges element by element; the column sums
+    of the first operand (the bias gradient) on the side."""
+    parts = [torch.randn(n, c) for n in (3, 70, 1, 32)]
+    assert torch.equal(bk.ext.transpose_cat(parts), torch.cat(parts).t())
+    out, sums = bk.ext.transpose_cat_sum(parts[1:])
+    assert torch.equal(out, torch.cat(parts[1:]).t())
+    close(sums, parts[1].double().sum(0))
 
 
 # ---- activations ---------------------------------------------------------------------------

@@ -29,5 +29,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_backward", &gradreg::bn_backward, "k P ā (+ s), Σ ā x̂, Σ ā per channel",
         pybind11::arg("abar"), pybind11::arg("xhat"), pybind11::arg("k"),
         pybind11::arg("s") = pybind11::none());
+  m.def("thin_linear", &gradreg::thin_linear, "a Wᵀ (+ b) for a few outputs",
+        pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());
+  m.def("thin_input_grad", &gradreg::thin_input_grad, "d W for a few outputs");
+  m.def("thin_weight_grad", &gradreg::thin_weight_grad,
+        "Σ_p d_pᵀ a_p (+ acc, in place) and Σ_n d_1 when asked, for a few outputs");
   m.def("transpose_cat", &gradreg::transpose_cat, "[P_1; P_2; ...]ᵀ in one buffer");
+  m.def("transpose_cat_sum", &gradreg::transpose_cat_sum,
+        "[P_1; P_2; ...]ᵀ in one buffer and the column sums of P_1");
 }

@@ -60,8 +60,17 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
 std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
                                     const at::Tensor& k, const c10::optional<at::Tensor>& s);
 
+// ---- products of a layer with few outputs (K small): one sweep each -------------------
+at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& b);
+at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w);
+std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
+    const std::vector<at::Tensor>& ds, const std::vector<at::Tensor>& as,
+    const c10::optional<at::Tensor>& acc, bool bias_of_first);
+
 // ---- layout --------------------------------------------------------------------------
 at::Tensor transpose_cat(const std::vector<at::Tensor>& parts);
+// the same, and the column sums of the first operand (a bias gradient Σ_n P_1[n, :])
+std::tuple<at::Tensor, at::Tensor> transpose_cat_sum(const std::vector<at::Tensor>& parts);
 
 // ---- shared checks -------------------------------------------------------------------
 void check_f32(const at::Tensor& t, const char* what);

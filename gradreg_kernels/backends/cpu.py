@@ -36,6 +36,11 @@ from .torch_ops import ConvGeom, TorchBackend, _chan
 # (AVX-512 CPU, 2 threads; a 512 → 10 classifier layer's products cross over at ~128 rows).
 ONEDNN_MIN_WORK = 600_000
 
+# A layer with at most this many outputs (a classifier's last Linear) runs its products in
+# the extension's one-sweep kernels (thin_*): at K = 10 a library call costs several times the
+# arithmetic (MKL at B = 64, 512 → 10: 10-20 µs per product inside the step).
+THIN_MAX = 16
+
 # Output rows per block of an accumulating weight product: a 256 × in block is half of a
 # 512-row weight. Blocks of 256 rows cost 5-10 % over one whole product plus an add (2
 # threads, N = 256: 509 against 468 µs for 512 × 784), blocks of 128 rows 25-40 %.
@@ -152,12 +157,20 @@ class CpuBackend(TorchBackend):
 
     # ---- products -------------------------------------------------------------------
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if not _fast(a, w, b) or a.dim() != 2 or a.numel() * w.shape[0] < ONEDNN_MIN_WORK:
+        if not _fast(a, w, b) or a.dim() != 2:
+            return super().linear(a, w, b)
+        if w.shape[0] <= THIN_MAX:
+            return self.ext.thin_linear(a, _plain(w), _plain(b))
+        if a.numel() * w.shape[0] < ONEDNN_MIN_WORK:
             return super().linear(a, w, b)
         return self._mm(a, _plain(w), _plain(b), "none", [], "")
 
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
-        if not _fast(d, w) or d.dim() != 2 or d.numel() * w.shape[1] < ONEDNN_MIN_WORK:
+        if not _fast(d, w) or d.dim() != 2:
+            return super().linear_input_grad(d, w)
+        if w.shape[0] <= THIN_MAX:
+            return self.ext.thin_input_grad(d, _plain(w))
+        if d.numel() * w.shape[1] < ONEDNN_MIN_WORK:
             return super().linear_input_grad(d, w)
         return self._mm(d, _plain(w).t(), None, "none", [], "")  # Wᵀ as a strided view
 
@@ -169,23 +182,39 @@ class CpuBackend(TorchBackend):
         accumulating product runs in blocks of ACC_BLOCK_ROWS output rows, each added to
         ``acc`` as it comes: the extra buffer is one block, not a second weight.
         """
+        return self._weight_grad(pairs, acc, False)[0]
+
+    def linear_param_grads(self, pairs: Sequence[tuple[Tensor, Tensor | None]],
+                           acc: Tensor | None, need_w: bool, need_b: bool
+                           ) -> tuple[Tensor | None, Tensor | None]:
+        """As TorchBackend's; the bias gradient Σ_n z̄ comes out of the sweep that lays out
+        z̄ᵀ for the weight product (no separate pass over z̄)."""
+        if not need_w:
+            return super().linear_param_grads(pairs, acc, need_w, need_b)
+        return self._weight_grad(pairs, acc, need_b)
+
+    def _weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]], acc: Tensor | None,
+                     bias: bool) -> tuple[Tensor, Tensor | None]:
+        """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n] when ``bias``)."""
         flat = [t for pair in pairs for t in pair]
-        if not _fast(acc, *flat) or any(t.dim() != 2 for t in flat):
-            return super().linear_weight_grad(pairs, acc)
         ds, as_ = [d for d, _ in pairs], [a for _, a in pairs]
         n, out_f, in_f = sum(d.shape[0] for d in ds), ds[0].shape[1], as_[0].shape[1]
-        if n * out_f * in_f < ONEDNN_MIN_WORK:
-            return super().linear_weight_grad(pairs, acc)
+        if (not _fast(acc, *flat) or any(t.dim() != 2 for t in flat)
+                or (out_f > THIN_MAX and n * out_f * in_f < ONEDNN_MIN_WORK)):
+            gw = super().linear_weight_grad(pairs, acc)
+            return gw, (ds[0].sum(0) if bias else None)
+        if out_f <= THIN_MAX:
+            return self.ext.thin_weight_grad(ds, as_, acc, bias)
         # [d_1; d_2]ᵀ [a_1; a_2] as one product: the narrower side is copied transposed,
         # the other is read through a transposed view of its (stacked) rows
-        dt = self.ext.transpose_cat(ds)  # (out, ΣN)
+        dt, gb = self.ext.transpose_cat_sum(ds) if bias else (self.ext.transpose_cat(ds), None)
         at = _stacked_rows(as_).t() if out_f <= in_f else self.ext.transpose_cat(as_)
         if acc is None:
-            return self._mm(dt, at, None, "none", [], "")
+            return self._mm(dt, at, None, "none", [], ""), gb
         for lo in range(0, out_f, ACC_BLOCK_ROWS):
             hi = min(lo + ACC_BLOCK_ROWS, out_f)
             acc[lo:hi].add_(self._mm(dt[lo:hi], at, None, "none", [], ""))
-        return acc
+        return acc, gb
 
     def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         """a and r as the two row blocks of one (2N, in) buffer: the doubled-batch product then

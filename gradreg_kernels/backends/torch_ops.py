@@ -47,6 +47,14 @@ class TorchBackend:
         out = d0.t().mm(a0)
         return self._accumulate(out, pairs[1:])
 
+    def linear_param_grads(self, pairs: Sequence[tuple[Tensor, Tensor | None]],
+                           acc: Tensor | None, need_w: bool, need_b: bool
+                           ) -> tuple[Tensor | None, Tensor | None]:
+        """A Linear's pass-4 gradients: (Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n]), each None
+        unless asked for (pairs[0] is (z̄, a); a may be None when need_w is False)."""
+        gw = self.linear_weight_grad(pairs, acc) if need_w else None
+        return gw, (pairs[0][0].sum(0) if need_b else None)
+
     @staticmethod
     def _accumulate(out: Tensor, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         for d, a in pairs:

@@ -74,9 +74,8 @@ def _linear_pullback(bk):
     """s at z = a Wᵀ + b ↦ (s W, sᵀ a, Σ_n s) for (a, W, b)."""
     def pull(s: Tensor, src, needs):
         a, w, _ = src
-        return (bk.linear_input_grad(s, w) if needs[0] else None,
-                bk.linear_weight_grad([(s, a)]) if needs[1] else None,
-                s.sum(0) if needs[2] else None)
+        gw, gb = bk.linear_param_grads([(s, a)], None, needs[1], needs[2])
+        return (bk.linear_input_grad(s, w) if needs[0] else None), gw, gb
     return pull
 
 

@@ -70,11 +70,10 @@ class LinearRule(Rule):
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         z = self._flat(abar, self.w.shape[0])
-        if self.need_w:
+        if self.need_w or self.need_b:
             pairs = [(z, self.a)] if self.r is None else [(z, self.a), (self.d, self.r)]
-            self.gw = self.bk.linear_weight_grad(pairs, acc=self.take_tangent_term())
-        if self.need_b:
-            self.gb = z.sum(0)
+            acc = self.take_tangent_term() if self.need_w else None
+            self.gw, self.gb = self.bk.linear_param_grads(pairs, acc, self.need_w, self.need_b)
         if not need_input_grad:
             return None
         return self._shaped(self.bk.linear_input_grad(z, self.wd))
