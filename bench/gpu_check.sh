@@ -60,8 +60,9 @@ stage functional_tests "${FUNCTIONAL_TESTS_LIMIT_S:-60}" "$PY" -m pytest -q -p n
 grep -E "(passed|failed|error|skipped)" "$OUT/gpu_tests.log" | tail -4 >> "$SUMMARY"
 stage gpu_bench "${BENCH_LIMIT_S:-180}" "$PY" bench/gpu_bench.py --out "$OUT" \
   --budget-s "${BENCH_BUDGET_S:-130}" $SKIP ${GPU_BENCH_ARGS:-} || true
-# the drop-in Functions before/after convert, and where the fused step spends GPU time
-stage functional_bench "${FUNCTIONAL_LIMIT_S:-90}" "$PY" -m pytest -q -s -p no:cacheprovider \
+# the drop-in Functions before/after convert (and both user steps captured in a CUDA graph),
+# and where the fused step spends GPU time
+stage functional_bench "${FUNCTIONAL_LIMIT_S:-120}" "$PY" -m pytest -q -s -p no:cacheprovider \
   bench/test_functional_bench.py --benchmark-columns=min,median,rounds || true
 stage profile "${PROFILE_LIMIT_S:-45}" "$PY" bench/gpu_profile.py --model mnist_cnn || true
 

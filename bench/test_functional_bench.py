@@ -4,7 +4,9 @@ Groups (compare the medians inside a group; the machine is shared and noisy):
 - DCGAN critic R1 step (64×64 inputs): eager torch.nn vs converted, plus the plain step
   (forward + backward, no penalty) as the yardstick;
 - small CIFAR ResNet (ResNet-8, widths 16-32-64) gradient-penalty step: eager vs converted
-  vs gradreg_loss (fused schedule), plus the plain step.
+  vs gradreg_loss (fused schedule), plus the plain step;
+- on a GPU, both user steps also captured whole in a CUDA graph (graphs.CapturedStep), the
+  eager one and the converted one, each on its own copy of the model.
 
     PYTHONPATH=. python -m pytest bench/test_functional_bench.py --benchmark-columns=median,iqr
 
@@ -80,6 +82,20 @@ def plain_step(model: nn.Module, loss_of) -> None:
     loss_of(model).backward()
 
 
+def captured(fn, *inputs):
+    """fn(*inputs) captured in a CUDA graph (graphs.CapturedStep), as a no-argument step
+    replaying it on the same inputs; GPU only."""
+    from gradreg_kernels.graphs import CapturedStep
+
+    if not ON_GPU:
+        pytest.skip("CUDA-graph capture needs a GPU")
+    step = CapturedStep(fn, *inputs)
+    return lambda: step(*inputs)
+
+
+GRAPHED = ["eager_graphed", "converted_graphed"]
+
+
 def _run(benchmark, fn) -> None:
     def step():
         fn()
@@ -104,23 +120,30 @@ def resnet_setup():
     return model, convert(copy.deepcopy(model)), x, y
 
 
-@pytest.mark.parametrize("variant", ["plain_step", "eager", "converted"])
+@pytest.mark.parametrize("variant", ["plain_step", "eager", "converted"] + GRAPHED)
 def test_dcgan_critic_r1(benchmark, critic_setup, variant):
     eager, converted, x = critic_setup
     benchmark.group = f"DCGAN critic R1 step, B={BATCH}, 64x64, {DEVICE.type}"
     benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), threads=torch.get_num_threads())
-    if variant == "plain_step":
+    if variant in GRAPHED:  # a copy: the graph keeps its own p.grad buffers
+        model = copy.deepcopy(eager if variant == "eager_graphed" else converted)
+        _run(benchmark, captured(lambda xx: r1_step(model, xx), x))
+    elif variant == "plain_step":
         _run(benchmark, lambda: plain_step(eager, lambda m: m(x).mean()))
     else:
         _run(benchmark, lambda: r1_step(eager if variant == "eager" else converted, x))
 
 
-@pytest.mark.parametrize("variant", ["plain_step", "eager", "converted", "fused_gradreg_loss"])
+@pytest.mark.parametrize("variant",
+                         ["plain_step", "eager", "converted", "fused_gradreg_loss"] + GRAPHED)
 def test_resnet_gradreg(benchmark, resnet_setup, variant):
     eager, converted, x, y = resnet_setup
     benchmark.group = f"ResNet-8 (16-32-64) gradreg step, B={BATCH}, 32x32, {DEVICE.type}"
     benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), threads=torch.get_num_threads())
-    if variant == "plain_step":
+    if variant in GRAPHED:
+        model = copy.deepcopy(eager if variant == "eager_graphed" else converted)
+        _run(benchmark, captured(lambda xx, yy: gp_step(model, xx, yy), x, y))
+    elif variant == "plain_step":
         _run(benchmark, lambda: plain_step(eager, lambda m: F.cross_entropy(m(x), y)))
     elif variant == "fused_gradreg_loss":
         _run(benchmark, lambda: fused_step(eager, x, y))
@@ -179,12 +202,20 @@ def test_paired_speedups(benchmark, critic_setup, resnet_setup):
     benchmark.group = f"paired speedups, B={BATCH}, {DEVICE.type}"
     result = {}
 
+    critic = {"eager": lambda: r1_step(c_eager, xc), "converted": lambda: r1_step(c_conv, xc)}
+    resnet = {"eager": lambda: gp_step(r_eager, xr, y), "converted": lambda: gp_step(r_conv, xr, y),
+              "fused": lambda: fused_step(r_eager, xr, y)}
+    if ON_GPU:  # each captured on its own copy of the model
+        for name, src in (("eager_graphed", c_eager), ("converted_graphed", c_conv)):
+            m = copy.deepcopy(src)
+            critic[name] = captured(lambda xx, m=m: r1_step(m, xx), xc)
+        for name, src in (("eager_graphed", r_eager), ("converted_graphed", r_conv)):
+            m = copy.deepcopy(src)
+            resnet[name] = captured(lambda xx, yy, m=m: gp_step(m, xx, yy), xr, y)
+
     def run():
-        result["critic"] = _paired({"eager": lambda: r1_step(c_eager, xc),
-                                    "converted": lambda: r1_step(c_conv, xc)}, ROUNDS)
-        result["resnet"] = _paired({"eager": lambda: gp_step(r_eager, xr, y),
-                                    "converted": lambda: gp_step(r_conv, xr, y),
-                                    "fused": lambda: fused_step(r_eager, xr, y)}, ROUNDS)
+        result["critic"] = _paired(critic, ROUNDS)
+        result["resnet"] = _paired(resnet, ROUNDS)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(batch=BATCH, device=str(DEVICE), threads=torch.get_num_threads(),

@@ -12,6 +12,16 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 means float32 on CUDA: no TF32 in cuBLAS / cuDNN products for the test."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA: skip them cleanly without it."""
     if torch.cuda.is_available():

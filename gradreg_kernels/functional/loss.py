@@ -66,6 +66,10 @@ class SoftmaxCE(Function):
         return apply(SoftmaxCEGrad, g, z, ctx.p, ctx.y, ctx.bk), None, None
 
 
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def softmax_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean",
                           backend: str = "auto") -> Tensor:
     """F.cross_entropy(logits, target) for (N, K) logits and (N,) class labels;
@@ -78,7 +82,10 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     k = logits.shape[1]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= k):
+    # the range check reads the labels back, which a CUDA-graph capture forbids: a captured
+    # step (graphs.CapturedStep) takes its labels unchecked, so check them before the loop
+    if target.numel() and not _capturing(logits) and (int(target.min()) < 0
+                                                      or int(target.max()) >= k):
         raise ValueError(f"target labels must lie in [0, {k})")
     ce = apply(SoftmaxCE, logits, target.long(), resolve_backend(backend, logits.device))
     if reduction == "mean":
