@@ -6,7 +6,8 @@ Groups (compare the medians inside a group; the machine is shared and noisy):
 - small CIFAR ResNet (ResNet-8, widths 16-32-64) gradient-penalty step: eager vs converted
   vs gradreg_loss (fused schedule), plus the plain step;
 - on a GPU, both user steps also captured whole in a CUDA graph (graphs.CapturedStep), the
-  eager one and the converted one, each on its own copy of the model.
+  eager one and the converted one, each on its own copy of the model; and (paired test) the
+  model converted onto the portable "torch" backend, uncaptured.
 
     PYTHONPATH=. python -m pytest bench/test_functional_bench.py --benchmark-columns=median,iqr
 
@@ -205,7 +206,14 @@ def test_paired_speedups(benchmark, critic_setup, resnet_setup):
     critic = {"eager": lambda: r1_step(c_eager, xc), "converted": lambda: r1_step(c_conv, xc)}
     resnet = {"eager": lambda: gp_step(r_eager, xr, y), "converted": lambda: gp_step(r_conv, xr, y),
               "fused": lambda: fused_step(r_eager, xr, y)}
-    if ON_GPU:  # each captured on its own copy of the model
+    if ON_GPU:
+        # the portable backend's ATen calls cost less host time per launch than Triton's
+        # launcher: which is faster for an uncaptured converted step decides convert's default
+        c_torch = convert(copy.deepcopy(c_eager), backend="torch")
+        r_torch = convert(copy.deepcopy(r_eager), backend="torch")
+        critic["converted_torch"] = lambda: r1_step(c_torch, xc)
+        resnet["converted_torch"] = lambda: gp_step(r_torch, xr, y)
+        # each captured on its own copy of the model
         for name, src in (("eager_graphed", c_eager), ("converted_graphed", c_conv)):
             m = copy.deepcopy(src)
             critic[name] = captured(lambda xx, m=m: r1_step(m, xx), xc)
