@@ -20,6 +20,11 @@ namespace {
 constexpr int64_t kGrainWork = 1 << 18;
 // columns handled together: one 16-lane vector per output row
 constexpr int64_t kLanes = 16;
+// rows of d that share each load of W in the input gradient
+constexpr int kRowTile = 4;
+// rows of a per pass over the columns in the weight gradient (a 64-row stripe of a stays
+// in cache while every column chunk reads it)
+constexpr int64_t kRowBlock = 64;
 
 int64_t grain_rows(int64_t work_per_row) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_row));
@@ -49,11 +54,31 @@ void linear_rows(const float* a, const float* w, const float* b, float* z, int64
   }
 }
 
-// u[r, i] = Σ_j d[r, j] w[j, i] for rows [r0, r1)
+// u[r, i] = Σ_j d[r, j] w[j, i] for rows [r0, r1): kRowTile rows share every load of w
 template <int K>
 void input_grad_rows(const float* d, const float* w, float* u, int64_t in, int64_t r0,
                      int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  for (; r + kRowTile <= r1; r += kRowTile) {
+    int64_t i = 0;
+    for (; i + kLanes <= in; i += kLanes) {
+      float acc[kRowTile][kLanes] = {};
+      for (int j = 0; j < K; ++j)
+        for (int q = 0; q < kRowTile; ++q)
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) acc[q][l] += d[(r + q) * K + j] * w[j * in + i + l];
+      for (int q = 0; q < kRowTile; ++q)
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) u[(r + q) * in + i + l] = acc[q][l];
+    }
+    for (; i < in; ++i)
+      for (int q = 0; q < kRowTile; ++q) {
+        float s = 0.f;
+        for (int j = 0; j < K; ++j) s += d[(r + q) * K + j] * w[j * in + i];
+        u[(r + q) * in + i] = s;
+      }
+  }
+  for (; r < r1; ++r) {
     const float* dr = d + r * K;
     float* ur = u + r * in;
 #pragma omp simd
@@ -65,27 +90,35 @@ void input_grad_rows(const float* d, const float* w, float* u, int64_t in, int64
   }
 }
 
-// g[j, c] += Σ_r d[r, j] a[r, c] for columns [c0, c1), rows [0, n)
+// g[j, c] += Σ_r d[r, j] a[r, c] for columns [c0, c1), rows [0, n). Rows go in blocks of
+// kRowBlock, so a block's stripe of a is read from memory once and from cache by every
+// 16-column chunk; the chunk's K accumulators stay in registers across the block.
 template <int K>
 void weight_grad_cols(const float* d, const float* a, float* g, int64_t n, int64_t in,
                       int64_t c0, int64_t c1) {
-  int64_t c = c0;
-  for (; c + kLanes <= c1; c += kLanes) {
-    float acc[K][kLanes] = {};
-    for (int64_t r = 0; r < n; ++r)
+  for (int64_t rb = 0; rb < n; rb += kRowBlock) {
+    const int64_t re = std::min(n, rb + kRowBlock);
+    int64_t c = c0;
+    for (; c + kLanes <= c1; c += kLanes) {
+      float acc[K][kLanes];
       for (int j = 0; j < K; ++j)
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += d[r * K + j] * a[r * in + c + l];
-    for (int j = 0; j < K; ++j)
+        for (int64_t l = 0; l < kLanes; ++l) acc[j][l] = g[j * in + c + l];
+      for (int64_t r = rb; r < re; ++r)
+        for (int j = 0; j < K; ++j)
 #pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) g[j * in + c + l] += acc[j][l];
-  }
-  for (; c < c1; ++c)
-    for (int j = 0; j < K; ++j) {
-      float s = 0.f;
-      for (int64_t r = 0; r < n; ++r) s += d[r * K + j] * a[r * in + c];
-      g[j * in + c] += s;
+          for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += d[r * K + j] * a[r * in + c + l];
+      for (int j = 0; j < K; ++j)
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) g[j * in + c + l] = acc[j][l];
     }
+    for (; c < c1; ++c)
+      for (int j = 0; j < K; ++j) {
+        float s = 0.f;
+        for (int64_t r = rb; r < re; ++r) s += d[r * K + j] * a[r * in + c];
+        g[j * in + c] += s;
+      }
+  }
 }
 
 // Calls F<K>::run(args...) for the runtime k in [1, THIN_MAX].
