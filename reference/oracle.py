@@ -12,8 +12,11 @@ import torch.nn.functional as F
 
 
 def oracle_loss(model, x, y=None, lam=1.0, head="ce", mask=None, value_weight=1.0):
-    """The loss as an autograd graph through the input gradient; returns (loss, ce, pen, z)."""
-    x = x.detach().clone().requires_grad_(True)
+    """The loss as an autograd graph through the input gradient; returns (loss, ce, pen, z).
+
+    An x that requires grad is used as it is, so the loss can be differentiated in x too."""
+    if not x.requires_grad:
+        x = x.detach().clone().requires_grad_(True)
     z = model(x)
     if head == "output":
         data = z.reshape(z.shape[0], -1).sum(dim=1)

@@ -20,7 +20,7 @@ from gradreg_kernels import gradreg_loss
 from gradreg_kernels.backends import cpu_build, get_backend
 from gradreg_kernels.backends.torch_ops import TorchBackend
 from gradreg_kernels.rules.activation_math import spec_by_name
-from reference import oracle_grads
+from reference import oracle_grads, oracle_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -540,6 +540,32 @@ def test_fast_paths_match_float64_oracle(bk, b):
     for name, g in got.items():  # each parameter on its own scale too
         assert rel(g, want[name]) < 1e-3 or want[name].norm() < 1e-6 * max(
             w.norm() for w in want.values()), name
+
+
+@pytest.mark.parametrize("b", [1, 5, 129])
+@pytest.mark.parametrize("widths", [(37, 9), (37, 7, 16, 11)], ids=["logistic", "thin-hidden"])
+def test_thin_layers_in_the_fused_step(bk, b, widths):
+    """Layers with ≤ 16 outputs anywhere in the chain (a logistic regression; 7- and 16-wide
+    hidden layers, whose dᵀr terms run in pass 3 or 4 by batch size), the input gradient
+    asked for too: loss, every parameter gradient and x.grad against the float64 oracle."""
+    torch.manual_seed(b)
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(n_in, n_out)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers)
+    x, y = torch.randn(b, widths[0]), torch.randint(0, widths[-1], (b,))
+    m64 = copy.deepcopy(model).double()
+    x32 = x.clone().requires_grad_(True)
+    out = gradreg_loss(model, x32, y, lam=0.7, backend="cpu")
+    out.loss.backward()
+    assert out.backend == "cpu"
+    want, loss, _, _ = oracle_grads(m64, x.double(), y, lam=0.7)
+    assert rel(out.loss.detach(), loss) < 1e-5
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert _global_rel(got, want) < 1e-4
+    x64 = x.double().requires_grad_(True)
+    (gx,) = torch.autograd.grad(oracle_loss(m64, x64, y, 0.7)[0], x64)
+    assert rel(x32.grad, gx) < 1e-4
 
 
 @pytest.mark.parametrize("b", [2, 130])  # the dᵀr term in pass 4 (b = 2) and in pass 3
