@@ -162,6 +162,51 @@ def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(bk, need_w, need_b,
                 assert gb is None
 
 
+def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(bk):
+    """keep_delta gives δᵀ (a new buffer: δ itself can go) where oneDNN's product copies δ
+    transposed anyway, δ as it is elsewhere; every weight product reads the kept form."""
+    from gradreg_kernels.backends.cpu import _DeltaT
+
+    d, a, a2 = torch.randn(300, 200), torch.randn(300, 301), torch.randn(300, 301)
+    kept = bk.keep_delta(d, 301)
+    assert isinstance(kept, _DeltaT) and kept.t.is_contiguous()
+    assert kept.t._base is None and kept.t.data_ptr() != d.data_ptr()
+    assert bk.keep_delta(d, 150) is d                       # δ wider than the input
+    assert bk.keep_delta(torch.randn(300, 16), 301).shape == (300, 16)  # thin layer
+    assert bk.keep_delta(torch.randn(2, 200), 301).shape == (2, 200)    # small product
+    ref = d.double().t() @ a.double()
+    close(bk.linear_weight_grad([(kept, a)]), ref)
+    acc0 = torch.randn(200, 301)
+    close(bk.linear_weight_grad([(kept, a)], acc=acc0.clone()), ref + acc0.double())
+    ref2 = ref + d.double().t() @ a2.double()
+    close(bk.linear_weight_grad([(kept, a), (d, a2)]), ref2)
+    gw, gb = bk.linear_param_grads([(kept, a)], None, True, True)
+    close(gw, ref)
+    close(gb, d.double().sum(0))
+
+
+@pytest.mark.parametrize("keep_saved", [False, True])
+def test_step_with_kept_deltas_matches_float64_oracle(bk, keep_saved):
+    """An MLP whose dᵀr terms run in pass 3 from the kept δᵀ (B = 300; λ large enough that the
+    penalty's terms carry the gradient): against the float64 oracle; under keep_saved a
+    second backward adds the same gradients again."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(301, 200), nn.ReLU(), nn.Linear(200, 180), nn.Softplus(),
+                          nn.Linear(180, 10))
+    x, y = torch.randn(300, 301), torch.randint(0, 10, (300,))
+    m64 = copy.deepcopy(model).double()
+    out = gradreg_loss(model, x, y, lam=40.0, backend="cpu", keep_saved=keep_saved)
+    out.loss.backward(retain_graph=keep_saved)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    want, loss, _, _ = oracle_grads(m64, x.double(), y, lam=40.0)
+    assert rel(out.loss.detach(), loss) < 1e-5
+    assert _global_rel(got, want) < 1e-4
+    if keep_saved:
+        out.loss.backward()
+        for n, p in model.named_parameters():
+            close(p.grad, 2 * got[n], 1e-5)
+
+
 @pytest.mark.parametrize("c", [1, 15, 16, 45, 512])
 def test_transpose_cat(bk, c):
     """Exact, with 16 × 16 register tiles and the edges element by element; the column sums

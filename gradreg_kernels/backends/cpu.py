@@ -93,6 +93,14 @@ class _Masked:
 
 
 @dataclass
+class _DeltaT:
+    """A Linear's δ (N, out) kept as δᵀ, (out, N) contiguous: the operand oneDNN's weight
+    product reads (``keep_delta``)."""
+
+    t: Tensor
+
+
+@dataclass
 class _BnChain:
     """What the fused batch-norm chain keeps for the tangent: δ and its channel means."""
 
@@ -195,7 +203,15 @@ class CpuBackend(TorchBackend):
 
     def _weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]], acc: Tensor | None,
                      bias: bool) -> tuple[Tensor, Tensor | None]:
-        """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n] when ``bias``)."""
+        """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n] when ``bias``); d_1 may be kept as δᵀ
+        (``keep_delta``, one pair)."""
+        if any(isinstance(d, _DeltaT) for d, _ in pairs):
+            dk, a = pairs[0]
+            if (len(pairs) == 1 and isinstance(dk, _DeltaT) and acc is None and not bias
+                    and _fast(a) and a.dim() == 2):
+                return self._mm(dk.t, a.t(), None, "none", [], ""), None
+            # any other use reads δ back through a view of δᵀ
+            pairs = [(d.t.t() if isinstance(d, _DeltaT) else d, a) for d, a in pairs]
         flat = [t for pair in pairs for t in pair]
         ds, as_ = [d for d, _ in pairs], [a for _, a in pairs]
         n, out_f, in_f = sum(d.shape[0] for d in ds), ds[0].shape[1], as_[0].shape[1]
@@ -215,6 +231,15 @@ class CpuBackend(TorchBackend):
             hi = min(lo + ACC_BLOCK_ROWS, out_f)
             acc[lo:hi].add_(self._mm(dt[lo:hi], at, None, "none", [], ""))
         return acc, gb
+
+    def keep_delta(self, d: Tensor, in_features: int) -> object:
+        """δᵀ, where the weight product would copy δ transposed anyway (oneDNN's path, δ the
+        narrower side): made now, so that δ itself is released when pass 2 moves on."""
+        out_f = d.shape[1] if d.dim() == 2 else 0
+        if (not _fast(d) or d.dim() != 2 or out_f <= THIN_MAX or out_f > in_features
+                or d.shape[0] * out_f * in_features < ONEDNN_MIN_WORK):
+            return d
+        return _DeltaT(self.ext.transpose_cat([d]))
 
     def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         """a and r as the two row blocks of one (2N, in) buffer: the doubled-batch product then

@@ -64,6 +64,11 @@ class TorchBackend:
                 out = torch.addmm(out, d.t(), a)
         return out
 
+    def keep_delta(self, d: Tensor, in_features: int) -> object:
+        """How a Linear keeps its pass-2 δ (N, out) for a weight product ``[(δ, r)]`` of pass 3
+        (an input of ``in_features``); here as it is."""
+        return d
+
     def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         """How a Linear keeps its input a and tangent r (N, in) for the weight product of pass 4;
         here as they are (MKL reads both through strides)."""

@@ -7,7 +7,10 @@ The two ΔW terms cost the same products either way; where they run is a memory 
   held from passes 2-3 to pass 4; the backend may keep a and r as one (2N, in) buffer from
   the tangent pass on, so that the product reads [a; r] without stacking it then);
 - from 2 N (in + out) ≥ in · out on: dᵀ r at once in pass 3, so d and r are released there
-  and pass 4 adds z̄ᵀ a into it in place (``acc``; a copy of it under keep_saved).
+  and pass 4 adds z̄ᵀ a into it in place (``acc``; a copy of it under keep_saved). Pass 2
+  then keeps d in the form the backend's weight product reads (``bk.keep_delta``: the cpu
+  backend's transposed copy, made once the chain's product is done, instead of d and its
+  copy side by side in pass 3, where the step's memory peaks).
 """
 
 from __future__ import annotations
@@ -50,17 +53,22 @@ class LinearRule(Rule):
             self.a = a
         return self._shaped(self.bk.linear(a, self.wd, self.bd))
 
+    def _tangent_term_in_pass_3(self, n: int) -> bool:
+        out_f, in_f = self.w.shape
+        return 2 * n * (out_f + in_f) >= out_f * in_f
+
     def chain(self, d: Tensor) -> Tensor:
         d2 = self._flat(d, self.w.shape[0])
+        u = self._shaped(self.bk.linear_input_grad(d2, self.wd))
         if self.need_w:
-            self.d = d2
-        return self._shaped(self.bk.linear_input_grad(d2, self.wd))
+            self.d = (self.bk.keep_delta(d2, self.w.shape[1])
+                      if self._tangent_term_in_pass_3(d2.shape[0]) else d2)
+        return u
 
     def tangent(self, r: Tensor) -> Tensor:
         r2 = self._flat(r, self.w.shape[1])
         if self.need_w:
-            out_f, in_f = self.w.shape
-            if 2 * r2.shape[0] * (out_f + in_f) >= out_f * in_f:
+            if self._tangent_term_in_pass_3(r2.shape[0]):
                 self.gw_tangent = self.bk.linear_weight_grad([(self.d, r2)])
                 if not self.keep_saved:
                     self.d = None
