@@ -4,8 +4,9 @@
 # 1. device and software versions; 2. builds the CUDA C++ extension once (cached);
 # 3. pytest -m gpu: every Triton / CUDA kernel and the whole fused step vs the float64
 #    oracle on CUDA, TF32 off; 4. bench/gpu_bench.py: the side-by-side table.
-# Every stage is time-limited and runs even when an earlier one failed; logs, the table
-# (gpu_bench.md / .json) and summary.txt land in $OUT.
+# Every stage is time-limited and runs even when an earlier one failed, all of them within
+# TOTAL_LIMIT_S (560 s by default); logs, the table (gpu_bench.md / .json) and summary.txt
+# land in $OUT.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,9 +22,20 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 T0=$(date +%s)
 
+# The whole check ends within TOTAL_LIMIT_S (the device tool runs one command for at most
+# 600 s): a stage gets its own limit or what is left of the total, whichever is less, and a
+# stage with under 20 s left is skipped (said in the summary), so the summary is always written.
+TOTAL_LIMIT_S="${TOTAL_LIMIT_S:-560}"
+
 stage() {  # stage NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  local left=$(( TOTAL_LIMIT_S - ($(date +%s) - T0) - 5 ))
+  if (( left < 20 )); then
+    echo "+++ stage $name: skipped, ${left} s left of TOTAL_LIMIT_S=${TOTAL_LIMIT_S}" | tee -a "$SUMMARY"
+    return 124
+  fi
+  (( limit > left )) && limit=$left
   echo "+++ [$(date +%T), $(( $(date +%s) - T0 )) s] stage $name (limit ${limit} s): $*"
   timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
