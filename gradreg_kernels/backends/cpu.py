@@ -146,6 +146,14 @@ def _plain(t: Tensor | None) -> Tensor | None:
     return t.detach() if t is not None and t.requires_grad else t
 
 
+def _product_path(out_f: int, work: int) -> str:
+    """Where a linear product with ``out_f`` outputs and ``work`` multiply-adds runs: "thin"
+    (the extension's one-sweep kernels), "mkl" (below ONEDNN_MIN_WORK) or "onednn"."""
+    if out_f <= THIN_MAX:
+        return "thin"
+    return "mkl" if work < ONEDNN_MIN_WORK else "onednn"
+
+
 def _fast(*ts: Tensor | None) -> bool:
     """Whether every given operand is a contiguous float32 CPU tensor (None counts as one)."""
     for t in ts:
@@ -165,21 +173,19 @@ class CpuBackend(TorchBackend):
 
     # ---- products -------------------------------------------------------------------
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if not _fast(a, w, b) or a.dim() != 2:
+        path = _product_path(w.shape[0], a.numel() * w.shape[0])
+        if not _fast(a, w, b) or a.dim() != 2 or path == "mkl":
             return super().linear(a, w, b)
-        if w.shape[0] <= THIN_MAX:
+        if path == "thin":
             return self.ext.thin_linear(a, _plain(w), _plain(b))
-        if a.numel() * w.shape[0] < ONEDNN_MIN_WORK:
-            return super().linear(a, w, b)
         return self._mm(a, _plain(w), _plain(b), "none", [], "")
 
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
-        if not _fast(d, w) or d.dim() != 2:
+        path = _product_path(w.shape[0], d.numel() * w.shape[1])
+        if not _fast(d, w) or d.dim() != 2 or path == "mkl":
             return super().linear_input_grad(d, w)
-        if w.shape[0] <= THIN_MAX:
+        if path == "thin":
             return self.ext.thin_input_grad(d, _plain(w))
-        if d.numel() * w.shape[1] < ONEDNN_MIN_WORK:
-            return super().linear_input_grad(d, w)
         return self._mm(d, _plain(w).t(), None, "none", [], "")  # Wᵀ as a strided view
 
     def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]],
@@ -215,11 +221,11 @@ class CpuBackend(TorchBackend):
         flat = [t for pair in pairs for t in pair]
         ds, as_ = [d for d, _ in pairs], [a for _, a in pairs]
         n, out_f, in_f = sum(d.shape[0] for d in ds), ds[0].shape[1], as_[0].shape[1]
-        if (not _fast(acc, *flat) or any(t.dim() != 2 for t in flat)
-                or (out_f > THIN_MAX and n * out_f * in_f < ONEDNN_MIN_WORK)):
+        path = _product_path(out_f, n * out_f * in_f)
+        if not _fast(acc, *flat) or any(t.dim() != 2 for t in flat) or path == "mkl":
             gw = super().linear_weight_grad(pairs, acc)
             return gw, (ds[0].sum(0) if bias else None)
-        if out_f <= THIN_MAX:
+        if path == "thin":
             return self.ext.thin_weight_grad(ds, as_, acc, bias)
         # [d_1; d_2]ᵀ [a_1; a_2] as one product: the narrower side is copied transposed,
         # the other is read through a transposed view of its (stacked) rows
@@ -235,9 +241,8 @@ class CpuBackend(TorchBackend):
     def keep_delta(self, d: Tensor, in_features: int) -> object:
         """δᵀ, where the weight product would copy δ transposed anyway (oneDNN's path, δ the
         narrower side): made now, so that δ itself is released when pass 2 moves on."""
-        out_f = d.shape[1] if d.dim() == 2 else 0
-        if (not _fast(d) or d.dim() != 2 or out_f <= THIN_MAX or out_f > in_features
-                or d.shape[0] * out_f * in_features < ONEDNN_MIN_WORK):
+        if not _fast(d) or d.dim() != 2 or d.shape[1] > in_features or _product_path(
+                d.shape[1], d.shape[0] * d.shape[1] * in_features) != "onednn":
             return d
         return _DeltaT(self.ext.transpose_cat([d]))
 
