@@ -8,7 +8,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <utility>
 
 #include "kernels.h"
 
@@ -121,32 +120,16 @@ void weight_grad_cols(const float* d, const float* a, float* g, int64_t n, int64
   }
 }
 
-// Calls F<K>::run(args...) for the runtime k in [1, THIN_MAX].
-template <template <int> class F, int K = 1, class... Args>
-void dispatch_k(int64_t k, Args&&... args) {
+// Calls f.template operator()<K>() for the runtime k in [1, 16] (f: a template lambda).
+template <int K = 1, class F>
+void dispatch_k(int64_t k, F&& f) {
   if constexpr (K > 16) {
     TORCH_CHECK(false, "thin products take at most 16 outputs, got ", k);
   } else {
-    if (k == K) return F<K>::run(std::forward<Args>(args)...);
-    dispatch_k<F, K + 1>(k, std::forward<Args>(args)...);
+    if (k == K) return f.template operator()<K>();
+    dispatch_k<K + 1>(k, f);
   }
 }
-
-template <int K>
-struct LinearRows {
-  template <class... A>
-  static void run(A... a) { linear_rows<K>(a...); }
-};
-template <int K>
-struct InputGradRows {
-  template <class... A>
-  static void run(A... a) { input_grad_rows<K>(a...); }
-};
-template <int K>
-struct WeightGradCols {
-  template <class... A>
-  static void run(A... a) { weight_grad_cols<K>(a...); }
-};
 
 void check_thin(const at::Tensor& w, const char* what) {
   check_f32(w, what);
@@ -174,7 +157,7 @@ at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w,
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, grain_rows(k * in), [&](int64_t r0, int64_t r1) {
-    dispatch_k<LinearRows>(k, ap, wp, bp, op, in, r0, r1);
+    dispatch_k(k, [&]<int K>() { linear_rows<K>(ap, wp, bp, op, in, r0, r1); });
   });
   return out;
 }
@@ -189,7 +172,7 @@ at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w) {
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, grain_rows(k * in), [&](int64_t r0, int64_t r1) {
-    dispatch_k<InputGradRows>(k, dp, wp, op, in, r0, r1);
+    dispatch_k(k, [&]<int K>() { input_grad_rows<K>(dp, wp, op, in, r0, r1); });
   });
   return out;
 }
@@ -230,8 +213,10 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
     if (fresh)
       for (int64_t j = 0; j < k; ++j) std::fill(op + j * in + c0, op + j * in + c1, 0.f);
     for (size_t p = 0; p < ds.size(); ++p)
-      dispatch_k<WeightGradCols>(k, ds[p].data_ptr<float>(), as[p].data_ptr<float>(), op,
-                                 ds[p].size(0), in, c0, c1);
+      dispatch_k(k, [&]<int K>() {
+        weight_grad_cols<K>(ds[p].data_ptr<float>(), as[p].data_ptr<float>(), op, ds[p].size(0),
+                            in, c0, c1);
+      });
   });
   c10::optional<at::Tensor> bias;
   if (bias_of_first) {
