@@ -2,7 +2,9 @@
 
 Models (float32): MLP 784-512-512-10 (ReLU) at B = 64 and 256, the paper's MNIST CNN
 (conv 5×5×32 → BN → ReLU → pool → conv 5×5×64 → BN → ReLU → pool → FC 1024 → BN → ReLU →
-dropout 0.5 → FC 10) at B = 64, and an MLP 784-512-512-10 with Softplus at B = 256.
+dropout 0.5 → FC 10) at B = 64, and MLPs 784-512-512-10 with Softplus and with SiLU at
+B = 256 (the SiLU one beyond the CPU issue's four models: a smooth activation whose σ', σ''
+are not functions of its output, so the passes keep both).
 
 Steps: each computes every parameter gradient of one training step.
 - ``fused_cpu`` / ``fused_torch``: gradreg_loss(...).loss.backward() on that backend;
@@ -54,6 +56,7 @@ def workloads() -> list[Workload]:
         ("mlp_relu_b256", mlp(act=nn.ReLU), 256, (784,)),
         ("cnn_paper_b64", paper_cnn(), 64, (1, 28, 28)),
         ("mlp_softplus_b256", mlp(act=nn.Softplus), 256, (784,)),
+        ("mlp_silu_b256", mlp(act=nn.SiLU), 256, (784,)),
     ]:
         x, y = data(b, shape)
         out.append(Workload(name, model.train(), x, y))

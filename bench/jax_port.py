@@ -1,7 +1,7 @@
 """The same networks and loss in JAX, for the jax.jit peer of the benchmark.
 
 ``port(model)`` turns a torch nn.Sequential of Linear / Conv2d / BatchNorm (train mode) /
-ReLU / Softplus / MaxPool2d / Flatten / Dropout (nested Sequentials walked to their
+ReLU / Softplus / SiLU / MaxPool2d / Flatten / Dropout (nested Sequentials walked to their
 leaves) into (params, apply), NCHW like torch. The loss is the
 package's: mean_n CE_n + λ · mean_n ‖∇_{x_n} Σ_m CE_m‖², differentiated by jax.grad.
 """
@@ -39,6 +39,9 @@ def port(model: nn.Sequential):
         elif isinstance(m, nn.Softplus) and m.beta == 1:
             layers.append(("softplus", None))
             params.append({})
+        elif isinstance(m, nn.SiLU):
+            layers.append(("silu", None))
+            params.append({})
         elif isinstance(m, nn.MaxPool2d):
             layers.append(("maxpool", int(m.kernel_size)))
             params.append({})
@@ -72,6 +75,8 @@ def port(model: nn.Sequential):
                 a = jax.nn.relu(a)
             elif kind == "softplus":
                 a = jax.nn.softplus(a)
+            elif kind == "silu":
+                a = jax.nn.silu(a)
             elif kind == "maxpool":
                 a = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 1, arg, arg),
                                           (1, 1, arg, arg), "VALID")

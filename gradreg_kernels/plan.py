@@ -1,12 +1,12 @@
 """The plan: a user's nn.Module tree → a list of layer rules, or the module that stops it.
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv2d
-(zero padding), ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, GELU, ELU, MaxPool2d, AvgPool2d,
-Flatten, Identity, Dropout, BatchNorm1d/2d; their drop-in versions from gradreg_kernels.nn
-(a Linear / Conv2d with a fused activation is the layer and then the activation); and the
-residual blocks Residual(f, shortcut) and BasicBlock, whose branches are planned
-recursively. A module with forward hooks is not supported (the fused step does not call
-forward, so the hooks would silently not run).
+(zero padding), ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU, MaxPool2d,
+AvgPool2d, Flatten, Identity, Dropout, BatchNorm1d/2d; their drop-in versions from
+gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
+activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
+are planned recursively. A module with forward hooks is not supported (the fused step does
+not call forward, so the hooks would silently not run).
 """
 
 from __future__ import annotations

@@ -221,10 +221,12 @@ def test_transpose_cat(bk, c):
 # ---- activations ---------------------------------------------------------------------------
 ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("softplus", 1.0, 20.0),
         ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",), ("gelu",), ("gelu_tanh",),
-        ("elu", 0.8)]
+        ("elu", 0.8), ("silu",)]
 #: the kinds whose derivatives come from the output (the passes keep y alone)
 FROM_OUTPUT = {("softplus", 1.0, 20.0), ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",),
                ("elu", 0.8)}
+#: the kinds whose passes keep z and recompute σ', σ'' from it
+FROM_INPUT = {("silu",)}
 
 
 @pytest.mark.parametrize("act", ACTS, ids=["-".join(map(str, a)) for a in ACTS])
@@ -246,11 +248,14 @@ def test_activation_steps(bk, act):
                                                                       rel(ref32, ref64))
 
     check(y, y_ref, y64)
-    from gradreg_kernels.backends.cpu import _FromOutput
+    from gradreg_kernels.backends.cpu import _FromInput, _FromOutput
 
     assert isinstance(saved, _FromOutput) == (act in FROM_OUTPUT)
     if act in FROM_OUTPUT:  # the state is the output itself, no second buffer
         assert saved.tensor is y
+    assert isinstance(saved, _FromInput) == (act in FROM_INPUT)
+    if act in FROM_INPUT:  # the state is z itself (σ', σ'' recomputed from it), one buffer
+        assert saved.tensor is z
     check(bk.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d),
           REF.act_chain(spec, saved64, d.double()))
     out, s = bk.act_tangent(spec, saved, r, u)

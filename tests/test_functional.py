@@ -48,6 +48,7 @@ ACTS = {  # name → (act_args, torch reference)
     "gelu": ((), F.gelu),
     "gelu_tanh": ((), lambda z: F.gelu(z, approximate="tanh")),
     "elu": ((0.7,), lambda z: F.elu(z, 0.7)),
+    "silu": ((), F.silu),
 }
 
 

@@ -16,6 +16,7 @@ from gradreg_kernels import gradreg_loss
 MODELS = {
     "mlp-smooth": lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)),
     "mlp-relu": lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+    "mlp-silu": lambda: nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2)),
     "conv-bn-train": lambda: nn.Sequential(
         nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(),
         nn.Linear(8, 2)),
@@ -23,7 +24,8 @@ MODELS = {
         nn.Conv2d(1, 2, 2, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
         nn.BatchNorm1d(8), nn.ELU(), nn.Dropout(0.3), nn.Linear(8, 2)),
 }
-INPUT = {"mlp-smooth": (3, 3), "mlp-relu": (3, 3), "conv-bn-train": (3, 1, 5, 5),
+INPUT = {"mlp-smooth": (3, 3), "mlp-relu": (3, 3), "mlp-silu": (3, 3),
+         "conv-bn-train": (3, 1, 5, 5),
          "conv-pool-bn1d": (3, 1, 4, 4)}
 
 

@@ -16,6 +16,7 @@ ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "elu": lambda: nn.ELU(alpha=0.8),
+    "silu": lambda: nn.SiLU(),
 }
 
 

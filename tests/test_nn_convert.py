@@ -39,6 +39,9 @@ MODELS = {  # name → (builder, input shape, labels or None for a scalar score)
     "mlp": (_mlp, (7, 13), 5),
     "critic": (_small_critic, (3, 3, 64, 64), None),
     "resnet": (lambda: cifar_resnet(1, 4), (3, 3, 32, 32), 10),
+    # a Linear + SiLU pair (fused into the product) and a SiLU after BN (its own module)
+    "silu": (lambda: nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8),
+                                   nn.BatchNorm1d(8), nn.SiLU(), nn.Linear(8, 3)), (5, 6), 3),
 }
 
 
@@ -92,6 +95,13 @@ def test_pairs_fuse_into_the_product():
     assert model[2].act is None and isinstance(model[3], gnn.BatchNorm1d)
     assert isinstance(model[4], gnn.Softplus)
     assert model[5].act.name == "leaky_relu" and model[5].act.params == (0.1,)
+
+
+def test_silu_pairs_and_modules_convert():
+    model = convert(MODELS["silu"][0]())
+    assert isinstance(model[0], gnn.Linear) and model[0].act.name == "silu"
+    assert isinstance(model[1], nn.Identity)
+    assert isinstance(model[3], gnn.BatchNorm1d) and isinstance(model[4], gnn.SiLU)
 
 
 def test_shared_or_hooked_products_are_not_fused():

@@ -13,6 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mul_add", &gradreg::mul_add, "d1 ⊙ t (+ s)", pybind11::arg("d1"), pybind11::arg("t"),
         pybind11::arg("s") = pybind11::none());
   m.def("smooth_value", &gradreg::smooth_value, "σ(z) alone");
+  m.def("z_mul_add", &gradreg::z_mul_add, "σ'(z) ⊙ t (+ s) from the kept z",
+        pybind11::arg("z"), pybind11::arg("t"), pybind11::arg("s"), pybind11::arg("kind"),
+        pybind11::arg("p0"), pybind11::arg("p1"));
+  m.def("z_tangent", &gradreg::z_tangent, "(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) from the kept z");
   m.def("output_mul_add", &gradreg::output_mul_add, "σ'(y) ⊙ t (+ s) from the output y",
         pybind11::arg("y"), pybind11::arg("t"), pybind11::arg("s"), pybind11::arg("kind"),
         pybind11::arg("p0"), pybind11::arg("p1"));

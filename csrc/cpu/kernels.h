@@ -27,6 +27,12 @@ std::tuple<at::Tensor, at::Tensor> smooth_tangent(const at::Tensor& d1, const at
                                                   const at::Tensor& r, const at::Tensor& u);
 at::Tensor mul_add(const at::Tensor& d1, const at::Tensor& t, const c10::optional<at::Tensor>& s);
 at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1);
+// the same steps with σ', σ'' recomputed from the kept pre-activation z
+at::Tensor z_mul_add(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& s,
+                     int64_t kind, double p0, double p1);
+std::tuple<at::Tensor, at::Tensor> z_tangent(const at::Tensor& z, const at::Tensor& r,
+                                             const at::Tensor& u, int64_t kind, double p0,
+                                             double p1);
 
 // ---- smooth activations whose σ', σ'' are functions of y = σ(z) (softplus, tanh, sigmoid,
 // elu): the passes keep y alone

@@ -1,6 +1,8 @@
 // Smooth activations: one forward sweep gives σ(z), σ'(z), σ''(z); later passes need only
 // products: chain σ'⊙d, tangent (σ'⊙r, σ''⊙u⊙r), backward σ'⊙ā + s. smooth_value gives σ(z)
-// alone, for the kinds whose derivatives come from the output (smooth_output.cpp). Kind codes follow
+// alone, for the kinds whose derivatives come from the output (smooth_output.cpp) or are
+// recomputed from the kept z in each later sweep (z_mul_add, z_tangent: SiLU, whose σ', σ''
+// cost one exp, so one kept tensor replaces two). Kind codes follow
 // gradreg_kernels/backends/cpu.py; derivatives follow rules/activation_math.py.
 #include <ATen/Parallel.h>
 
@@ -8,6 +10,7 @@
 
 #include "fastmath.h"
 #include "kernels.h"
+#include "state_sweeps.h"
 
 namespace gradreg {
 namespace {
@@ -18,7 +21,9 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kGeluC = 0.044715f;
 
-enum Kind : int64_t { kSoftplus = 0, kTanh = 1, kSigmoid = 2, kGelu = 3, kGeluTanh = 4, kElu = 5 };
+enum Kind : int64_t {
+  kSoftplus = 0, kTanh = 1, kSigmoid = 2, kGelu = 3, kGeluTanh = 4, kElu = 5, kSilu = 6
+};
 
 struct Derivs {
   float v, d1, d2;
@@ -79,6 +84,13 @@ inline Derivs elu(float z, float alpha) {
   return {pos * z + (1.f - pos) * (e - alpha), pos + (1.f - pos) * e, (1.f - pos) * e};
 }
 
+// σ = z s, s = sigmoid(z): σ' = s + z s (1 − s), σ'' = s (1 − s) (2 + z (1 − 2 s))
+inline Derivs silu(float z) {
+  const float s = sigmoid_of(z);
+  const float g = s * (1.f - s);
+  return {z * s, s + z * g, g * (2.f + z * (1.f - 2.f * s))};
+}
+
 template <typename F>
 void sweep(const float* z, float* y, float* d1, float* d2, int64_t n, F f) {
   at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
@@ -117,6 +129,7 @@ void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body
     case kGelu: body([](float v) { return gelu(v); }); break;
     case kGeluTanh: body([](float v) { return gelu_tanh(v); }); break;
     case kElu: body([=](float v) { return elu(v, a); }); break;
+    case kSilu: body([](float v) { return silu(v); }); break;
     default: TORCH_CHECK(false, what, ": unknown activation kind ", kind);
   }
 }
@@ -142,6 +155,25 @@ at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1)
   float* yp = y.data_ptr<float>();
   with_kind(kind, p0, p1, "smooth_value", [&](auto f) { value_sweep(zp, yp, z.numel(), f); });
   return y;
+}
+
+at::Tensor z_mul_add(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& s,
+                     int64_t kind, double p0, double p1) {
+  // σ'(z) ⊙ t (+ s), σ' recomputed from the kept pre-activation z (the chain and backward)
+  at::Tensor out;
+  with_kind(kind, p0, p1, "z_mul_add",
+            [&](auto f) { out = state_mul_add(z, t, s, f, "z_mul_add"); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> z_tangent(const at::Tensor& z, const at::Tensor& r,
+                                             const at::Tensor& u, int64_t kind, double p0,
+                                             double p1) {
+  // (σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r) from the kept pre-activation z
+  std::tuple<at::Tensor, at::Tensor> out;
+  with_kind(kind, p0, p1, "z_tangent",
+            [&](auto f) { out = state_tangent(z, r, u, f, "z_tangent"); });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> smooth_tangent(const at::Tensor& d1, const at::Tensor& d2,

@@ -10,11 +10,10 @@
 
 #include "fastmath.h"
 #include "kernels.h"
+#include "state_sweeps.h"
 
 namespace gradreg {
 namespace {
-
-constexpr int64_t kGrain = 8192;
 
 enum Kind : int64_t { kSoftplus = 0, kTanh = 1, kSigmoid = 2, kElu = 5 };
 
@@ -66,36 +65,15 @@ void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body
   }
 }
 
-void check_same_size(const at::Tensor& y, const at::Tensor& t, const char* what) {
-  check_f32(t, what);
-  TORCH_CHECK(t.numel() == y.numel(), what, ": operand sizes differ (", t.numel(), " vs ",
-              y.numel(), ")");
-}
-
 }  // namespace
 
 at::Tensor output_mul_add(const at::Tensor& y, const at::Tensor& t,
                           const c10::optional<at::Tensor>& s, int64_t kind, double p0,
                           double p1) {
   // σ'(y) ⊙ t (+ s): the chain and the backward step
-  check_f32(y, "y");
-  check_same_size(y, t, "output_mul_add t");
-  if (s.has_value()) check_same_size(y, *s, "output_mul_add s");
-  auto out = at::empty_like(t);
-  const float *yp = y.data_ptr<float>(), *tp = t.data_ptr<float>();
-  const float* sp = s.has_value() ? s->data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  with_kind(kind, p0, p1, "output_mul_add", [&](auto derivs) {
-    at::parallel_for(0, y.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      if (sp) {
-#pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) op[i] = derivs(yp[i]).d1 * tp[i] + sp[i];
-      } else {
-#pragma omp simd
-        for (int64_t i = i0; i < i1; ++i) op[i] = derivs(yp[i]).d1 * tp[i];
-      }
-    });
-  });
+  at::Tensor out;
+  with_kind(kind, p0, p1, "output_mul_add",
+            [&](auto derivs) { out = state_mul_add(y, t, s, derivs, "output_mul_add"); });
   return out;
 }
 
@@ -103,23 +81,10 @@ std::tuple<at::Tensor, at::Tensor> output_tangent(const at::Tensor& y, const at:
                                                   const at::Tensor& u, int64_t kind, double p0,
                                                   double p1) {
   // (σ'(y) ⊙ r, σ''(y) ⊙ u ⊙ r)
-  check_f32(y, "y");
-  check_same_size(y, r, "output_tangent r");
-  check_same_size(y, u, "output_tangent u");
-  auto out = at::empty_like(r), s = at::empty_like(r);
-  const float *yp = y.data_ptr<float>(), *rp = r.data_ptr<float>(), *up = u.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *sp = s.data_ptr<float>();
-  with_kind(kind, p0, p1, "output_tangent", [&](auto derivs) {
-    at::parallel_for(0, y.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-#pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) {
-        const D12 d = derivs(yp[i]);
-        op[i] = d.d1 * rp[i];
-        sp[i] = d.d2 * up[i] * rp[i];
-      }
-    });
-  });
-  return {out, s};
+  std::tuple<at::Tensor, at::Tensor> out;
+  with_kind(kind, p0, p1, "output_tangent",
+            [&](auto derivs) { out = state_tangent(y, r, u, derivs, "output_tangent"); });
+  return out;
 }
 
 }  // namespace gradreg

@@ -3,7 +3,7 @@
 //   chain:    out = σ'(z) ⊙ d (+ s)          (σ' from the mask or from z)
 //   tangent:  out = σ'(z) ⊙ r,  s = σ''(z) ⊙ u ⊙ r   (smooth σ)
 // Activation codes: 0 relu, 1 leaky_relu(p0 = slope), 2 softplus(p0 = β, p1 = threshold),
-// 3 tanh, 4 sigmoid, 5 gelu (erf), 6 gelu_tanh, 7 elu(p0 = α). Math in float32.
+// 3 tanh, 4 sigmoid, 5 gelu (erf), 6 gelu_tanh, 7 elu(p0 = α), 8 silu. Math in float32.
 #include "common.cuh"
 
 namespace gradreg {
@@ -28,6 +28,7 @@ __device__ float act_value(float z, int act, float p0, float p1) {
     case 4: return sigmoidf(z);
     case 5: return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
     case 6: return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z)));
+    case 8: return z * sigmoidf(z);
     default: return z > 0.0f ? z : p0 * expm1f(z);
   }
 }
@@ -53,6 +54,10 @@ __device__ float act_d1(float z, int act, float p0, float p1) {
       float t = tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z));
       float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluC * z * z);
       return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
+    }
+    case 8: {
+      float s = sigmoidf(z);
+      return s * (1.0f + z * (1.0f - s));
     }
     default: return z > 0.0f ? 1.0f : p0 * expf(fminf(z, 0.0f));
   }
@@ -81,6 +86,10 @@ __device__ float act_d2(float z, int act, float p0, float p1) {
       return (1.0f - t * t) * (du + 0.5f * z * (ddu - 2.0f * t * du * du));
     }
     case 7: return z > 0.0f ? 0.0f : p0 * expf(fminf(z, 0.0f));
+    case 8: {
+      float s = sigmoidf(z);
+      return s * (1.0f - s) * (2.0f + z * (1.0f - 2.0f * s));
+    }
     default: return 0.0f;
   }
 }

@@ -46,7 +46,12 @@ THIN_MAX = 16
 # threads, N = 256: 509 against 468 µs for 512 × 784), blocks of 128 rows 25-40 %.
 ACC_BLOCK_ROWS = 256
 
-_SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5}
+_SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5,
+                 "silu": 6}
+# Smooth kinds whose passes keep z and recompute σ', σ'' from it (one exp for SiLU) instead of
+# keeping both from the forward sweep: one kept tensor instead of two, and each later sweep
+# reads one operand less.
+_Z_STATE_KINDS = frozenset({"silu"})
 
 
 _EXT = None
@@ -120,6 +125,17 @@ class _Smooth:
 @dataclass
 class _FromOutput:
     """A smooth activation's output y (``tensor``): σ', σ'' are recomputed from it."""
+
+    tensor: Tensor
+    kind: int
+    p0: float
+    p1: float
+
+
+@dataclass
+class _FromInput:
+    """A smooth activation's pre-activation z (``tensor``): σ', σ'' are recomputed from it in
+    each later sweep (kinds in ``_Z_STATE_KINDS``)."""
 
     tensor: Tensor
     kind: int
@@ -270,6 +286,9 @@ class CpuBackend(TorchBackend):
         if derivs_from_output(spec):  # keep y alone (smooth_output.cpp)
             y = self.ext.smooth_value(z, kind, p[0], p[1])
             return y, _FromOutput(y, kind, p[0], p[1])
+        if spec.name in _Z_STATE_KINDS:  # keep z alone (z_mul_add / z_tangent)
+            y = self.ext.smooth_value(z, kind, p[0], p[1])
+            return y, _FromInput(z, kind, p[0], p[1])
         y, d1, d2 = self.ext.smooth_forward(z, kind, p[0], p[1])
         return y, _Smooth(d1, d2)
 
@@ -289,6 +308,9 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _FromOutput):
             return self.ext.output_mul_add(saved.tensor, _f32(d), None, saved.kind, saved.p0,
                                            saved.p1)
+        if isinstance(saved, _FromInput):
+            return self.ext.z_mul_add(saved.tensor, _f32(d), None, saved.kind, saved.p0,
+                                      saved.p1)
         return super().act_chain(spec, saved, d)
 
     def act_tangent(
@@ -303,6 +325,10 @@ class CpuBackend(TorchBackend):
             out, s = self.ext.output_tangent(saved.tensor, _f32(r), _f32(u), saved.kind,
                                              saved.p0, saved.p1)
             return out, s
+        if isinstance(saved, _FromInput):
+            out, s = self.ext.z_tangent(saved.tensor, _f32(r), _f32(u), saved.kind, saved.p0,
+                                        saved.p1)
+            return out, s
         return super().act_tangent(spec, saved, r, u)
 
     def act_backward(
@@ -316,6 +342,9 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _FromOutput):
             return self.ext.output_mul_add(saved.tensor, _f32(abar), _f32(s), saved.kind,
                                            saved.p0, saved.p1)
+        if isinstance(saved, _FromInput):
+            return self.ext.z_mul_add(saved.tensor, _f32(abar), _f32(s), saved.kind, saved.p0,
+                                      saved.p1)
         return super().act_backward(spec, saved, abar, s)
 
     # ---- dropout ----------------------------------------------------------------------

@@ -35,7 +35,7 @@ def resolve_act(act: str | ActivationSpec | None, act_args: tuple[float, ...] = 
     """An activation spec from a name (with optional hyper-parameters), a spec, or None.
 
     None and "linear" mean no activation. Names: relu, leaky_relu (slope), softplus
-    (beta, threshold), tanh, sigmoid, gelu, gelu_tanh, elu (alpha).
+    (beta, threshold), tanh, sigmoid, gelu, gelu_tanh, elu (alpha), silu.
     """
     if act is None or act == "linear":
         if act_args:

@@ -15,11 +15,12 @@ from .modules import (
     MaxPool2d,
     ReLU,
     Sigmoid,
+    SiLU,
     Softplus,
     Tanh,
 )
 from .residual import BasicBlock, Residual
 
 __all__ = ["ELU", "GELU", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "LeakyReLU",
-           "Linear", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "Softplus", "Tanh",
+           "Linear", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "SiLU", "Softplus", "Tanh",
            "cifar_resnet", "convert", "dcgan_critic"]

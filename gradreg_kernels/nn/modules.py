@@ -142,10 +142,14 @@ class ELU(_Activation, nn.ELU):
     """nn.ELU (``inplace`` accepted and ignored)."""
 
 
+class SiLU(_Activation, nn.SiLU):
+    """nn.SiLU, x · sigmoid(x) (``inplace`` accepted and ignored)."""
+
+
 #: torch.nn class → its drop-in class
 DROP_IN_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear, nn.Conv2d: Conv2d, nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d, nn.MaxPool2d: MaxPool2d, nn.ReLU: ReLU,
     nn.LeakyReLU: LeakyReLU, nn.Softplus: Softplus, nn.Tanh: Tanh, nn.Sigmoid: Sigmoid,
-    nn.GELU: GELU, nn.ELU: ELU,
+    nn.GELU: GELU, nn.ELU: ELU, nn.SiLU: SiLU,
 }

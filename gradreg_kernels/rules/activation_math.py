@@ -26,7 +26,8 @@ _GELU_C = 0.044715
 class ActivationSpec:
     """σ, σ', σ'' of one activation kind with fixed hyper-parameters.
 
-    name:   kind ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu", "gelu_tanh", "elu")
+    name:   kind ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu", "gelu_tanh", "elu",
+            "silu")
     params: hyper-parameters (slope, beta/threshold, alpha), as floats
     smooth: whether σ'' is not identically zero (piecewise-linear kinds skip that work)
     """
@@ -142,6 +143,19 @@ def _elu(alpha: float) -> ActivationSpec:
     return ActivationSpec("elu", (alpha,), True, lambda z: F.elu(z, alpha), d1, d2)
 
 
+def _silu() -> ActivationSpec:
+    # σ = z s, s = sigmoid(z);  σ' = s (1 + z (1 − s));  σ'' = s (1 − s) (2 + z (1 − 2 s))
+    def d1(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+    def d2(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+    return ActivationSpec("silu", (), True, F.silu, d1, d2)
+
+
 def activation_spec(module: nn.Module) -> ActivationSpec | None:
     """The spec of a supported activation module, or None if the module is not one."""
     if isinstance(module, nn.ReLU):
@@ -158,6 +172,8 @@ def activation_spec(module: nn.Module) -> ActivationSpec | None:
         return _gelu_tanh() if module.approximate == "tanh" else _gelu()
     if isinstance(module, nn.ELU):
         return _elu(float(module.alpha))
+    if isinstance(module, nn.SiLU):
+        return _silu()
     return None
 
 
@@ -201,6 +217,7 @@ def spec_by_name(name: str, *params: float) -> ActivationSpec:
     makers: dict[str, Callable[..., ActivationSpec]] = {
         "relu": _relu, "leaky_relu": _leaky_relu, "softplus": _softplus, "tanh": _tanh,
         "sigmoid": _sigmoid, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "elu": _elu,
+        "silu": _silu,
     }
     if name not in makers:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(makers)}")

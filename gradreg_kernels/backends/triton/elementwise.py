@@ -24,7 +24,7 @@ from torch import Tensor
 from ._common import ELEMENT_BLOCK, flat_grid
 
 ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
-             "gelu_tanh": 6, "elu": 7}
+             "gelu_tanh": 6, "elu": 7, "silu": 8}
 PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
 
 # Kernels spell their constants out (1/√2, 1/√(2π), √(2/π), GELU's 0.044715): Triton
@@ -56,8 +56,10 @@ def _act_value(z, ACT: tl.constexpr, p0, p1):
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 6:
         out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    else:
+    elif ACT == 7:
         out = tl.where(z > 0, z, p0 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    else:  # 8: SiLU
+        out = z * tl.sigmoid(z)
     return out
 
 
@@ -80,8 +82,11 @@ def _act_d1(z, ACT: tl.constexpr, p0, p1):
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
-    else:
+    elif ACT == 7:
         out = tl.where(z > 0, 1.0, p0 * tl.exp(tl.minimum(z, 0.0)))
+    else:  # 8: SiLU
+        s = tl.sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
     return out
 
 
@@ -106,8 +111,11 @@ def _act_d2(z, ACT: tl.constexpr, p0, p1):
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         ddu = 6.0 * 0.7978845608028654 * 0.044715 * z
         out = (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
-    else:
+    elif ACT == 7:
         out = tl.where(z > 0, 0.0, p0 * tl.exp(tl.minimum(z, 0.0)))
+    else:  # 8: SiLU
+        s = tl.sigmoid(z)
+        out = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
     return out
 
 
