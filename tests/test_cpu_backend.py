@@ -226,7 +226,7 @@ ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("softplus", 1.
 FROM_OUTPUT = {("softplus", 1.0, 20.0), ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",),
                ("elu", 0.8)}
 #: the kinds whose passes keep z and recompute σ', σ'' from it
-FROM_INPUT = {("silu",)}
+FROM_INPUT = {("silu",), ("gelu_tanh",)}
 
 
 @pytest.mark.parametrize("act", ACTS, ids=["-".join(map(str, a)) for a in ACTS])
