@@ -225,8 +225,8 @@ ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("softplus", 1.
 #: the kinds whose derivatives come from the output (the passes keep y alone)
 FROM_OUTPUT = {("softplus", 1.0, 20.0), ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",),
                ("elu", 0.8)}
-#: the kinds whose passes keep z and recompute σ', σ'' from it
-FROM_INPUT = {("silu",), ("gelu_tanh",)}
+#: the other smooth kinds: the passes keep z and recompute σ', σ'' from it
+FROM_INPUT = {("softplus", 1.5, 4.0), ("gelu",), ("gelu_tanh",), ("silu",)}
 
 
 @pytest.mark.parametrize("act", ACTS, ids=["-".join(map(str, a)) for a in ACTS])
@@ -268,6 +268,32 @@ def test_activation_steps(bk, act):
     s_in = s0 if spec.smooth else None
     check(bk.act_backward(spec, saved, d, s_in), REF.act_backward(spec, saved_ref, d, s_in),
           REF.act_backward(spec, saved64, d.double(), None if s_in is None else s_in.double()))
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu"])
+def test_smooth_derivatives_on_a_dense_grid(bk, name):
+    """σ, σ', σ'' at every float on a fine grid over [−12, 12] (the fitted Φ of GELU has two
+    branches, |z| below and above √2): the worst error, relative to max(|value|, 1), within
+    3e-7 (2.5 float32 ulps) or 1.5× that of the same formula in torch's float32 ops."""
+    spec = spec_by_name(name)
+    z = torch.linspace(-12.0, 12.0, 240_001)
+    y, saved = bk.act_forward(spec, z)
+    ones = torch.ones_like(z)
+    d1 = bk.act_chain(spec, saved, ones)
+    _, d2 = bk.act_tangent(spec, saved, ones, ones)
+    z64 = z.double()
+    def worst(t: torch.Tensor, ref: torch.Tensor) -> float:
+        return float(((t.double() - ref).abs() / ref.abs().clamp_min(1.0)).max())
+
+    for got, f in ((y, spec.value), (d1, spec.d1), (d2, spec.d2)):
+        ref = f(z64)
+        ours, torch32 = worst(got, ref), worst(f(z), ref)
+        assert ours <= max(3e-7, 1.5 * torch32), (ours, torch32)
+    if name == "gelu":  # Φ keeps its relative accuracy in the lower tail (erfc, not 1 + erf)
+        tail = (z < -4) & (z > -7)  # below −7 (|z|/√2 > 5) the fit is clamped: Φ < 1.3e-12
+        ref = spec.value(z64)[tail]
+        # (torch's float32 GELU, through 1 + erf, is off by up to 100 % there)
+        assert ((y[tail].double() - ref).abs() <= 1e-4 * ref.abs()).all()
 
 
 def test_relu_saves_one_bit_per_element(bk):

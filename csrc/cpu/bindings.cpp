@@ -8,10 +8,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_forward", &gradreg::mask_forward, "y = z>0 ? z : lo z and the packed bit mask");
   m.def("mask_apply", &gradreg::mask_apply, "t ⊙ (bit ? hi : lo)");
   m.def("dropout_forward", &gradreg::dropout_forward, "a ⊙ keep · scale and the packed mask");
-  m.def("smooth_forward", &gradreg::smooth_forward, "σ(z), σ'(z), σ''(z) in one sweep");
-  m.def("smooth_tangent", &gradreg::smooth_tangent, "(σ' ⊙ r, σ'' ⊙ u ⊙ r)");
-  m.def("mul_add", &gradreg::mul_add, "d1 ⊙ t (+ s)", pybind11::arg("d1"), pybind11::arg("t"),
-        pybind11::arg("s") = pybind11::none());
   m.def("smooth_value", &gradreg::smooth_value, "σ(z) alone");
   m.def("z_mul_add", &gradreg::z_mul_add, "σ'(z) ⊙ t (+ s) from the kept z",
         pybind11::arg("z"), pybind11::arg("t"), pybind11::arg("s"), pybind11::arg("kind"),

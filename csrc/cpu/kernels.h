@@ -19,15 +19,8 @@ at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, do
 std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
                                                    double scale);
 
-// ---- smooth activations: value and both derivatives in one sweep ---------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_forward(const at::Tensor& z,
-                                                              int64_t kind, double p0,
-                                                              double p1);
-std::tuple<at::Tensor, at::Tensor> smooth_tangent(const at::Tensor& d1, const at::Tensor& d2,
-                                                  const at::Tensor& r, const at::Tensor& u);
-at::Tensor mul_add(const at::Tensor& d1, const at::Tensor& t, const c10::optional<at::Tensor>& s);
+// ---- smooth activations whose σ', σ'' are recomputed from the kept pre-activation z ----
 at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1);
-// the same steps with σ', σ'' recomputed from the kept pre-activation z
 at::Tensor z_mul_add(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& s,
                      int64_t kind, double p0, double p1);
 std::tuple<at::Tensor, at::Tensor> z_tangent(const at::Tensor& z, const at::Tensor& r,

@@ -23,30 +23,30 @@ struct D12 {
 
 // 1 − e^{−x} for x ≥ 0 with its relative accuracy kept near 0 (where 1 − e^{−x} cancels):
 // the series x (1 − x/2 + x²/6 − x³/24 + x⁴/120) below 0.1, as a select so loops vectorize.
-inline float one_minus_exp_neg(float x) {
+GRADREG_ELEMENT float one_minus_exp_neg(float x) {
   const float series = x * (1.f - x * (0.5f - x * (1.f / 6.f - x * (1.f / 24.f - x / 120.f))));
   const float direct = 1.f - fast_exp(-x);
   return x < 0.1f ? series : direct;
 }
 
-inline D12 softplus_d(float y, float beta, float threshold) {
+GRADREG_ELEMENT D12 softplus_d(float y, float beta, float threshold) {
   const float by = beta * y;
   const float s = one_minus_exp_neg(by);
   const float lin = static_cast<float>(by > threshold);
   return {lin + (1.f - lin) * s, (1.f - lin) * beta * s * (1.f - s)};
 }
 
-inline D12 tanh_d(float y) {
+GRADREG_ELEMENT D12 tanh_d(float y) {
   const float g = 1.f - y * y;
   return {g, -2.f * y * g};
 }
 
-inline D12 sigmoid_d(float y) {
+GRADREG_ELEMENT D12 sigmoid_d(float y) {
   const float g = y * (1.f - y);
   return {g, g * (1.f - 2.f * y)};
 }
 
-inline D12 elu_d(float y, float alpha) {
+GRADREG_ELEMENT D12 elu_d(float y, float alpha) {
   const float neg = static_cast<float>(!(y > 0.f));
   const float e = neg * (y + alpha);
   return {(1.f - neg) + e, e};
@@ -57,10 +57,12 @@ template <typename Body>
 void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body) {
   const float a = static_cast<float>(p0), b = static_cast<float>(p1);
   switch (kind) {
-    case kSoftplus: body([=](float y) { return softplus_d(y, a, b); }); break;
-    case kTanh: body([](float y) { return tanh_d(y); }); break;
-    case kSigmoid: body([](float y) { return sigmoid_d(y); }); break;
-    case kElu: body([=](float y) { return elu_d(y, a); }); break;
+    case kSoftplus:
+      body([=](float y) GRADREG_ELEMENT_LAMBDA { return softplus_d(y, a, b); });
+      break;
+    case kTanh: body([](float y) GRADREG_ELEMENT_LAMBDA { return tanh_d(y); }); break;
+    case kSigmoid: body([](float y) GRADREG_ELEMENT_LAMBDA { return sigmoid_d(y); }); break;
+    case kElu: body([=](float y) GRADREG_ELEMENT_LAMBDA { return elu_d(y, a); }); break;
     default: TORCH_CHECK(false, what, ": no derivatives from the output for kind ", kind);
   }
 }

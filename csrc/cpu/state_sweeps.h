@@ -15,6 +15,13 @@ namespace gradreg {
 
 constexpr int64_t kStateSweepGrain = 8192;
 
+// Each instantiation stays a function of its own (one loop pair per activation kind).
+#if defined(__GNUC__)
+#define GRADREG_OWN_FUNCTION __attribute__((noinline))
+#else
+#define GRADREG_OWN_FUNCTION
+#endif
+
 inline void check_state_operand(const at::Tensor& kept, const at::Tensor& t, const char* what) {
   check_f32(t, what);
   TORCH_CHECK(t.numel() == kept.numel(), what, ": operand sizes differ (", t.numel(), " vs ",
@@ -22,8 +29,9 @@ inline void check_state_operand(const at::Tensor& kept, const at::Tensor& t, con
 }
 
 template <typename Derivs>
-at::Tensor state_mul_add(const at::Tensor& kept, const at::Tensor& t,
-                         const c10::optional<at::Tensor>& s, Derivs derivs, const char* what) {
+GRADREG_OWN_FUNCTION at::Tensor state_mul_add(const at::Tensor& kept, const at::Tensor& t,
+                                         const c10::optional<at::Tensor>& s, Derivs derivs,
+                                         const char* what) {
   check_f32(kept, what);
   check_state_operand(kept, t, what);
   if (s.has_value()) check_state_operand(kept, *s, what);
@@ -34,19 +42,25 @@ at::Tensor state_mul_add(const at::Tensor& kept, const at::Tensor& t,
   at::parallel_for(0, kept.numel(), kStateSweepGrain, [&](int64_t i0, int64_t i1) {
     if (sp) {
 #pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) op[i] = derivs(kp[i]).d1 * tp[i] + sp[i];
+      for (int64_t i = i0; i < i1; ++i) {
+        const auto d = derivs(kp[i]);
+        op[i] = d.d1 * tp[i] + sp[i];
+      }
     } else {
 #pragma omp simd
-      for (int64_t i = i0; i < i1; ++i) op[i] = derivs(kp[i]).d1 * tp[i];
+      for (int64_t i = i0; i < i1; ++i) {
+        const auto d = derivs(kp[i]);
+        op[i] = d.d1 * tp[i];
+      }
     }
   });
   return out;
 }
 
 template <typename Derivs>
-std::tuple<at::Tensor, at::Tensor> state_tangent(const at::Tensor& kept, const at::Tensor& r,
-                                                 const at::Tensor& u, Derivs derivs,
-                                                 const char* what) {
+GRADREG_OWN_FUNCTION std::tuple<at::Tensor, at::Tensor> state_tangent(
+    const at::Tensor& kept, const at::Tensor& r, const at::Tensor& u, Derivs derivs,
+    const char* what) {
   check_f32(kept, what);
   check_state_operand(kept, r, what);
   check_state_operand(kept, u, what);

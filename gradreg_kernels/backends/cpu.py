@@ -9,7 +9,8 @@ Same kernels, same math as ``TorchBackend``; only how each step runs changes:
   narrower side transposed (``transpose_cat``) and reads the other as a view. Products
   below ``ONEDNN_MIN_WORK`` multiply-adds stay on MKL, whose call costs less;
 - every elementwise step is one C++ sweep: ReLU / LeakyReLU / Dropout keep a packed bit
-  mask (1 bit per element); smooth activations keep σ' and σ'' from one forward sweep; the
+  mask (1 bit per element); smooth activations keep their output y where σ', σ'' are
+  functions of it, else z, and recompute σ', σ'' inside each later sweep; the
   softmax head gives CE, p, ∇CE and ∇ℓ in one row sweep; max-pool gather / scatter and the
   train-mode batch-norm steps run per plane / per channel.
 
@@ -48,14 +49,6 @@ ACC_BLOCK_ROWS = 256
 
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5,
                  "silu": 6}
-# Smooth kinds whose passes keep z and recompute σ', σ'' from it (one exp each for SiLU and
-# GELU-tanh) instead of keeping both from the forward sweep: one kept tensor instead of two,
-# and each later sweep reads one operand less, at the same step time or less (MLP B = 256:
-# SiLU 5.78 against 5.96 ms, GELU-tanh 5.70 against 5.71). Not exact GELU (its erf does not
-# vectorize: 8.6 against 6.7 ms) nor Softplus below threshold 15 (7.5 against 6.0 ms).
-_Z_STATE_KINDS = frozenset({"silu", "gelu_tanh"})
-
-
 _EXT = None
 _EXT_ERROR: str | None = None
 
@@ -117,14 +110,6 @@ class _BnChain:
 
 
 @dataclass
-class _Smooth:
-    """σ'(z) and σ''(z) of a smooth activation, from the forward sweep."""
-
-    d1: Tensor
-    d2: Tensor
-
-
-@dataclass
 class _FromOutput:
     """A smooth activation's output y (``tensor``): σ', σ'' are recomputed from it."""
 
@@ -137,7 +122,11 @@ class _FromOutput:
 @dataclass
 class _FromInput:
     """A smooth activation's pre-activation z (``tensor``): σ', σ'' are recomputed from it in
-    each later sweep (kinds in ``_Z_STATE_KINDS``)."""
+    each later sweep (every smooth kind whose derivatives are not functions of its output).
+    One kept tensor instead of σ' and σ'' from the forward sweep, and each later sweep reads
+    one operand less: MLP 784-512-512-10, B = 256, the same step time or less (GELU 5.32
+    against 5.34 ms, GELU-tanh 5.44 / 5.43, Softplus threshold 3 5.49 / 5.53, SiLU 5.33 /
+    5.47)."""
 
     tensor: Tensor
     kind: int
@@ -288,11 +277,8 @@ class CpuBackend(TorchBackend):
         if derivs_from_output(spec):  # keep y alone (smooth_output.cpp)
             y = self.ext.smooth_value(z, kind, p[0], p[1])
             return y, _FromOutput(y, kind, p[0], p[1])
-        if spec.name in _Z_STATE_KINDS:  # keep z alone (z_mul_add / z_tangent)
-            y = self.ext.smooth_value(z, kind, p[0], p[1])
-            return y, _FromInput(z, kind, p[0], p[1])
-        y, d1, d2 = self.ext.smooth_forward(z, kind, p[0], p[1])
-        return y, _Smooth(d1, d2)
+        y = self.ext.smooth_value(z, kind, p[0], p[1])  # keep z alone (z_mul_add / z_tangent)
+        return y, _FromInput(z, kind, p[0], p[1])
 
     def _mask_apply(self, saved: _Masked, t: Tensor) -> Tensor:
         """t ⊙ (bit ? hi : lo), in float32; a ReLU step keeps t's dtype (an autocast step
@@ -305,8 +291,6 @@ class CpuBackend(TorchBackend):
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, d)
-        if isinstance(saved, _Smooth):
-            return self.ext.mul_add(saved.d1, _f32(d), None)
         if isinstance(saved, _FromOutput):
             return self.ext.output_mul_add(saved.tensor, _f32(d), None, saved.kind, saved.p0,
                                            saved.p1)
@@ -320,9 +304,6 @@ class CpuBackend(TorchBackend):
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, r), None
-        if isinstance(saved, _Smooth):
-            out, s = self.ext.smooth_tangent(saved.d1, saved.d2, _f32(r), _f32(u))
-            return out, s
         if isinstance(saved, _FromOutput):
             out, s = self.ext.output_tangent(saved.tensor, _f32(r), _f32(u), saved.kind,
                                              saved.p0, saved.p1)
@@ -339,8 +320,6 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _Masked):
             out = self._mask_apply(saved, abar)
             return out if s is None else out.add_(s)
-        if isinstance(saved, _Smooth):
-            return self.ext.mul_add(saved.d1, _f32(abar), _f32(s))
         if isinstance(saved, _FromOutput):
             return self.ext.output_mul_add(saved.tensor, _f32(abar), _f32(s), saved.kind,
                                            saved.p0, saved.p1)
