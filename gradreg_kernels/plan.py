@@ -2,9 +2,9 @@
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv2d
 (zero padding), ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU, MaxPool2d,
-AvgPool2d, Flatten, Identity, Dropout, BatchNorm1d/2d; their drop-in versions from
-gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
-activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
+AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, BatchNorm1d/2d; their drop-in
+versions from gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and
+then the activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
 are planned recursively. A module with forward hooks is not supported (the fused step does
 not call forward, so the hooks would silently not run).
 """
@@ -25,7 +25,7 @@ from .rules.conv import Conv2dRule, conv_padding
 from .rules.dropout import DropoutRule
 from .rules.linear import LinearRule
 from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
-from .rules.pool import AvgPool2dRule, MaxPool2dRule
+from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .rules.reshape import FlattenRule, IdentityRule
 from .rules.residual import ResidualRule, SequenceRule
 
@@ -97,6 +97,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         return lambda bk: MaxPool2dRule(m, bk)
     if type(m) is nn.AvgPool2d:
         return lambda bk: AvgPool2dRule(m, bk)
+    if type(m) is nn.AdaptiveAvgPool2d:
+        return lambda bk: AdaptiveAvgPool2dRule(m, bk)
     if type(m) is nn.Flatten:
         return lambda bk: FlattenRule(m, bk)
     if type(m) is nn.Identity:

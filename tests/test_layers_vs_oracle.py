@@ -77,8 +77,12 @@ def test_conv2d(conv, dtype):
         lambda: nn.AvgPool2d(2),
         lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False, ceil_mode=True),
         lambda: nn.AvgPool2d(2, divisor_override=3),
+        lambda: nn.AdaptiveAvgPool2d(1),
+        lambda: nn.AdaptiveAvgPool2d((4, 2)),  # windows of uneven size that overlap (11 → 4)
+        lambda: nn.AdaptiveAvgPool2d((None, 5)),
     ],
-    ids=["max2", "max3-overlap", "max-dilated-ceil", "avg2", "avg3-pad-ceil", "avg-divisor"],
+    ids=["max2", "max3-overlap", "max-dilated-ceil", "avg2", "avg3-pad-ceil", "avg-divisor",
+         "adaptive1", "adaptive4x2", "adaptive-none-5"],
 )
 def test_pooling(pool):
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Softplus(), pool(), nn.Flatten(),

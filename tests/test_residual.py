@@ -11,7 +11,7 @@ from torch import nn
 
 from gradreg_kernels import FallbackWarning, UnsupportedModelError, gradreg_loss
 from gradreg_kernels.nn import BasicBlock, Residual, cifar_resnet, convert
-from reference import oracle_grads
+from reference import oracle_grads, oracle_loss
 
 HEADS = ["ce", "logprob_sum", "output"]
 
@@ -53,6 +53,31 @@ def test_small_resnet_fused_matches_oracle(train, head):
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     y = torch.randint(0, 10, (3,))
     _check_against_oracle(model, x, None if head == "output" else y, head)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_resnet_with_global_adaptive_pooling(backend):
+    """A torchvision-style head (AdaptiveAvgPool2d(1), Flatten, Linear) after BasicBlocks at an
+    odd input size, float32 on each CPU backend, against the float64 oracle (x.grad too)."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          BasicBlock(6, 6), BasicBlock(6, 8, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    _randomize_bn(model)
+    ref_model = copy.deepcopy(model).double()
+    x = torch.randn(4, 3, 13, 11, requires_grad=True)
+    y = torch.randint(0, 5, (4,))
+    out = gradreg_loss(model, x, y, 0.9, backend=backend, strict=True)
+    assert out.backend == backend
+    out.loss.backward()
+    x64 = x.detach().double().requires_grad_(True)
+    names, params = zip(*ref_model.named_parameters(), strict=True)
+    *ref, ref_x = torch.autograd.grad(oracle_loss(ref_model, x64, y, 0.9)[0], [*params, x64])
+    total = float(torch.cat([g.flatten() for g in ref]).norm())
+    for (name, p), g in zip(model.named_parameters(), ref, strict=True):
+        err = (p.grad.double() - g).norm() / g.norm().clamp_min(1e-3 * total)
+        assert err < 1e-4, (name, float(err))
+    assert (x.grad.double() - ref_x).norm() / ref_x.norm() < 1e-4
 
 
 def test_converted_resnet_fused_matches_oracle():

@@ -2,9 +2,9 @@
 
 MaxPool2d: y = gather(a, idx) with idx the argmax of each window (saved in pass 1);
     chain / backward scatter-add into the input positions, tangent gathers at idx.
-AvgPool2d: y = A a with A the fixed averaging operator;
+AvgPool2d, AdaptiveAvgPool2d: y = A a with A the fixed averaging operator;
     chain / backward apply Aᵀ, tangent applies A.
-Neither has parameters or a second-order term.
+None has parameters or a second-order term.
 """
 
 from __future__ import annotations
@@ -37,23 +37,20 @@ class MaxPool2dRule(Rule):
         return self.bk.pool_scatter(abar, self.idx, self.in_shape) if need_input_grad else None
 
 
-class AvgPool2dRule(Rule):
-    def __init__(self, module: nn.AvgPool2d, bk) -> None:
-        self.module = module
-        m = module
-        stride = m.stride if m.stride is not None else m.kernel_size
-        self.args = (m.kernel_size, stride, m.padding, m.ceil_mode, m.count_include_pad,
-                     m.divisor_override)
+class _AveragingRule(Rule):
+    """y = A a for a fixed linear averaging operator A: ``_apply`` is A, ``_transpose`` Aᵀ
+    (given the input's shape, kept by the forward)."""
 
     def _apply(self, a: Tensor) -> Tensor:
-        return F.avg_pool2d(a, *self.args)
+        raise NotImplementedError
 
     def _transpose(self, d: Tensor) -> Tensor:
-        k, s, p, ceil, inc, div = self.args
-        pair = torch.nn.modules.utils._pair
-        like = d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
-        return torch.ops.aten.avg_pool2d_backward(d, like, pair(k), pair(s), pair(p), ceil, inc,
-                                                  div)
+        raise NotImplementedError
+
+    def _shape_only_input(self, d: Tensor) -> Tensor:
+        """A tensor with the input's shape and no storage of its own (the backward ops read
+        only its sizes)."""
+        return d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
 
     def forward(self, a: Tensor) -> Tensor:
         self.in_shape = a.shape
@@ -67,3 +64,35 @@ class AvgPool2dRule(Rule):
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         return self._transpose(abar) if need_input_grad else None
+
+
+class AvgPool2dRule(_AveragingRule):
+    def __init__(self, module: nn.AvgPool2d, bk) -> None:
+        self.module = module
+        m = module
+        stride = m.stride if m.stride is not None else m.kernel_size
+        self.args = (m.kernel_size, stride, m.padding, m.ceil_mode, m.count_include_pad,
+                     m.divisor_override)
+
+    def _apply(self, a: Tensor) -> Tensor:
+        return F.avg_pool2d(a, *self.args)
+
+    def _transpose(self, d: Tensor) -> Tensor:
+        k, s, p, ceil, inc, div = self.args
+        pair = torch.nn.modules.utils._pair
+        return torch.ops.aten.avg_pool2d_backward(d, self._shape_only_input(d), pair(k),
+                                                  pair(s), pair(p), ceil, inc, div)
+
+
+class AdaptiveAvgPool2dRule(_AveragingRule):
+    """nn.AdaptiveAvgPool2d (e.g. a ResNet's global average pooling, output size 1)."""
+
+    def __init__(self, module: nn.AdaptiveAvgPool2d, bk) -> None:
+        self.module = module
+        self.output_size = module.output_size
+
+    def _apply(self, a: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(a, self.output_size)
+
+    def _transpose(self, d: Tensor) -> Tensor:
+        return torch.ops.aten._adaptive_avg_pool2d_backward(d, self._shape_only_input(d))
