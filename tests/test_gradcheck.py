@@ -17,6 +17,10 @@ MODELS = {
     "mlp-smooth": lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)),
     "mlp-relu": lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
     "mlp-silu": lambda: nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2)),
+    "conv-groupnorm": lambda: nn.Sequential(
+        nn.Conv2d(1, 4, 2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)),
+    "mlp-layernorm": lambda: nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.GELU(),
+                                           nn.Linear(5, 2)),
     "conv-bn-train": lambda: nn.Sequential(
         nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(),
         nn.Linear(8, 2)),
@@ -25,6 +29,7 @@ MODELS = {
         nn.BatchNorm1d(8), nn.ELU(), nn.Dropout(0.3), nn.Linear(8, 2)),
 }
 INPUT = {"mlp-smooth": (3, 3), "mlp-relu": (3, 3), "mlp-silu": (3, 3),
+         "conv-groupnorm": (3, 1, 3, 3), "mlp-layernorm": (3, 3),
          "conv-bn-train": (3, 1, 5, 5),
          "conv-pool-bn1d": (3, 1, 4, 4)}
 

@@ -7,6 +7,8 @@ import torch
 from oracle_check import check_against_oracle, randomize_bn
 from torch import nn
 
+from gradreg_kernels import gradreg_loss
+
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
     "leaky_relu": lambda: nn.LeakyReLU(0.13),
@@ -124,6 +126,52 @@ def test_batchnorm1d_sequence_input():
     model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3),
                           nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 2))
     check_against_oracle(model, torch.randn(5, 3, 4), torch.randint(0, 2, (5,)))
+
+
+def _randomize_affine(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm | nn.LayerNorm):
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("groups,affine", [(1, True), (2, True), (3, False), (6, True)],
+                         ids=["layer-like", "two", "three-noaffine", "instance-like"])
+def test_group_norm(groups, affine, dtype, backend):
+    if backend == "cpu" and dtype != torch.float32:
+        pytest.skip("the cpu backend's kernels are float32")
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GroupNorm(groups, 6, affine=affine),
+                          nn.SiLU(), nn.Flatten(), nn.Linear(6 * 5 * 7, 4))
+    _randomize_affine(model)
+    x = torch.randn(4, 3, 5, 7)
+    check_against_oracle(model, x, torch.randint(0, 4, (4,)), dtype=dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,affine,bias", [((9,), True, True), ((4, 9), True, False),
+                                               ((9,), False, False)],
+                         ids=["last", "last-two-nobias", "noaffine"])
+def test_layer_norm(shape, affine, bias, dtype, backend):
+    if backend == "cpu" and dtype != torch.float32:
+        pytest.skip("the cpu backend's kernels are float32")
+    model = nn.Sequential(nn.Linear(9, 9), nn.LayerNorm(shape, elementwise_affine=affine,
+                                                        bias=bias),
+                          nn.GELU(), nn.Flatten(), nn.Linear(4 * 9, 3))
+    _randomize_affine(model)
+    x = torch.randn(5, 4, 9)  # a sequence of 4 tokens per sample: Linear runs on the last dim
+    check_against_oracle(model, x, torch.randint(0, 3, (5,)), dtype=dtype, backend=backend)
+
+
+def test_layer_norm_rejects_a_mismatched_input():
+    model = nn.Sequential(nn.LayerNorm(5), nn.Flatten(), nn.Linear(5, 2))
+    with pytest.raises(ValueError, match=r"LayerNorm over \[5\]"):
+        gradreg_loss(model, torch.randn(3, 4), torch.randint(0, 2, (3,)), 0.5)
 
 
 @pytest.mark.parametrize("train", [True, False])

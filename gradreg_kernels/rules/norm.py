@@ -105,14 +105,19 @@ class BatchNormTrainRule(Rule):
         if n <= 1:
             raise ValueError(f"{type(m).__name__} in train mode needs more than 1 value per "
                              f"channel, got input of shape {tuple(a.shape)}")
-        gamma = None if self.gamma is None else self.gamma.detach()
-        beta = None if self.beta is None else self.beta.detach()
-        y, self.xhat, self.inv_std, mean, var = self.bk.bn_train_forward(a, gamma, beta, m.eps)
-        self.gamma_c = (_chan(gamma, a) if gamma is not None else a.new_ones(()))
-        self.k = self.gamma_c * self.inv_std
+        y, mean, var = self._normalize(a, m.eps)
         if m.training and m.track_running_stats:
             self._update_running_stats(mean, var, n)
         return y
+
+    def _normalize(self, a: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """y = γ x̂ + β over the batch statistics (saving x̂, 1/σ, k = γ/σ), μ and var."""
+        gamma = None if self.gamma is None else self.gamma.detach()
+        beta = None if self.beta is None else self.beta.detach()
+        y, self.xhat, self.inv_std, mean, var = self.bk.bn_train_forward(a, gamma, beta, eps)
+        self.gamma_c = (_chan(gamma, a) if gamma is not None else a.new_ones(()))
+        self.k = self.gamma_c * self.inv_std
+        return y, mean, var
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:

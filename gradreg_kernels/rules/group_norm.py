@@ -1,0 +1,176 @@
+"""GroupNorm and LayerNorm: each sample's values normalized per group, then an affine.
+
+GroupNorm(G) normalizes, per sample, each group of C/G channels over those channels and
+every spatial position; LayerNorm over the trailing ``normalized_shape``. Viewed as
+(1, M, D), M groups of D values, that normalization is train-mode batch norm's x̂ with M
+channels and no affine (rules/norm.py: the same four passes on the same backend kernels),
+and it keeps no running statistics. The affine y = γ ⊙ u + β that follows (γ, β per channel
+for GroupNorm, per element of normalized_shape for LayerNorm) is a diagonal linear layer:
+  chain:    γ d               tangent:  γ r,  Δγ += R(d ⊙ r)
+  backward: γ ā,  Δγ += R(ā ⊙ u),  Δβ += R(ā)
+with R the sum over every dimension γ is broadcast along; it has no second-order term.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from .base import Rule, wants_grad
+from .norm import BatchNormTrainRule
+from .residual import SequenceRule
+
+
+class _GroupView(Rule):
+    """(N, ...) ↔ (1, M, D): the groups of a sample as the channels of batch norm's layout.
+    ``groups_of(shape)`` gives M; the inverse view reads the shape this forward kept."""
+
+    def __init__(self, groups_of: Callable[[tuple[int, ...]], int]) -> None:
+        self.groups_of = groups_of
+        self.in_shape: tuple[int, ...] = ()
+
+    def _grouped(self, t: Tensor) -> Tensor:
+        return t.reshape(1, self.groups_of(tuple(self.in_shape)), -1)
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.in_shape = a.shape
+        return self._grouped(a)
+
+    def chain(self, d: Tensor) -> Tensor:
+        return d.reshape(self.in_shape)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return self._grouped(r)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return abar.reshape(self.in_shape) if need_input_grad else None
+
+
+class _Ungroup(Rule):
+    """The inverse of a ``_GroupView``: (1, M, D) back to the shape it was given."""
+
+    def __init__(self, view: _GroupView) -> None:
+        self.view = view
+
+    def forward(self, a: Tensor) -> Tensor:
+        return a.reshape(self.view.in_shape)
+
+    def chain(self, d: Tensor) -> Tensor:
+        return self.view._grouped(d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return r.reshape(self.view.in_shape)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return self.view._grouped(abar) if need_input_grad else None
+
+
+class _GroupStats(BatchNormTrainRule):
+    """x̂ per channel of a (1, M, D) view: batch norm in train mode without affine or
+    running statistics (a group of one value gives x̂ = 0, as torch's own norms do)."""
+
+    def __init__(self, eps: float, bk) -> None:
+        self.module, self.bk, self.eps = None, bk, eps
+        self.gamma = self.beta = self.tan_gamma = self.s = None
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self._normalize(a, self.eps)[0]
+
+
+class _Affine(Rule):
+    """y = γ ⊙ u + β, γ and β broadcast by ``shaped`` and reduced back by ``reduced``."""
+
+    def __init__(self, module: nn.Module, shaped: Callable[[Tensor, Tensor], Tensor],
+                 reduced: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.module = module
+        self.gamma, self.beta = module.weight, module.bias
+        self.shaped, self.reduced = shaped, reduced
+        self.u = self.d = self.tan_gamma = None
+
+    def _scale(self, t: Tensor) -> Tensor:
+        return t if self.gamma is None else t * self.shaped(self.gamma.detach(), t)
+
+    def forward(self, u: Tensor) -> Tensor:
+        if wants_grad(self.gamma):
+            self.u = u
+        y = self._scale(u)
+        return y if self.beta is None else y + self.shaped(self.beta.detach(), y)
+
+    def chain(self, d: Tensor) -> Tensor:
+        if wants_grad(self.gamma):
+            self.d = d
+        return self._scale(d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        if wants_grad(self.gamma):
+            self.tan_gamma = self.reduced(self.d * r, self.gamma)
+            if not self.keep_saved:
+                self.d = None
+        return self._scale(r)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        if wants_grad(self.gamma):
+            g = self.reduced(abar * self.u, self.gamma)
+            self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
+        if wants_grad(self.beta):
+            self.g_beta = self.reduced(abar, self.beta)
+        return self._scale(abar) if need_input_grad else None
+
+    def param_grads(self):
+        out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
+        return out + ([(self.beta, self.g_beta)] if wants_grad(self.beta) else [])
+
+
+def _per_channel(p: Tensor, like: Tensor) -> Tensor:
+    return p.view([1, -1] + [1] * (like.dim() - 2))
+
+
+def _channel_sum(t: Tensor, p: Tensor) -> Tensor:
+    return t.sum(dim=[0] + list(range(2, t.dim())))
+
+
+def _trailing(p: Tensor, like: Tensor) -> Tensor:
+    return p  # normalized_shape is the trailing shape: broadcasting lines it up
+
+
+def _leading_sum(t: Tensor, p: Tensor) -> Tensor:
+    return t.sum(dim=list(range(t.dim() - p.dim()))) if t.dim() > p.dim() else t
+
+
+def _normalized(module: nn.Module, view: _GroupView, affine: _Affine, eps: float, bk
+                ) -> SequenceRule:
+    rules: list[Rule] = [view, _GroupStats(eps, bk), _Ungroup(view)]
+    if module.weight is not None or module.bias is not None:
+        rules.append(affine)
+    return SequenceRule(rules, module)
+
+
+def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
+    """The rule of nn.GroupNorm on (N, C, ...) inputs."""
+    g, c = module.num_groups, module.num_channels
+
+    def groups_of(shape: tuple[int, ...]) -> int:
+        if len(shape) < 2 or shape[1] != c:
+            raise ValueError(f"GroupNorm expects {c} channels in dim 1, got input of shape "
+                             f"{shape}")
+        return shape[0] * g
+
+    return _normalized(module, _GroupView(groups_of),
+                       _Affine(module, _per_channel, _channel_sum), module.eps, bk)
+
+
+def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
+    """The rule of nn.LayerNorm: each sample normalized over its trailing normalized_shape."""
+    shape = tuple(module.normalized_shape)
+    size = math.prod(shape)
+
+    def groups_of(in_shape: tuple[int, ...]) -> int:
+        if tuple(in_shape[len(in_shape) - len(shape):]) != shape or len(in_shape) <= len(shape):
+            raise ValueError(f"LayerNorm over {list(shape)} expects inputs (B, ..., "
+                             f"{', '.join(map(str, shape))}), got shape {in_shape}")
+        return math.prod(in_shape) // size
+
+    return _normalized(module, _GroupView(groups_of), _Affine(module, _trailing, _leading_sum),
+                       module.eps, bk)
