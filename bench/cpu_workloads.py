@@ -3,8 +3,8 @@
 Models (float32): MLP 784-512-512-10 (ReLU) at B = 64 and 256, the paper's MNIST CNN
 (conv 5×5×32 → BN → ReLU → pool → conv 5×5×64 → BN → ReLU → pool → FC 1024 → BN → ReLU →
 dropout 0.5 → FC 10) at B = 64, and MLPs 784-512-512-10 with Softplus and with SiLU at
-B = 256 (the SiLU one beyond the CPU issue's four models: a smooth activation whose σ', σ''
-are not functions of its output, so the passes keep both).
+B = 256, and a CNN with GroupNorm / LayerNorm / GELU at B = 64 (``norms_cnn``); the last two
+go beyond the CPU issue's four models (SiLU and GELU keep z and recompute σ', σ'').
 
 Steps: each computes every parameter gradient of one training step.
 - ``fused_cpu`` / ``fused_torch``: gradreg_loss(...).loss.backward() on that backend;
@@ -43,6 +43,16 @@ class Workload:
     y: torch.Tensor
 
 
+def norms_cnn() -> nn.Sequential:
+    """A CNN with the per-sample norms: conv 5×5×32 → GroupNorm(8) → ReLU → pool → conv
+    5×5×64 → GroupNorm(8) → ReLU → pool → FC 256 → LayerNorm → GELU → FC 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.LayerNorm(256), nn.GELU(),
+        nn.Linear(256, 10))
+
+
 def workloads() -> list[Workload]:
     g = torch.Generator().manual_seed(0)
 
@@ -57,6 +67,7 @@ def workloads() -> list[Workload]:
         ("cnn_paper_b64", paper_cnn(), 64, (1, 28, 28)),
         ("mlp_softplus_b256", mlp(act=nn.Softplus), 256, (784,)),
         ("mlp_silu_b256", mlp(act=nn.SiLU), 256, (784,)),
+        ("cnn_norms_b64", norms_cnn(), 64, (1, 28, 28)),
     ]:
         x, y = data(b, shape)
         out.append(Workload(name, model.train(), x, y))

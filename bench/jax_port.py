@@ -1,9 +1,10 @@
 """The same networks and loss in JAX, for the jax.jit peer of the benchmark.
 
 ``port(model)`` turns a torch nn.Sequential of Linear / Conv2d / BatchNorm (train mode) /
-ReLU / Softplus / SiLU / MaxPool2d / Flatten / Dropout (nested Sequentials walked to their
-leaves) into (params, apply), NCHW like torch. The loss is the
-package's: mean_n CE_n + λ · mean_n ‖∇_{x_n} Σ_m CE_m‖², differentiated by jax.grad.
+GroupNorm / LayerNorm (last dimension) / ReLU / Softplus / SiLU / GELU / MaxPool2d /
+Flatten / Dropout (nested Sequentials walked to their leaves) into (params, apply), NCHW
+like torch. The loss is the package's: mean_n CE_n + λ · mean_n ‖∇_{x_n} Σ_m CE_m‖²,
+differentiated by jax.grad.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def port(model: nn.Sequential):
         elif isinstance(m, nn.SiLU):
             layers.append(("silu", None))
             params.append({})
+        elif isinstance(m, nn.GELU) and m.approximate == "none":
+            layers.append(("gelu", None))
+            params.append({})
+        elif isinstance(m, nn.GroupNorm):
+            layers.append(("groupnorm", (m.num_groups, m.eps)))
+            params.append({"g": _arr(m.weight), "b": _arr(m.bias)})
+        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            layers.append(("layernorm", m.eps))
+            params.append({"g": _arr(m.weight), "b": _arr(m.bias)})
         elif isinstance(m, nn.MaxPool2d):
             layers.append(("maxpool", int(m.kernel_size)))
             params.append({})
@@ -77,6 +87,20 @@ def port(model: nn.Sequential):
                 a = jax.nn.softplus(a)
             elif kind == "silu":
                 a = jax.nn.silu(a)
+            elif kind == "gelu":
+                a = jax.nn.gelu(a, approximate=False)
+            elif kind == "groupnorm":
+                groups, eps = arg
+                g = a.reshape(a.shape[0], groups, -1)
+                mu = g.mean(2, keepdims=True)
+                var = ((g - mu) ** 2).mean(2, keepdims=True)
+                shape = (1, -1) + (1,) * (a.ndim - 2)
+                a = ((g - mu) * jax.lax.rsqrt(var + eps)).reshape(a.shape) \
+                    * p["g"].reshape(shape) + p["b"].reshape(shape)
+            elif kind == "layernorm":
+                mu = a.mean(-1, keepdims=True)
+                var = ((a - mu) ** 2).mean(-1, keepdims=True)
+                a = (a - mu) * jax.lax.rsqrt(var + arg) * p["g"] + p["b"]
             elif kind == "maxpool":
                 a = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 1, arg, arg),
                                           (1, 1, arg, arg), "VALID")
