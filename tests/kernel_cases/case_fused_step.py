@@ -36,6 +36,13 @@ def cnn() -> tuple[nn.Module, tuple[int, ...]]:
     return net, (2, 10, 9)
 
 
+def norms() -> tuple[nn.Module, tuple[int, ...]]:
+    """The per-sample norms, SiLU and global pooling."""
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.SiLU(), nn.AdaptiveAvgPool2d((3, 2)),
+        nn.Flatten(), nn.Linear(36, 9), nn.LayerNorm(9), nn.GELU(), nn.Linear(9, 7)), (2, 10, 9)
+
+
 def run_case(make, backend, device, *, head="ce", use_mask=False, bf16=False, b=17,
              lam=0.7, seed=0):
     torch.manual_seed(seed)
@@ -61,7 +68,7 @@ def run_case(make, backend, device, *, head="ce", use_mask=False, bf16=False, b=
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("make", [mlp, cnn, norms])
 @pytest.mark.parametrize("head,use_mask", [("ce", False), ("logprob_sum", True)])
 def test_fused_step_float32_matches_oracle(make, head, use_mask, backend, device):
     loss_err, errs = run_case(make, backend, device, head=head, use_mask=use_mask)
@@ -70,7 +77,7 @@ def test_fused_step_float32_matches_oracle(make, head, use_mask, backend, device
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("make", [mlp, cnn, norms])
 def test_fused_step_bf16_autocast_matches_oracle(make, backend, device):
     """Within 1e-2, or within twice eager double backprop's own bf16 error where that is
     larger (BatchNorm's statistics of bf16 activations on these tiny layers)."""
