@@ -3,11 +3,11 @@
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv2d
 (zero padding), ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU, MaxPool2d,
 AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, BatchNorm1d/2d, GroupNorm,
-LayerNorm; their drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused
-activation is the layer and then the activation); and the residual blocks Residual(f,
-shortcut) and BasicBlock, whose branches are planned recursively. A module with forward
-hooks is not supported (the fused step does not call forward, so the hooks would silently
-not run).
+LayerNorm, InstanceNorm1d/2d (without running statistics); their drop-in versions from
+gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
+activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
+are planned recursively. A module with forward hooks is not supported (the fused step does
+not call forward, so the hooks would silently not run).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .rules.activation_math import activation_spec
 from .rules.base import Rule
 from .rules.conv import Conv2dRule, conv_padding
 from .rules.dropout import DropoutRule
-from .rules.group_norm import group_norm_rule, layer_norm_rule
+from .rules.group_norm import group_norm_rule, instance_norm_rule, layer_norm_rule
 from .rules.linear import LinearRule
 from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
@@ -111,6 +111,10 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         return lambda bk: group_norm_rule(m, bk)
     if type(m) is nn.LayerNorm:
         return lambda bk: layer_norm_rule(m, bk)
+    if type(m) in (nn.InstanceNorm1d, nn.InstanceNorm2d):
+        if m.track_running_stats:
+            return "track_running_stats=True (only instance statistics run fused)"
+        return lambda bk: instance_norm_rule(m, bk)
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
         if uses_batch_stats(m):
             return lambda bk: BatchNormTrainRule(m, bk)

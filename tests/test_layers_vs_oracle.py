@@ -7,7 +7,7 @@ import torch
 from oracle_check import check_against_oracle, randomize_bn
 from torch import nn
 
-from gradreg_kernels import gradreg_loss
+from gradreg_kernels import UnsupportedModelError, gradreg_loss
 
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
@@ -131,7 +131,7 @@ def test_batchnorm1d_sequence_input():
 def _randomize_affine(model: nn.Module) -> None:
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.GroupNorm | nn.LayerNorm):
+            if isinstance(m, nn.GroupNorm | nn.LayerNorm | nn.modules.instancenorm._InstanceNorm):
                 if m.weight is not None:
                     m.weight.uniform_(0.5, 1.5)
                 if m.bias is not None:
@@ -166,6 +166,27 @@ def test_layer_norm(shape, affine, bias, dtype, backend):
     _randomize_affine(model)
     x = torch.randn(5, 4, 9)  # a sequence of 4 tokens per sample: Linear runs on the last dim
     check_against_oracle(model, x, torch.randint(0, 3, (5,)), dtype=dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm(affine, backend):
+    """InstanceNorm2d (a GAN critic's norm) and InstanceNorm1d, instance statistics only."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.InstanceNorm2d(5, affine=affine),
+                          nn.LeakyReLU(0.2), nn.Flatten(2), nn.InstanceNorm1d(5, affine=affine),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(5 * 5 * 4, 3))
+    _randomize_affine(model)
+    x = torch.randn(4, 3, 7, 6)
+    check_against_oracle(model, x, torch.randint(0, 3, (4,)), dtype=dtype, backend=backend)
+
+
+def test_instance_norm_with_running_stats_falls_back():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.InstanceNorm2d(5, track_running_stats=True),
+                          nn.Flatten(), nn.Linear(5 * 5 * 4, 3))
+    with pytest.raises(UnsupportedModelError, match="track_running_stats"):
+        gradreg_loss(model, torch.randn(4, 3, 7, 6), torch.randint(0, 3, (4,)), 0.5,
+                     strict=True)
 
 
 def test_layer_norm_rejects_a_mismatched_input():

@@ -1,7 +1,9 @@
-"""GroupNorm and LayerNorm: each sample's values normalized per group, then an affine.
+"""GroupNorm, InstanceNorm and LayerNorm: each sample's values normalized per group, then an
+affine.
 
 GroupNorm(G) normalizes, per sample, each group of C/G channels over those channels and
-every spatial position; LayerNorm over the trailing ``normalized_shape``. Viewed as
+every spatial position (InstanceNorm: G = C); LayerNorm over the trailing
+``normalized_shape``. Viewed as
 (1, M, D), M groups of D values, that normalization is train-mode batch norm's x̂ with M
 channels and no affine (rules/norm.py: the same four passes on the same backend kernels),
 and it keeps no running statistics. The affine y = γ ⊙ u + β that follows (γ, β per channel
@@ -156,6 +158,22 @@ def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
             raise ValueError(f"GroupNorm expects {c} channels in dim 1, got input of shape "
                              f"{shape}")
         return shape[0] * g
+
+    return _normalized(module, _GroupView(groups_of),
+                       _Affine(module, _per_channel, _channel_sum), module.eps, bk)
+
+
+def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> SequenceRule:
+    """The rule of nn.InstanceNorm1d/2d with instance statistics only (track_running_stats
+    False): GroupNorm with one group per channel, on batched (N, C, ...) inputs."""
+    c = module.num_features
+
+    def groups_of(shape: tuple[int, ...]) -> int:
+        if len(shape) != module._get_no_batch_dim() + 1 or shape[1] != c:
+            raise ValueError(f"{type(module).__name__} expects a batch (N, {c}, ...) of "
+                             f"{module._get_no_batch_dim() + 1} dimensions, got input of "
+                             f"shape {shape}")
+        return shape[0] * c
 
     return _normalized(module, _GroupView(groups_of),
                        _Affine(module, _per_channel, _channel_sum), module.eps, bk)
