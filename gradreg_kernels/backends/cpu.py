@@ -110,28 +110,30 @@ class _BnChain:
 
 
 @dataclass
-class _FromOutput:
-    """A smooth activation's output y (``tensor``): σ', σ'' are recomputed from it."""
+class _Kept:
+    """The one tensor a smooth activation keeps (``tensor``): its output y where σ' and σ''
+    are functions of it (``from_output``: Softplus, Tanh, Sigmoid, ELU; smooth_output.cpp),
+    else its pre-activation z; σ', σ'' are recomputed from it inside each later sweep. Against
+    keeping σ' and σ'' from the forward sweep: one kept tensor instead of two, each later
+    sweep reads one operand less, and the step is as fast or faster (MLP 784-512-512-10,
+    B = 256, keeping z: GELU 5.32 against 5.34 ms, GELU-tanh 5.44 / 5.43, Softplus
+    threshold 3 5.49 / 5.53, SiLU 5.33 / 5.47)."""
 
     tensor: Tensor
     kind: int
     p0: float
     p1: float
+    from_output: bool
 
+    def mul_add(self, ext, t: Tensor, s: Tensor | None) -> Tensor:
+        """σ' ⊙ t (+ s)."""
+        f = ext.output_mul_add if self.from_output else ext.z_mul_add
+        return f(self.tensor, t, s, self.kind, self.p0, self.p1)
 
-@dataclass
-class _FromInput:
-    """A smooth activation's pre-activation z (``tensor``): σ', σ'' are recomputed from it in
-    each later sweep (every smooth kind whose derivatives are not functions of its output).
-    One kept tensor instead of σ' and σ'' from the forward sweep, and each later sweep reads
-    one operand less: MLP 784-512-512-10, B = 256, the same step time or less (GELU 5.32
-    against 5.34 ms, GELU-tanh 5.44 / 5.43, Softplus threshold 3 5.49 / 5.53, SiLU 5.33 /
-    5.47)."""
-
-    tensor: Tensor
-    kind: int
-    p0: float
-    p1: float
+    def tangent(self, ext, r: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(σ' ⊙ r, σ'' ⊙ u ⊙ r)."""
+        f = ext.output_tangent if self.from_output else ext.z_tangent
+        return f(self.tensor, r, u, self.kind, self.p0, self.p1)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -274,11 +276,9 @@ class CpuBackend(TorchBackend):
         if kind is None:
             return super().act_forward(spec, z)
         p = tuple(spec.params) + (0.0, 0.0)
-        if derivs_from_output(spec):  # keep y alone (smooth_output.cpp)
-            y = self.ext.smooth_value(z, kind, p[0], p[1])
-            return y, _FromOutput(y, kind, p[0], p[1])
-        y = self.ext.smooth_value(z, kind, p[0], p[1])  # keep z alone (z_mul_add / z_tangent)
-        return y, _FromInput(z, kind, p[0], p[1])
+        y = self.ext.smooth_value(z, kind, p[0], p[1])
+        from_output = derivs_from_output(spec)
+        return y, _Kept(y if from_output else z, kind, p[0], p[1], from_output)
 
     def _mask_apply(self, saved: _Masked, t: Tensor) -> Tensor:
         """t ⊙ (bit ? hi : lo), in float32; a ReLU step keeps t's dtype (an autocast step
@@ -291,12 +291,8 @@ class CpuBackend(TorchBackend):
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, d)
-        if isinstance(saved, _FromOutput):
-            return self.ext.output_mul_add(saved.tensor, _f32(d), None, saved.kind, saved.p0,
-                                           saved.p1)
-        if isinstance(saved, _FromInput):
-            return self.ext.z_mul_add(saved.tensor, _f32(d), None, saved.kind, saved.p0,
-                                      saved.p1)
+        if isinstance(saved, _Kept):
+            return saved.mul_add(self.ext, _f32(d), None)
         return super().act_chain(spec, saved, d)
 
     def act_tangent(
@@ -304,14 +300,8 @@ class CpuBackend(TorchBackend):
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, r), None
-        if isinstance(saved, _FromOutput):
-            out, s = self.ext.output_tangent(saved.tensor, _f32(r), _f32(u), saved.kind,
-                                             saved.p0, saved.p1)
-            return out, s
-        if isinstance(saved, _FromInput):
-            out, s = self.ext.z_tangent(saved.tensor, _f32(r), _f32(u), saved.kind, saved.p0,
-                                        saved.p1)
-            return out, s
+        if isinstance(saved, _Kept):
+            return saved.tangent(self.ext, _f32(r), _f32(u))
         return super().act_tangent(spec, saved, r, u)
 
     def act_backward(
@@ -320,12 +310,8 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _Masked):
             out = self._mask_apply(saved, abar)
             return out if s is None else out.add_(s)
-        if isinstance(saved, _FromOutput):
-            return self.ext.output_mul_add(saved.tensor, _f32(abar), _f32(s), saved.kind,
-                                           saved.p0, saved.p1)
-        if isinstance(saved, _FromInput):
-            return self.ext.z_mul_add(saved.tensor, _f32(abar), _f32(s), saved.kind, saved.p0,
-                                      saved.p1)
+        if isinstance(saved, _Kept):
+            return saved.mul_add(self.ext, _f32(abar), _f32(s))
         return super().act_backward(spec, saved, abar, s)
 
     # ---- dropout ----------------------------------------------------------------------

@@ -3,11 +3,11 @@ affine.
 
 GroupNorm(G) normalizes, per sample, each group of C/G channels over those channels and
 every spatial position (InstanceNorm: G = C); LayerNorm over the trailing
-``normalized_shape``. Viewed as
-(1, M, D), M groups of D values, that normalization is train-mode batch norm's x̂ with M
-channels and no affine (rules/norm.py: the same four passes on the same backend kernels),
-and it keeps no running statistics. The affine y = γ ⊙ u + β that follows (γ, β per channel
-for GroupNorm, per element of normalized_shape for LayerNorm) is a diagonal linear layer:
+``normalized_shape``. Viewed as (1, M, D), M groups of D values, that normalization is
+train-mode batch norm's x̂ with M channels and no affine (rules/norm.py: the same four
+passes on the same backend kernels), and it keeps no running statistics. The affine
+y = γ ⊙ u + β that follows (γ, β per channel for GroupNorm and InstanceNorm, per element of
+normalized_shape for LayerNorm) is a diagonal linear layer:
   chain:    γ d               tangent:  γ r,  Δγ += R(d ⊙ r)
   backward: γ ā,  Δγ += R(ā ⊙ u),  Δβ += R(ā)
 with R the sum over every dimension γ is broadcast along; it has no second-order term.
