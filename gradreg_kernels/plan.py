@@ -1,13 +1,13 @@
 """The plan: a user's nn.Module tree → a list of layer rules, or the module that stops it.
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv2d
-(zero padding), ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU, MaxPool2d,
-AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, BatchNorm1d/2d, GroupNorm,
-LayerNorm, InstanceNorm1d/2d (without running statistics); their drop-in versions from
-gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
-activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
-are planned recursively. A module with forward hooks is not supported (the fused step does
-not call forward, so the hooks would silently not run).
+(zero padding), ReLU, LeakyReLU, PReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU,
+MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, Dropout1d/2d/3d,
+BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running statistics); their
+drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the
+layer and then the activation); and the residual blocks Residual(f, shortcut) and
+BasicBlock, whose branches are planned recursively. A module with forward hooks is not
+supported (the fused step does not call forward, so the hooks would silently not run).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from .rules.activation import ActivationRule
 from .rules.activation_math import activation_spec
 from .rules.base import Rule
 from .rules.conv import Conv2dRule, conv_padding
-from .rules.dropout import DropoutRule
+from .rules.dropout import FEATURE_DROPOUT_RANK, DropoutRule, FeatureDropoutRule
 from .rules.group_norm import group_norm_rule, instance_norm_rule, layer_norm_rule
 from .rules.linear import LinearRule
 from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
+from .rules.prelu import PReLURule
 from .rules.reshape import FlattenRule, IdentityRule
 from .rules.residual import ResidualRule, SequenceRule
 
@@ -93,6 +94,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
     spec = activation_spec(m)
     if spec is not None:
         return lambda bk: ActivationRule(m, spec, bk)
+    if type(m) is nn.PReLU:
+        return lambda bk: PReLURule(m, bk)
     if kind is nn.MaxPool2d:
         if m.return_indices:
             return "return_indices=True returns a tuple"
@@ -107,6 +110,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         return lambda bk: IdentityRule(m, bk)
     if type(m) is nn.Dropout:
         return lambda bk: DropoutRule(m, bk)
+    if type(m) in FEATURE_DROPOUT_RANK:
+        return lambda bk: FeatureDropoutRule(m, bk)
     if type(m) is nn.GroupNorm:
         return lambda bk: group_norm_rule(m, bk)
     if type(m) is nn.LayerNorm:

@@ -21,6 +21,8 @@ MODELS = {
         nn.Conv2d(1, 4, 2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)),
     "mlp-layernorm": lambda: nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.GELU(),
                                            nn.Linear(5, 2)),
+    "conv-prelu-dropout2d": lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 2), nn.PReLU(3), nn.Dropout2d(0.3), nn.Flatten(), nn.Linear(12, 2)),
     "conv-bn-train": lambda: nn.Sequential(
         nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(),
         nn.Linear(8, 2)),
@@ -30,6 +32,7 @@ MODELS = {
 }
 INPUT = {"mlp-smooth": (3, 3), "mlp-relu": (3, 3), "mlp-silu": (3, 3),
          "conv-groupnorm": (3, 1, 3, 3), "mlp-layernorm": (3, 3),
+         "conv-prelu-dropout2d": (3, 1, 3, 3),
          "conv-bn-train": (3, 1, 5, 5),
          "conv-pool-bn1d": (3, 1, 4, 4)}
 

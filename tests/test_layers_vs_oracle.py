@@ -189,6 +189,21 @@ def test_instance_norm_with_running_stats_falls_back():
                      strict=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_prelu(per_channel, backend):
+    """PReLU's learnable slope (one, or one per channel), its gradient from both the backward
+    and the tangent pass; the slopes start away from torch's 0.25 and one is negative."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4 if per_channel else 1), nn.Flatten(),
+                          nn.Linear(4 * 4 * 5, 6), nn.PReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].weight.uniform_(-0.3, 0.6)
+        model[4].weight.fill_(-0.2)
+    check_against_oracle(model, torch.randn(5, 2, 6, 7), torch.randint(0, 3, (5,)),
+                         dtype=dtype, backend=backend)
+
+
 def test_layer_norm_rejects_a_mismatched_input():
     model = nn.Sequential(nn.LayerNorm(5), nn.Flatten(), nn.Linear(5, 2))
     with pytest.raises(ValueError, match=r"LayerNorm over \[5\]"):
@@ -200,6 +215,27 @@ def test_dropout_mask_reused(train):
     model = nn.Sequential(nn.Linear(8, 16), nn.Softplus(), nn.Dropout(0.4), nn.Linear(16, 3))
     model.train(train)
     check_against_oracle(model, torch.randn(6, 8), torch.randint(0, 3, (6,)), seed=7)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_feature_dropout_mask_reused(train, backend):
+    """Dropout2d and Dropout1d zero whole channels, drawn as torch draws them (same seed, same
+    mask in the fused step and in the oracle's forward)."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.Softplus(), nn.Dropout2d(0.4), nn.Flatten(2),
+                          nn.Linear(20, 6), nn.GELU(), nn.Dropout1d(0.3), nn.Flatten(),
+                          nn.Linear(30, 3))
+    model.train(train)
+    out = check_against_oracle(model, torch.randn(6, 2, 6, 7), torch.randint(0, 3, (6,)),
+                               seed=5, dtype=dtype, backend=backend)
+    assert out.backend == backend
+
+
+def test_feature_dropout_needs_a_batched_input():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(ValueError, match=r"Dropout2d runs fused on batched inputs of 4"):
+        gradreg_loss(model, torch.randn(2, 3, 4), torch.randint(0, 2, (2,)), 0.5)
 
 
 def test_non_contiguous_input():

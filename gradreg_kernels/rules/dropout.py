@@ -1,14 +1,20 @@
 """nn.Dropout: y = a ⊙ m with m ∈ {0, 1/(1−p)} drawn once in pass 1 and reused in every pass.
+nn.Dropout1d/2d/3d (feature dropout): the same with one m per sample and channel, (N, C, 1, ...).
 
-The backend draws the mask exactly as torch's own dropout draws it (same RNG stream, shape
-and device), so a fused step consumes the generator as a plain forward would.
+The mask is drawn exactly as torch's own dropout draws it (same RNG stream, shape and
+device: the backend for elementwise dropout, ATen's feature noise for the others), so a
+fused step consumes the generator as a plain forward would.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .base import Rule
+
+#: feature-dropout module → the input rank it takes (batched)
+FEATURE_DROPOUT_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 
 
 class DropoutRule(Rule):
@@ -37,3 +43,27 @@ class DropoutRule(Rule):
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         return self._apply(abar) if need_input_grad else None
+
+
+class FeatureDropoutRule(DropoutRule):
+    """nn.Dropout1d/2d/3d: whole channels zeroed, y = a ⊙ m with m of shape (N, C, 1, ...)."""
+
+    def __init__(self, module: nn.Module, bk=None) -> None:
+        self.module, self.bk = module, bk
+        self.rank = FEATURE_DROPOUT_RANK[type(module)]
+        self.active = module.training and module.p > 0
+
+    def forward(self, a: Tensor) -> Tensor:
+        if a.dim() != self.rank:
+            raise ValueError(f"{type(self.module).__name__} runs fused on batched inputs of "
+                             f"{self.rank} dimensions (N, C, ...), got shape {tuple(a.shape)}")
+        if not self.active:
+            return a
+        p = float(self.module.p)
+        with torch.no_grad():  # ATen's feature noise: (N, C, 1, ...), Bernoulli(1 − p) / (1 − p)
+            noise = a.new_empty(a.shape[:2] + (1,) * (a.dim() - 2))
+            self.mask = noise.zero_() if p == 1 else noise.bernoulli_(1 - p).div_(1 - p)
+        return a * self.mask
+
+    def _apply(self, t: Tensor) -> Tensor:
+        return t * self.mask if self.active else t
