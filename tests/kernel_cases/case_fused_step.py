@@ -37,10 +37,11 @@ def cnn() -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def norms() -> tuple[nn.Module, tuple[int, ...]]:
-    """The per-sample norms, SiLU and global pooling."""
+    """The per-sample norms, SiLU, PReLU and global pooling."""
     return nn.Sequential(
         nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.SiLU(), nn.AdaptiveAvgPool2d((3, 2)),
-        nn.Flatten(), nn.Linear(36, 9), nn.LayerNorm(9), nn.GELU(), nn.Linear(9, 7)), (2, 10, 9)
+        nn.InstanceNorm2d(6, affine=True), nn.PReLU(6), nn.Flatten(), nn.Linear(36, 9),
+        nn.LayerNorm(9), nn.GELU(), nn.Linear(9, 7)), (2, 10, 9)
 
 
 def run_case(make, backend, device, *, head="ce", use_mask=False, bf16=False, b=17,
