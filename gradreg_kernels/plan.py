@@ -1,7 +1,7 @@
 """The plan: a user's nn.Module tree → a list of layer rules, or the module that stops it.
 
-Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv2d
-(zero padding), ReLU, LeakyReLU, PReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU,
+Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv1d,
+Conv2d (zero padding), ReLU, LeakyReLU, PReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU,
 MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, Dropout1d/2d/3d,
 BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running statistics); their
 drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the
@@ -22,7 +22,7 @@ from .nn.residual import BasicBlock, Residual
 from .rules.activation import ActivationRule
 from .rules.activation_math import activation_spec
 from .rules.base import Rule
-from .rules.conv import Conv2dRule, conv_padding
+from .rules.conv import Conv1dRule, Conv2dRule, conv1d_padding, conv_padding
 from .rules.dropout import FEATURE_DROPOUT_RANK, DropoutRule, FeatureDropoutRule
 from .rules.group_norm import group_norm_rule, instance_norm_rule, layer_norm_rule
 from .rules.linear import LinearRule
@@ -91,6 +91,12 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         if conv_padding(m) is None:
             return "padding='same' with an even kernel extent needs asymmetric padding"
         return _with_act(m, lambda bk: Conv2dRule(m, bk))
+    if type(m) is nn.Conv1d:
+        if m.padding_mode != "zeros":
+            return f"padding_mode={m.padding_mode!r} (only 'zeros' runs fused)"
+        if conv1d_padding(m) is None:
+            return "padding='same' with an even kernel extent needs asymmetric padding"
+        return lambda bk: Conv1dRule(m, bk)
     spec = activation_spec(m)
     if spec is not None:
         return lambda bk: ActivationRule(m, spec, bk)

@@ -23,6 +23,8 @@ MODELS = {
                                            nn.Linear(5, 2)),
     "conv-prelu-dropout2d": lambda: nn.Sequential(
         nn.Conv2d(1, 3, 2), nn.PReLU(3), nn.Dropout2d(0.3), nn.Flatten(), nn.Linear(12, 2)),
+    "conv1d": lambda: nn.Sequential(nn.Conv1d(2, 3, 2, padding=1), nn.Softplus(), nn.Flatten(),
+                                    nn.Linear(15, 2)),
     "conv-bn-train": lambda: nn.Sequential(
         nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.Sigmoid(), nn.AvgPool2d(2), nn.Flatten(),
         nn.Linear(8, 2)),
@@ -32,7 +34,7 @@ MODELS = {
 }
 INPUT = {"mlp-smooth": (3, 3), "mlp-relu": (3, 3), "mlp-silu": (3, 3),
          "conv-groupnorm": (3, 1, 3, 3), "mlp-layernorm": (3, 3),
-         "conv-prelu-dropout2d": (3, 1, 3, 3),
+         "conv-prelu-dropout2d": (3, 1, 3, 3), "conv1d": (3, 2, 4),
          "conv-bn-train": (3, 1, 5, 5),
          "conv-pool-bn1d": (3, 1, 4, 4)}
 

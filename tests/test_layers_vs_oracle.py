@@ -70,6 +70,36 @@ def test_conv2d(conv, dtype):
     check_against_oracle(model, x, torch.randint(0, 3, (3,)), dtype=dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=4, stride=2, bias=False),
+        dict(kernel_size=3, dilation=2, padding="same"),
+        dict(kernel_size=3, padding="valid", groups=2),
+    ],
+    ids=["pad1", "stride2-nobias", "dilated-same", "groups"],
+)
+def test_conv1d(conv, backend):
+    """Conv1d (a sequence model's layer) with BatchNorm1d over (N, C, L) and a Dropout1d."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    model = nn.Sequential(nn.Conv1d(4, 6, **conv), nn.BatchNorm1d(6), nn.GELU(),
+                          nn.Conv1d(6, 5, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(5, 4, 17)
+    model(x)  # materialize the lazy layer
+    randomize_bn(model)
+    out = check_against_oracle(model, x, torch.randint(0, 3, (5,)), dtype=dtype,
+                               backend=backend)
+    assert out.backend == backend
+
+
+def test_conv1d_needs_a_batched_input():
+    model = nn.Sequential(nn.Flatten(0, 0), nn.Conv1d(4, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"Conv1d runs fused on batched inputs"):
+        gradreg_loss(model, torch.randn(2, 4, 3, 1), torch.randint(0, 2, (2,)), 0.5)
+
+
 @pytest.mark.parametrize(
     "pool",
     [
