@@ -2,12 +2,13 @@
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv1d,
 Conv2d (zero padding), ReLU, LeakyReLU, PReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU,
-MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout, Dropout1d/2d/3d,
-BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running statistics); their
-drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the
-layer and then the activation); and the residual blocks Residual(f, shortcut) and
-BasicBlock, whose branches are planned recursively. A module with forward hooks is not
-supported (the fused step does not call forward, so the hooks would silently not run).
+MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d, Flatten, Identity, Dropout,
+Dropout1d/2d/3d, BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running
+statistics); their drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused
+activation is the layer and then the activation); and the residual blocks Residual(f,
+shortcut) and BasicBlock, whose branches are planned recursively. A module with forward
+hooks is not supported (the fused step does not call forward, so the hooks would silently
+not run).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .rules.group_norm import group_norm_rule, instance_norm_rule, layer_norm_ru
 from .rules.linear import LinearRule
 from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
+from .rules.pool1d import pool1d_rule
 from .rules.prelu import PReLURule
 from .rules.reshape import FlattenRule, IdentityRule
 from .rules.residual import ResidualRule, SequenceRule
@@ -110,6 +112,10 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         return lambda bk: AvgPool2dRule(m, bk)
     if type(m) is nn.AdaptiveAvgPool2d:
         return lambda bk: AdaptiveAvgPool2dRule(m, bk)
+    if type(m) in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d):
+        if getattr(m, "return_indices", False):
+            return "return_indices=True returns a tuple"
+        return lambda bk: pool1d_rule(m, bk)
     if type(m) is nn.Flatten:
         return lambda bk: FlattenRule(m, bk)
     if type(m) is nn.Identity:

@@ -94,6 +94,29 @@ def test_conv1d(conv, backend):
     assert out.backend == backend
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(
+    "pool",
+    [
+        lambda: nn.MaxPool1d(2),
+        lambda: nn.MaxPool1d(3, stride=2, padding=1, dilation=2, ceil_mode=True),
+        lambda: nn.AvgPool1d(3, stride=2, padding=1, count_include_pad=False, ceil_mode=True),
+        lambda: nn.AdaptiveAvgPool1d(4),
+        lambda: nn.AdaptiveAvgPool1d(1),
+    ],
+    ids=["max2", "max3-dilated-ceil", "avg3-pad-ceil", "adaptive4", "adaptive1"],
+)
+def test_pooling_1d(pool, backend):
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    model = nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.Softplus(), pool(), nn.Flatten(),
+                          nn.LazyLinear(4))
+    x = torch.randn(4, 3, 15)
+    model(x)
+    out = check_against_oracle(model, x, torch.randint(0, 4, (4,)), dtype=dtype,
+                               backend=backend)
+    assert out.backend == backend
+
+
 def test_conv1d_needs_a_batched_input():
     model = nn.Sequential(nn.Flatten(0, 0), nn.Conv1d(4, 2, 3), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"Conv1d runs fused on batched inputs"):
