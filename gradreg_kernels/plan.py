@@ -1,14 +1,14 @@
 """The plan: a user's nn.Module tree → a list of layer rules, or the module that stops it.
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv1d,
-Conv2d (zero padding), ReLU, LeakyReLU, PReLU, Softplus, Tanh, Sigmoid, GELU, ELU, SiLU,
-MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d, Flatten, Identity, Dropout,
-Dropout1d/2d/3d, BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running
-statistics); their drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused
-activation is the layer and then the activation); and the residual blocks Residual(f,
-shortcut) and BasicBlock, whose branches are planned recursively. A module with forward
-hooks is not supported (the fused step does not call forward, so the hooks would silently
-not run).
+Conv2d (zero padding); the activations ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh, Hardsigmoid,
+Hardswish, Softplus, Tanh, Sigmoid, GELU, ELU, SELU, CELU, SiLU, Mish; MaxPool1d/2d,
+AvgPool1d/2d, AdaptiveAvgPool1d/2d, Flatten, Identity, Dropout, Dropout1d/2d/3d,
+BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running statistics); their
+drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the
+layer and then the activation); and the residual blocks Residual(f, shortcut) and
+BasicBlock, whose branches are planned recursively. A module with forward hooks is not
+supported (the fused step does not call forward, so the hooks would silently not run).
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def test_transpose_cat(bk, c):
 # ---- activations ---------------------------------------------------------------------------
 ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("softplus", 1.0, 20.0),
         ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",), ("gelu",), ("gelu_tanh",),
-        ("elu", 0.8), ("silu",)]
+        ("elu", 0.8), ("silu",), ("hardtanh", -0.5, 1.5), ("hardswish",), ("mish",), ("selu",),
+        ("celu", 0.7)]
 #: the kinds whose derivatives come from the output (the passes keep y alone)
 FROM_OUTPUT = {("softplus", 1.0, 20.0), ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",),
                ("elu", 0.8)}

@@ -49,6 +49,12 @@ ACTS = {  # name → (act_args, torch reference)
     "gelu_tanh": ((), lambda z: F.gelu(z, approximate="tanh")),
     "elu": ((0.7,), lambda z: F.elu(z, 0.7)),
     "silu": ((), F.silu),
+    "hardtanh": ((-0.5, 1.5), lambda z: F.hardtanh(z, -0.5, 1.5)),
+    "hardsigmoid": ((), F.hardsigmoid),
+    "hardswish": ((), F.hardswish),
+    "mish": ((), F.mish),
+    "selu": ((), F.selu),
+    "celu": ((0.7,), lambda z: F.celu(z, 0.7)),
 }
 
 

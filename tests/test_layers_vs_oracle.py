@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from oracle_check import check_against_oracle, randomize_bn
 from torch import nn
 
 from gradreg_kernels import UnsupportedModelError, gradreg_loss
+from reference import oracle_grads
 
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
@@ -19,6 +22,11 @@ ACTIVATIONS = {
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "elu": lambda: nn.ELU(alpha=0.8),
     "silu": lambda: nn.SiLU(),
+    "relu6": lambda: nn.ReLU6(),
+    "hardtanh": lambda: nn.Hardtanh(-0.4, 0.9),
+    "hardswish": lambda: nn.Hardswish(),
+    "mish": lambda: nn.Mish(),
+    "selu": lambda: nn.SELU(),
 }
 
 
@@ -37,6 +45,53 @@ def test_activation_mlp(act, dtype):
     x = torch.randn(9, 7)
     y = torch.randint(0, 5, (9,))
     check_against_oracle(mlp(act), x, y, dtype=dtype)
+
+
+class _ExactCELU(nn.Module):
+    """CELU written out: torch's own double backward rounds 1/α to float32 (1.7e-8 off at
+    α = 0.7), which a float64 comparison would charge to the fused path."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        neg = self.alpha * torch.expm1(torch.clamp(x, max=0) / self.alpha)
+        return torch.where(x > 0, x, neg)
+
+
+class _ExactHardsigmoid(nn.Module):
+    """Hardsigmoid written out (torch's has no double backward at all)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (nn.functional.hardtanh(x, -3.0, 3.0) + 3.0) / 6.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act,exact", [(lambda: nn.CELU(0.7), lambda: _ExactCELU(0.7)),
+                                       (nn.Hardsigmoid, _ExactHardsigmoid)],
+                         ids=["celu", "hardsigmoid"])
+def test_activation_against_a_written_out_oracle(act, exact, dtype, backend):
+    """The fused step on CELU / Hardsigmoid against the oracle of the same network with the
+    activation written in plain torch ops (same weights)."""
+    if backend == "cpu" and dtype != torch.float32:
+        pytest.skip("the cpu backend's kernels are float32")
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(7, 13), act(), nn.Linear(13, 11), act(), nn.Linear(11, 5))
+    model.to(dtype)
+    ref = nn.Sequential(*[exact() if type(m) is not nn.Linear else m for m in model])
+    ref = copy.deepcopy(ref).double()
+    x = torch.randn(9, 7, dtype=dtype) * 3  # reach both sides of the kinks at ±3
+    y = torch.randint(0, 5, (9,))
+    out = gradreg_loss(model, x, y, 0.7, backend=backend, strict=True)
+    out.loss.backward()
+    grads, loss, _, _ = oracle_grads(ref, x.double(), y, 0.7)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert abs(float(out.loss.detach()) - float(loss)) <= tol * abs(float(loss))
+    for name, p in model.named_parameters():
+        err = (p.grad.double() - grads[name]).norm() / grads[name].norm()
+        assert err < tol, (name, float(err))
 
 
 @pytest.mark.parametrize("head", ["ce", "logprob_sum", "output"])

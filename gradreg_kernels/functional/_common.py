@@ -19,7 +19,8 @@ from ..rules.activation_math import ActivationSpec, spec_by_name
 
 #: hyper-parameters each named activation takes when none are given (torch.nn's defaults)
 _DEFAULT_ACT_ARGS: dict[str, tuple[float, ...]] = {
-    "leaky_relu": (0.01,), "softplus": (1.0, 20.0), "elu": (1.0,),
+    "leaky_relu": (0.01,), "softplus": (1.0, 20.0), "elu": (1.0,), "hardtanh": (-1.0, 1.0),
+    "celu": (1.0,),
 }
 
 
@@ -35,7 +36,8 @@ def resolve_act(act: str | ActivationSpec | None, act_args: tuple[float, ...] = 
     """An activation spec from a name (with optional hyper-parameters), a spec, or None.
 
     None and "linear" mean no activation. Names: relu, leaky_relu (slope), softplus
-    (beta, threshold), tanh, sigmoid, gelu, gelu_tanh, elu (alpha), silu.
+    (beta, threshold), tanh, sigmoid, gelu, gelu_tanh, elu (alpha), silu, hardtanh (min, max),
+    hardsigmoid, hardswish, mish, selu, celu (alpha).
     """
     if act is None or act == "linear":
         if act_args:

@@ -110,7 +110,8 @@ def bias_act(x: Tensor, b: Tensor | None = None, act: str | ActivationSpec | Non
     """y = σ(x + b), with b (C,) added along dimension ``dim`` of x; twice differentiable.
 
     act: an activation name ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu",
-    "gelu_tanh", "elu", "silu"; "linear" or None for none), with ``act_args`` its hyper-parameters
+    "gelu_tanh", "elu", "silu", "hardtanh", "hardsigmoid", "hardswish", "mish", "selu",
+    "celu"; "linear" or None for none), with ``act_args`` its hyper-parameters
     (torch.nn's defaults when empty), or an ActivationSpec.
     """
     spec = resolve_act(act, tuple(act_args))

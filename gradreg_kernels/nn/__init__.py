@@ -5,15 +5,22 @@ schedule understands, and two small reference models."""
 from .convert import convert
 from .models import cifar_resnet, dcgan_critic
 from .modules import (
+    CELU,
     ELU,
     GELU,
+    SELU,
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
+    Hardsigmoid,
+    Hardswish,
+    Hardtanh,
     LeakyReLU,
     Linear,
     MaxPool2d,
+    Mish,
     ReLU,
+    ReLU6,
     Sigmoid,
     SiLU,
     Softplus,
@@ -21,6 +28,7 @@ from .modules import (
 )
 from .residual import BasicBlock, Residual
 
-__all__ = ["ELU", "GELU", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "LeakyReLU",
+__all__ = ["CELU", "ELU", "GELU", "SELU", "Hardsigmoid", "Hardswish", "Hardtanh", "Mish",
+           "ReLU6", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "LeakyReLU",
            "Linear", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "SiLU", "Softplus", "Tanh",
            "cifar_resnet", "convert", "dcgan_critic"]

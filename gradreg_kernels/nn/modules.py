@@ -146,10 +146,40 @@ class SiLU(_Activation, nn.SiLU):
     """nn.SiLU, x · sigmoid(x) (``inplace`` accepted and ignored)."""
 
 
+class Hardtanh(_Activation, nn.Hardtanh):
+    """nn.Hardtanh (``inplace`` accepted and ignored)."""
+
+
+class ReLU6(_Activation, nn.ReLU6):
+    """nn.ReLU6 (``inplace`` accepted and ignored)."""
+
+
+class Hardsigmoid(_Activation, nn.Hardsigmoid):
+    """nn.Hardsigmoid (twice differentiable here; torch's own is not)."""
+
+
+class Hardswish(_Activation, nn.Hardswish):
+    """nn.Hardswish."""
+
+
+class Mish(_Activation, nn.Mish):
+    """nn.Mish, x · tanh(softplus(x))."""
+
+
+class SELU(_Activation, nn.SELU):
+    """nn.SELU."""
+
+
+class CELU(_Activation, nn.CELU):
+    """nn.CELU."""
+
+
 #: torch.nn class → its drop-in class
 DROP_IN_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear, nn.Conv2d: Conv2d, nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d, nn.MaxPool2d: MaxPool2d, nn.ReLU: ReLU,
     nn.LeakyReLU: LeakyReLU, nn.Softplus: Softplus, nn.Tanh: Tanh, nn.Sigmoid: Sigmoid,
-    nn.GELU: GELU, nn.ELU: ELU, nn.SiLU: SiLU,
+    nn.GELU: GELU, nn.ELU: ELU, nn.SiLU: SiLU, nn.Hardtanh: Hardtanh, nn.ReLU6: ReLU6,
+    nn.Hardsigmoid: Hardsigmoid, nn.Hardswish: Hardswish, nn.Mish: Mish, nn.SELU: SELU,
+    nn.CELU: CELU,
 }

@@ -27,7 +27,7 @@ class ActivationSpec:
     """σ, σ', σ'' of one activation kind with fixed hyper-parameters.
 
     name:   kind ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu", "gelu_tanh", "elu",
-            "silu")
+            "silu", "hardtanh", "hardsigmoid", "hardswish", "mish", "selu", "celu")
     params: hyper-parameters (slope, beta/threshold, alpha), as floats
     smooth: whether σ'' is not identically zero (piecewise-linear kinds skip that work)
     """
@@ -156,6 +156,78 @@ def _silu() -> ActivationSpec:
     return ActivationSpec("silu", (), True, F.silu, d1, d2)
 
 
+def _hardtanh(lo: float, hi: float) -> ActivationSpec:
+    # clamp(z, lo, hi): σ' = 1 strictly inside (lo, hi), else 0 (torch's hardtanh_backward)
+    def d1(z: Tensor) -> Tensor:
+        return ((z > lo) & (z < hi)).to(z.dtype)
+
+    return ActivationSpec("hardtanh", (lo, hi), False, lambda z: F.hardtanh(z, lo, hi), d1,
+                          lambda z: torch.zeros_like(z))
+
+
+def _hardsigmoid() -> ActivationSpec:
+    # relu6(z + 3)/6: σ' = 1/6 strictly inside (−3, 3), else 0
+    def d1(z: Tensor) -> Tensor:
+        return ((z > -3) & (z < 3)).to(z.dtype) / 6
+
+    return ActivationSpec("hardsigmoid", (), False, F.hardsigmoid, d1,
+                          lambda z: torch.zeros_like(z))
+
+
+def _hardswish() -> ActivationSpec:
+    # z relu6(z + 3)/6: σ' = 0 below −3, z/3 + 1/2 up to 3 (3 included, as torch's
+    # hardswish_backward), 1 above; σ'' = 1/3 strictly inside (−3, 3), else 0
+    def d1(z: Tensor) -> Tensor:
+        return torch.where(z < -3, 0.0, torch.where(z <= 3, z / 3 + 0.5, 1.0)).to(z.dtype)
+
+    def d2(z: Tensor) -> Tensor:
+        return ((z > -3) & (z < 3)).to(z.dtype) / 3
+
+    return ActivationSpec("hardswish", (), True, F.hardswish, d1, d2)
+
+
+def _mish() -> ActivationSpec:
+    # σ = z t, t = tanh(softplus(z)), s = sigmoid(z), g = 1 − t²:
+    # σ' = t + z s g;  σ'' = s g (2 + z (1 − s − 2 t s))
+    def parts(z: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(F.softplus(z)), torch.sigmoid(z)
+
+    def d1(z: Tensor) -> Tensor:
+        t, s = parts(z)
+        return t + z * s * (1 - t * t)
+
+    def d2(z: Tensor) -> Tensor:
+        t, s = parts(z)
+        return s * (1 - t * t) * (2 + z * (1 - s - 2 * t * s))
+
+    return ActivationSpec("mish", (), True, F.mish, d1, d2)
+
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _selu() -> ActivationSpec:
+    # scale · ELU(α) with torch's fixed constants
+    elu = _elu(_SELU_ALPHA)
+    return ActivationSpec("selu", (), True, F.selu, lambda z: _SELU_SCALE * elu.d1(z),
+                          lambda z: _SELU_SCALE * elu.d2(z))
+
+
+def _celu(alpha: float) -> ActivationSpec:
+    # z for z > 0, α (e^{z/α} − 1) below: σ' = e^{z/α}, σ'' = e^{z/α}/α there
+    def e(z: Tensor) -> Tensor:
+        return torch.exp(torch.clamp(z, max=0) / alpha)
+
+    def d1(z: Tensor) -> Tensor:
+        return torch.where(z > 0, torch.ones_like(z), e(z))
+
+    def d2(z: Tensor) -> Tensor:
+        return torch.where(z > 0, torch.zeros_like(z), e(z) / alpha)
+
+    return ActivationSpec("celu", (alpha,), True, lambda z: F.celu(z, alpha), d1, d2)
+
+
 def activation_spec(module: nn.Module) -> ActivationSpec | None:
     """The spec of a supported activation module, or None if the module is not one."""
     if isinstance(module, nn.ReLU):
@@ -174,6 +246,18 @@ def activation_spec(module: nn.Module) -> ActivationSpec | None:
         return _elu(float(module.alpha))
     if isinstance(module, nn.SiLU):
         return _silu()
+    if isinstance(module, nn.Hardtanh):  # ReLU6 too (a Hardtanh(0, 6))
+        return _hardtanh(float(module.min_val), float(module.max_val))
+    if isinstance(module, nn.Hardsigmoid):
+        return _hardsigmoid()
+    if isinstance(module, nn.Hardswish):
+        return _hardswish()
+    if isinstance(module, nn.Mish):
+        return _mish()
+    if isinstance(module, nn.SELU):
+        return _selu()
+    if isinstance(module, nn.CELU):
+        return _celu(float(module.alpha))
     return None
 
 
@@ -217,7 +301,8 @@ def spec_by_name(name: str, *params: float) -> ActivationSpec:
     makers: dict[str, Callable[..., ActivationSpec]] = {
         "relu": _relu, "leaky_relu": _leaky_relu, "softplus": _softplus, "tanh": _tanh,
         "sigmoid": _sigmoid, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "elu": _elu,
-        "silu": _silu,
+        "silu": _silu, "hardtanh": _hardtanh, "hardsigmoid": _hardsigmoid,
+        "hardswish": _hardswish, "mish": _mish, "selu": _selu, "celu": _celu,
     }
     if name not in makers:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(makers)}")
