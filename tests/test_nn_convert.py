@@ -42,6 +42,11 @@ MODELS = {  # name → (builder, input shape, labels or None for a scalar score)
     # a Linear + SiLU pair (fused into the product) and a SiLU after BN (its own module)
     "silu": (lambda: nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8),
                                    nn.BatchNorm1d(8), nn.SiLU(), nn.Linear(8, 3)), (5, 6), 3),
+    # the other activations, as fused pairs and as modules of their own
+    "more-activations": (lambda: nn.Sequential(
+        nn.Linear(6, 8), nn.Mish(), nn.Linear(8, 8), nn.Hardswish(), nn.Linear(8, 8),
+        nn.BatchNorm1d(8), nn.SELU(), nn.Linear(8, 8), nn.CELU(0.8), nn.Linear(8, 8),
+        nn.ReLU6(), nn.Linear(8, 8), nn.Hardtanh(-0.5, 0.7), nn.Linear(8, 3)), (5, 6), 3),
 }
 
 
@@ -135,6 +140,26 @@ def test_user_double_backprop_loop_unchanged(name, train):
     assert _rel(gx_new, gx_ref) < 1e-4
     for (n, b_ref), b_new in zip(ref.named_buffers(), new.buffers(), strict=True):
         torch.testing.assert_close(b_new, b_ref, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_convert_makes_hardsigmoid_twice_differentiable():
+    """torch's Hardsigmoid has no double backward, so a user's R1-style loop fails on it; the
+    converted model runs the same loop, matching the activation written out in torch ops."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Hardsigmoid(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6) * 3, torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward"):
+        _user_loop(model, x, y, lam=2.0)
+
+    class WrittenOut(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return (nn.functional.hardtanh(t, -3.0, 3.0) + 3.0) / 6.0
+
+    ref = nn.Sequential(model[0], WrittenOut(), model[2])
+    g_ref, gx_ref = _user_loop(copy.deepcopy(ref), x, y, lam=2.0)
+    g_new, gx_new = _user_loop(convert(copy.deepcopy(model)), x, y, lam=2.0)
+    _assert_same_grads(g_new, g_ref)
+    assert _rel(gx_new, gx_ref) < 1e-4
 
 
 def test_converted_model_runs_fused_in_gradreg_loss():
