@@ -2,13 +2,14 @@
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv1d,
 Conv2d (zero padding); the activations ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh, Hardsigmoid,
-Hardswish, Softplus, Tanh, Sigmoid, GELU, ELU, SELU, CELU, SiLU, Mish; MaxPool1d/2d,
-AvgPool1d/2d, AdaptiveAvgPool1d/2d, Flatten, Identity, Dropout, Dropout1d/2d/3d,
-BatchNorm1d/2d, GroupNorm, LayerNorm, InstanceNorm1d/2d (without running statistics); their
-drop-in versions from gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the
-layer and then the activation); and the residual blocks Residual(f, shortcut) and
-BasicBlock, whose branches are planned recursively. A module with forward hooks is not
-supported (the fused step does not call forward, so the hooks would silently not run).
+Hardswish, Softplus, Tanh, Sigmoid, LogSigmoid, Softsign, Tanhshrink, GELU, ELU, SELU, CELU,
+SiLU, Mish; MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d, Flatten, Unflatten, Identity,
+zero / constant padding, Dropout, Dropout1d/2d/3d, BatchNorm1d/2d, GroupNorm, LayerNorm,
+InstanceNorm1d/2d (without running statistics); their drop-in versions from
+gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
+activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
+are planned recursively. A module with forward hooks is not supported (the fused step does
+not call forward, so the hooks would silently not run).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .rules.pool1d import pool1d_rule
 from .rules.prelu import PReLURule
-from .rules.reshape import FlattenRule, IdentityRule
+from .rules.reshape import ConstantPadRule, FlattenRule, IdentityRule, UnflattenRule
 from .rules.residual import ResidualRule, SequenceRule
+
+#: constant-value padding modules (ZeroPad is a ConstantPad with value 0)
+_CONSTANT_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                  nn.ConstantPad3d)
 
 #: drop-in class → the torch.nn class whose computation it repeats exactly
 _TORCH_KIND = {dropin: base for base, dropin in DROP_IN_OF.items()}
@@ -120,6 +125,10 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         return lambda bk: FlattenRule(m, bk)
     if type(m) is nn.Identity:
         return lambda bk: IdentityRule(m, bk)
+    if type(m) is nn.Unflatten:
+        return lambda bk: UnflattenRule(m, bk)
+    if type(m) in _CONSTANT_PADS:
+        return lambda bk: ConstantPadRule(m, bk)
     if type(m) is nn.Dropout:
         return lambda bk: DropoutRule(m, bk)
     if type(m) in FEATURE_DROPOUT_RANK:

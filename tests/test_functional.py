@@ -55,6 +55,9 @@ ACTS = {  # name → (act_args, torch reference)
     "mish": ((), F.mish),
     "selu": ((), F.selu),
     "celu": ((0.7,), lambda z: F.celu(z, 0.7)),
+    "logsigmoid": ((), F.logsigmoid),
+    "softsign": ((), F.softsign),
+    "tanhshrink": ((), F.tanhshrink),
 }
 
 

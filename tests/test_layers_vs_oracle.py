@@ -27,6 +27,9 @@ ACTIVATIONS = {
     "hardswish": lambda: nn.Hardswish(),
     "mish": lambda: nn.Mish(),
     "selu": lambda: nn.SELU(),
+    "logsigmoid": lambda: nn.LogSigmoid(),
+    "softsign": lambda: nn.Softsign(),
+    "tanhshrink": lambda: nn.Tanhshrink(),
 }
 
 
@@ -344,6 +347,22 @@ def test_feature_dropout_needs_a_batched_input():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(ValueError, match=r"Dropout2d runs fused on batched inputs of 4"):
         gradreg_loss(model, torch.randn(2, 3, 4), torch.randint(0, 2, (2,)), 0.5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_unflatten_and_constant_padding(backend):
+    """Unflatten back to an image, zero padding, a constant pad that also crops (negative
+    amounts), a 1-D pad on a sequence."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    model = nn.Sequential(nn.Linear(12, 2 * 4 * 5), nn.Tanh(), nn.Unflatten(1, (2, 4, 5)),
+                          nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(2, 3, 3), nn.Softplus(),
+                          nn.ConstantPad2d((-1, 1, 2, -1), 0.3), nn.Flatten(2),
+                          nn.ConstantPad1d(2, -0.5), nn.GELU(), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(5, 12)
+    model(x)
+    out = check_against_oracle(model, x, torch.randint(0, 4, (5,)), dtype=dtype,
+                               backend=backend)
+    assert out.backend == backend
 
 
 def test_non_contiguous_input():

@@ -130,8 +130,8 @@ def test_unsupported_module_falls_back_once_and_matches():
 
 
 def test_strict_raises_naming_the_module():
-    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.Softsign()), nn.Linear(5, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'1\.0' \(Softsign\)"):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.Softmin(dim=1)), nn.Linear(5, 2))
+    with pytest.raises(UnsupportedModelError, match=r"'1\.0' \(Softmin\)"):
         gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
 
 

@@ -37,7 +37,7 @@ def resolve_act(act: str | ActivationSpec | None, act_args: tuple[float, ...] = 
 
     None and "linear" mean no activation. Names: relu, leaky_relu (slope), softplus
     (beta, threshold), tanh, sigmoid, gelu, gelu_tanh, elu (alpha), silu, hardtanh (min, max),
-    hardsigmoid, hardswish, mish, selu, celu (alpha).
+    hardsigmoid, hardswish, mish, selu, celu (alpha), logsigmoid, softsign, tanhshrink.
     """
     if act is None or act == "linear":
         if act_args:

@@ -111,8 +111,8 @@ def bias_act(x: Tensor, b: Tensor | None = None, act: str | ActivationSpec | Non
 
     act: an activation name ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu",
     "gelu_tanh", "elu", "silu", "hardtanh", "hardsigmoid", "hardswish", "mish", "selu",
-    "celu"; "linear" or None for none), with ``act_args`` its hyper-parameters
-    (torch.nn's defaults when empty), or an ActivationSpec.
+    "celu", "logsigmoid", "softsign", "tanhshrink"; "linear" or None for none), with
+    ``act_args`` its hyper-parameters (torch.nn's defaults when empty), or an ActivationSpec.
     """
     spec = resolve_act(act, tuple(act_args))
     if not isinstance(x, Tensor):

@@ -17,6 +17,7 @@ from .modules import (
     Hardtanh,
     LeakyReLU,
     Linear,
+    LogSigmoid,
     MaxPool2d,
     Mish,
     ReLU,
@@ -24,11 +25,14 @@ from .modules import (
     Sigmoid,
     SiLU,
     Softplus,
+    Softsign,
     Tanh,
+    Tanhshrink,
 )
 from .residual import BasicBlock, Residual
 
 __all__ = ["CELU", "ELU", "GELU", "SELU", "Hardsigmoid", "Hardswish", "Hardtanh", "Mish",
            "ReLU6", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "LeakyReLU",
-           "Linear", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "SiLU", "Softplus", "Tanh",
+           "Linear", "LogSigmoid", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "SiLU", "Softplus",
+           "Softsign", "Tanh", "Tanhshrink",
            "cifar_resnet", "convert", "dcgan_critic"]

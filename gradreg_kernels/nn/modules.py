@@ -174,6 +174,18 @@ class CELU(_Activation, nn.CELU):
     """nn.CELU."""
 
 
+class LogSigmoid(_Activation, nn.LogSigmoid):
+    """nn.LogSigmoid."""
+
+
+class Softsign(_Activation, nn.Softsign):
+    """nn.Softsign."""
+
+
+class Tanhshrink(_Activation, nn.Tanhshrink):
+    """nn.Tanhshrink."""
+
+
 #: torch.nn class → its drop-in class
 DROP_IN_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear, nn.Conv2d: Conv2d, nn.BatchNorm1d: BatchNorm1d,
@@ -181,5 +193,5 @@ DROP_IN_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.LeakyReLU: LeakyReLU, nn.Softplus: Softplus, nn.Tanh: Tanh, nn.Sigmoid: Sigmoid,
     nn.GELU: GELU, nn.ELU: ELU, nn.SiLU: SiLU, nn.Hardtanh: Hardtanh, nn.ReLU6: ReLU6,
     nn.Hardsigmoid: Hardsigmoid, nn.Hardswish: Hardswish, nn.Mish: Mish, nn.SELU: SELU,
-    nn.CELU: CELU,
+    nn.CELU: CELU, nn.LogSigmoid: LogSigmoid, nn.Softsign: Softsign, nn.Tanhshrink: Tanhshrink,
 }

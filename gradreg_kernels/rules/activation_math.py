@@ -27,7 +27,8 @@ class ActivationSpec:
     """σ, σ', σ'' of one activation kind with fixed hyper-parameters.
 
     name:   kind ("relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu", "gelu_tanh", "elu",
-            "silu", "hardtanh", "hardsigmoid", "hardswish", "mish", "selu", "celu")
+            "silu", "hardtanh", "hardsigmoid", "hardswish", "mish", "selu", "celu", "logsigmoid",
+            "softsign", "tanhshrink")
     params: hyper-parameters (slope, beta/threshold, alpha), as floats
     smooth: whether σ'' is not identically zero (piecewise-linear kinds skip that work)
     """
@@ -228,6 +229,38 @@ def _celu(alpha: float) -> ActivationSpec:
     return ActivationSpec("celu", (alpha,), True, lambda z: F.celu(z, alpha), d1, d2)
 
 
+def _logsigmoid() -> ActivationSpec:
+    # log sigmoid(z): σ' = sigmoid(−z) = 1 − s, σ'' = −s (1 − s)
+    def d2(z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return -s * (1 - s)
+
+    return ActivationSpec("logsigmoid", (), True, F.logsigmoid, lambda z: torch.sigmoid(-z), d2)
+
+
+def _softsign() -> ActivationSpec:
+    # z / (1 + |z|): σ' = 1/(1 + |z|)², σ'' = −2 sign(z)/(1 + |z|)³
+    def d1(z: Tensor) -> Tensor:
+        return (1 + z.abs()).pow(-2)
+
+    def d2(z: Tensor) -> Tensor:
+        return -2 * torch.sign(z) * (1 + z.abs()).pow(-3)
+
+    return ActivationSpec("softsign", (), True, F.softsign, d1, d2)
+
+
+def _tanhshrink() -> ActivationSpec:
+    # z − tanh z: σ' = tanh² z, σ'' = 2 tanh z (1 − tanh² z)
+    def d1(z: Tensor) -> Tensor:
+        return torch.tanh(z) ** 2
+
+    def d2(z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return 2 * t * (1 - t * t)
+
+    return ActivationSpec("tanhshrink", (), True, F.tanhshrink, d1, d2)
+
+
 def activation_spec(module: nn.Module) -> ActivationSpec | None:
     """The spec of a supported activation module, or None if the module is not one."""
     if isinstance(module, nn.ReLU):
@@ -258,6 +291,12 @@ def activation_spec(module: nn.Module) -> ActivationSpec | None:
         return _selu()
     if isinstance(module, nn.CELU):
         return _celu(float(module.alpha))
+    if isinstance(module, nn.LogSigmoid):
+        return _logsigmoid()
+    if isinstance(module, nn.Softsign):
+        return _softsign()
+    if isinstance(module, nn.Tanhshrink):
+        return _tanhshrink()
     return None
 
 
@@ -303,6 +342,7 @@ def spec_by_name(name: str, *params: float) -> ActivationSpec:
         "sigmoid": _sigmoid, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "elu": _elu,
         "silu": _silu, "hardtanh": _hardtanh, "hardsigmoid": _hardsigmoid,
         "hardswish": _hardswish, "mish": _mish, "selu": _selu, "celu": _celu,
+        "logsigmoid": _logsigmoid, "softsign": _softsign, "tanhshrink": _tanhshrink,
     }
     if name not in makers:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(makers)}")
