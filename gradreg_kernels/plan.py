@@ -1,10 +1,11 @@
 """The plan: a user's nn.Module tree → a list of layer rules, or the module that stops it.
 
 Supported: nested nn.Sequential (not subclasses with their own forward) of Linear, Conv1d,
-Conv2d (zero padding); the activations ReLU, LeakyReLU, PReLU, ReLU6, Hardtanh, Hardsigmoid,
-Hardswish, Softplus, Tanh, Sigmoid, LogSigmoid, Softsign, Tanhshrink, GELU, ELU, SELU, CELU,
-SiLU, Mish; MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d, Flatten, Unflatten, Identity,
-zero / constant padding, Dropout, Dropout1d/2d/3d, BatchNorm1d/2d, GroupNorm, LayerNorm,
+Conv2d (padding_mode zeros, reflect or replicate); the activations ReLU, LeakyReLU, PReLU,
+ReLU6, Hardtanh, Hardsigmoid, Hardswish, Softplus, Tanh, Sigmoid, LogSigmoid, Softsign,
+Tanhshrink, GELU, ELU, SELU, CELU, SiLU, Mish; MaxPool1d/2d, AvgPool1d/2d,
+AdaptiveAvgPool1d/2d, Flatten, Unflatten, Identity, zero / constant / reflection /
+replication padding, Dropout, Dropout1d/2d/3d, BatchNorm1d/2d, GroupNorm, LayerNorm,
 InstanceNorm1d/2d (without running statistics); their drop-in versions from
 gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
 activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
@@ -24,7 +25,13 @@ from .nn.residual import BasicBlock, Residual
 from .rules.activation import ActivationRule
 from .rules.activation_math import activation_spec
 from .rules.base import Rule
-from .rules.conv import Conv1dRule, Conv2dRule, conv1d_padding, conv_padding
+from .rules.conv import (
+    Conv1dRule,
+    Conv2dRule,
+    UnpaddedConv2dRule,
+    conv1d_padding,
+    conv_padding,
+)
 from .rules.dropout import FEATURE_DROPOUT_RANK, DropoutRule, FeatureDropoutRule
 from .rules.group_norm import group_norm_rule, instance_norm_rule, layer_norm_rule
 from .rules.linear import LinearRule
@@ -32,12 +39,23 @@ from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .rules.pool1d import pool1d_rule
 from .rules.prelu import PReLURule
-from .rules.reshape import ConstantPadRule, FlattenRule, IdentityRule, UnflattenRule
+from .rules.reshape import (
+    ConstantPadRule,
+    FlattenRule,
+    IdentityRule,
+    IndexPadRule,
+    UnflattenRule,
+)
 from .rules.residual import ResidualRule, SequenceRule
 
 #: constant-value padding modules (ZeroPad is a ConstantPad with value 0)
 _CONSTANT_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
                   nn.ConstantPad3d)
+
+#: reflection / replication padding modules → their F.pad mode
+_INDEX_PADS = {nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect",
+               nn.ReflectionPad3d: "reflect", nn.ReplicationPad1d: "replicate",
+               nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate"}
 
 #: drop-in class → the torch.nn class whose computation it repeats exactly
 _TORCH_KIND = {dropin: base for base, dropin in DROP_IN_OF.items()}
@@ -93,8 +111,12 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
     if kind is nn.Linear:
         return _with_act(m, lambda bk: LinearRule(m, bk))
     if kind is nn.Conv2d:
+        if m.padding_mode in ("reflect", "replicate"):  # torch pads, then convolves unpadded
+            pad = tuple(m._reversed_padding_repeated_twice)
+            return _with_act(m, lambda bk: SequenceRule(
+                [IndexPadRule(m.padding_mode, pad), UnpaddedConv2dRule(m, bk)], m))
         if m.padding_mode != "zeros":
-            return f"padding_mode={m.padding_mode!r} (only 'zeros' runs fused)"
+            return f"padding_mode={m.padding_mode!r} (zeros, reflect and replicate run fused)"
         if conv_padding(m) is None:
             return "padding='same' with an even kernel extent needs asymmetric padding"
         return _with_act(m, lambda bk: Conv2dRule(m, bk))
@@ -129,6 +151,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         return lambda bk: UnflattenRule(m, bk)
     if type(m) in _CONSTANT_PADS:
         return lambda bk: ConstantPadRule(m, bk)
+    if type(m) in _INDEX_PADS:
+        return lambda bk: IndexPadRule(_INDEX_PADS[type(m)], m.padding, m)
     if type(m) is nn.Dropout:
         return lambda bk: DropoutRule(m, bk)
     if type(m) in FEATURE_DROPOUT_RANK:

@@ -365,6 +365,26 @@ def test_unflatten_and_constant_padding(backend):
     assert out.backend == backend
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_conv2d_padding_modes_and_index_pads(mode, backend):
+    """Conv2d with padding_mode reflect / replicate (also 'same' with an even kernel, whose
+    padding is asymmetric), and the ReflectionPad / ReplicationPad modules in 1-D and 2-D."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    pad2d = nn.ReflectionPad2d if mode == "reflect" else nn.ReplicationPad2d
+    pad1d = nn.ReflectionPad1d if mode == "reflect" else nn.ReplicationPad1d
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode), nn.Softplus(),
+                          nn.Conv2d(4, 3, 2, padding="same", padding_mode=mode), nn.Tanh(),
+                          pad2d((2, 1, 1, 0)), nn.Conv2d(3, 3, 3, stride=2), nn.GELU(),
+                          nn.Flatten(2), pad1d(2), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(4, 2, 7, 6)
+    model(x)
+    out = check_against_oracle(model, x, torch.randint(0, 4, (4,)), dtype=dtype,
+                               backend=backend)
+    assert out.backend == backend
+
+
 def test_non_contiguous_input():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
     x = torch.randn(7, 7, 3, 5).permute(3, 2, 0, 1)  # (5, 3, 7, 7), not contiguous

@@ -72,6 +72,16 @@ class Conv2dRule(Rule):
         return out + ([(self.b, self.gb)] if wants_grad(self.b) else [])
 
 
+class UnpaddedConv2dRule(Conv2dRule):
+    """The convolution of a Conv2d whose padding runs as a rule of its own (padding_mode
+    'reflect' / 'replicate': pad first, then convolve without padding, as torch does)."""
+
+    def __init__(self, module: nn.Conv2d, bk) -> None:
+        super().__init__(module, bk)
+        stride, _, dilation, groups = self.geom
+        self.geom = (stride, (0, 0), dilation, groups)
+
+
 def conv1d_padding(module: nn.Conv1d) -> int | None:
     """Symmetric integer padding of a Conv1d, or None when 'same' needs asymmetric padding."""
     p = module.padding

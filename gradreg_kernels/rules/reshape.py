@@ -1,7 +1,9 @@
-"""Flatten, Unflatten, Identity and constant padding: fixed linear maps without parameters."""
+"""Flatten, Unflatten, Identity and padding (constant, reflection, replication): fixed linear
+maps without parameters."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,6 +67,34 @@ class ConstantPadRule(Rule):
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         return F.pad(abar, self.unpad) if need_input_grad else None
+
+
+class IndexPadRule(Rule):
+    """Reflection or replication padding: y = P a with P a fixed gather of input positions.
+    The tangent applies P (the same padding of r), chain and backward Pᵀ (ATen's padding
+    backward: the border values summed back onto the positions they were copied from)."""
+
+    def __init__(self, mode: str, pad: tuple[int, ...], module: nn.Module | None = None) -> None:
+        self.module, self.mode, self.pad = module, mode, tuple(int(p) for p in pad)
+        kind = "reflection" if mode == "reflect" else "replication"
+        self.transpose = getattr(torch.ops.aten, f"{kind}_pad{len(self.pad) // 2}d_backward")
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.in_shape = a.shape
+        return F.pad(a, self.pad, mode=self.mode)
+
+    def _t(self, d: Tensor) -> Tensor:
+        like = d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
+        return self.transpose(d, like, list(self.pad))
+
+    def chain(self, d: Tensor) -> Tensor:
+        return self._t(d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return F.pad(r, self.pad, mode=self.mode)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return self._t(abar) if need_input_grad else None
 
 
 class IdentityRule(Rule):
