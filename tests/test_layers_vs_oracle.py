@@ -142,6 +142,7 @@ def test_conv2d(conv, dtype):
 def test_conv1d(conv, backend):
     """Conv1d (a sequence model's layer) with BatchNorm1d over (N, C, L) and a Dropout1d."""
     dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv1d(4, 6, **conv), nn.BatchNorm1d(6), nn.GELU(),
                           nn.Conv1d(6, 5, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
     x = torch.randn(5, 4, 17)
@@ -166,6 +167,7 @@ def test_conv1d(conv, backend):
 )
 def test_pooling_1d(pool, backend):
     dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), nn.Softplus(), pool(), nn.Flatten(),
                           nn.LazyLinear(4))
     x = torch.randn(4, 3, 15)
@@ -256,6 +258,7 @@ def _randomize_affine(model: nn.Module) -> None:
 def test_group_norm(groups, affine, dtype, backend):
     if backend == "cpu" and dtype != torch.float32:
         pytest.skip("the cpu backend's kernels are float32")
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GroupNorm(groups, 6, affine=affine),
                           nn.SiLU(), nn.Flatten(), nn.Linear(6 * 5 * 7, 4))
     _randomize_affine(model)
@@ -271,6 +274,7 @@ def test_group_norm(groups, affine, dtype, backend):
 def test_layer_norm(shape, affine, bias, dtype, backend):
     if backend == "cpu" and dtype != torch.float32:
         pytest.skip("the cpu backend's kernels are float32")
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(9, 9), nn.LayerNorm(shape, elementwise_affine=affine,
                                                         bias=bias),
                           nn.GELU(), nn.Flatten(), nn.Linear(4 * 9, 3))
@@ -284,6 +288,7 @@ def test_layer_norm(shape, affine, bias, dtype, backend):
 def test_instance_norm(affine, backend):
     """InstanceNorm2d (a GAN critic's norm) and InstanceNorm1d, instance statistics only."""
     dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.InstanceNorm2d(5, affine=affine),
                           nn.LeakyReLU(0.2), nn.Flatten(2), nn.InstanceNorm1d(5, affine=affine),
                           nn.Tanh(), nn.Flatten(), nn.Linear(5 * 5 * 4, 3))
@@ -306,6 +311,7 @@ def test_prelu(per_channel, backend):
     """PReLU's learnable slope (one, or one per channel), its gradient from both the backward
     and the tangent pass; the slopes start away from torch's 0.25 and one is negative."""
     dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4 if per_channel else 1), nn.Flatten(),
                           nn.Linear(4 * 4 * 5, 6), nn.PReLU(), nn.Linear(6, 3))
     with torch.no_grad():
@@ -313,6 +319,23 @@ def test_prelu(per_channel, backend):
         model[4].weight.fill_(-0.2)
     check_against_oracle(model, torch.randn(5, 2, 6, 7), torch.randint(0, 3, (5,)),
                          dtype=dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_norm_affine_with_zero_and_negative_gamma(backend):
+    """A zero-initialized γ entry (the residual trick) keeps the affine's own δ; negative
+    entries take the path through the normalization's δ' = γ δ."""
+    dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Tanh(),
+                          nn.Flatten(2), nn.LayerNorm(35), nn.Softplus(), nn.Flatten(),
+                          nn.Linear(6 * 35, 4))
+    _randomize_affine(model)
+    with torch.no_grad():
+        model[1].weight[2] = 0.0  # GroupNorm: d kept
+        model[4].weight.uniform_(-1.5, -0.5)  # LayerNorm: all negative, divided
+    check_against_oracle(model, torch.randn(4, 3, 5, 7), torch.randint(0, 4, (4,)), dtype=dtype,
+                         backend=backend)
 
 
 def test_layer_norm_rejects_a_mismatched_input():
@@ -334,6 +357,7 @@ def test_feature_dropout_mask_reused(train, backend):
     """Dropout2d and Dropout1d zero whole channels, drawn as torch draws them (same seed, same
     mask in the fused step and in the oracle's forward)."""
     dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.Softplus(), nn.Dropout2d(0.4), nn.Flatten(2),
                           nn.Linear(20, 6), nn.GELU(), nn.Dropout1d(0.3), nn.Flatten(),
                           nn.Linear(30, 3))
@@ -354,6 +378,7 @@ def test_unflatten_and_constant_padding(backend):
     """Unflatten back to an image, zero padding, a constant pad that also crops (negative
     amounts), a 1-D pad on a sequence."""
     dtype = torch.float32 if backend == "cpu" else torch.float64
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(12, 2 * 4 * 5), nn.Tanh(), nn.Unflatten(1, (2, 4, 5)),
                           nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(2, 3, 3), nn.Softplus(),
                           nn.ConstantPad2d((-1, 1, 2, -1), 0.3), nn.Flatten(2),
@@ -374,6 +399,7 @@ def test_conv2d_padding_modes_and_index_pads(mode, backend):
     dtype = torch.float32 if backend == "cpu" else torch.float64
     pad2d = nn.ReflectionPad2d if mode == "reflect" else nn.ReplicationPad2d
     pad1d = nn.ReflectionPad1d if mode == "reflect" else nn.ReplicationPad1d
+    torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode), nn.Softplus(),
                           nn.Conv2d(4, 3, 2, padding="same", padding_mode=mode), nn.Tanh(),
                           pad2d((2, 1, 1, 0)), nn.Conv2d(3, 3, 3, stride=2), nn.GELU(),

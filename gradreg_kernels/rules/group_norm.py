@@ -76,20 +76,44 @@ class _GroupStats(BatchNormTrainRule):
     def __init__(self, eps: float, bk) -> None:
         self.module, self.bk, self.eps = None, bk, eps
         self.gamma = self.beta = self.tan_gamma = self.s = None
+        #: set by the affine after this rule: keep the chain's δ for its γ term (``delta``)
+        self.lend_delta = False
+        self.delta: Tensor | None = None
 
     def forward(self, a: Tensor) -> Tensor:
         return self._normalize(a, self.eps)[0]
 
+    def chain(self, d: Tensor) -> Tensor:
+        # the batch-norm chain keeps this same tensor for the tangent: lending it costs nothing
+        self.delta = d if self.lend_delta else None
+        return super().chain(d)
+
 
 class _Affine(Rule):
-    """y = γ ⊙ u + β, γ and β broadcast by ``shaped`` and reduced back by ``reduced``."""
+    """y = γ ⊙ u + β, γ and β broadcast by ``shaped`` and reduced back by ``reduced``.
+
+    Its γ term in the tangent pass needs the chain's d. The normalization before it keeps
+    δ' = γ ⊙ d for its own tangent anyway, so where γ lives on the CPU and has no zero (or
+    subnormal) entry, the term is R(δ' ⊙ r)/γ from that δ' and d is not kept: one
+    activation-sized tensor less at pass 3's peak. Elsewhere (a zero-initialized γ, or a
+    GPU, where checking γ would synchronize) d is kept.
+    """
+
+    #: |γ| below this keeps d (δ' = γ d would lose d's precision, or all of it at 0)
+    MIN_DIVISOR = 1e-12
 
     def __init__(self, module: nn.Module, shaped: Callable[[Tensor, Tensor], Tensor],
-                 reduced: Callable[[Tensor, Tensor], Tensor]) -> None:
+                 reduced: Callable[[Tensor, Tensor], Tensor], stats: _GroupStats,
+                 view: _GroupView) -> None:
         self.module = module
         self.gamma, self.beta = module.weight, module.bias
         self.shaped, self.reduced = shaped, reduced
+        self.stats, self.view = stats, view
         self.u = self.d = self.tan_gamma = None
+
+    def _divide_by_gamma(self) -> bool:
+        g = self.gamma.detach()
+        return g.device.type == "cpu" and bool((g.abs() >= self.MIN_DIVISOR).all())
 
     def _scale(self, t: Tensor) -> Tensor:
         return t if self.gamma is None else t * self.shaped(self.gamma.detach(), t)
@@ -102,14 +126,19 @@ class _Affine(Rule):
 
     def chain(self, d: Tensor) -> Tensor:
         if wants_grad(self.gamma):
-            self.d = d
+            self.stats.lend_delta = self._divide_by_gamma()
+            self.d = None if self.stats.lend_delta else d
         return self._scale(d)
 
     def tangent(self, r: Tensor) -> Tensor:
         if wants_grad(self.gamma):
-            self.tan_gamma = self.reduced(self.d * r, self.gamma)
+            if self.d is not None:
+                self.tan_gamma = self.reduced(self.d * r, self.gamma)
+            else:  # δ' = γ d, kept by the normalization
+                dprime = self.stats.delta.reshape(self.view.in_shape)
+                self.tan_gamma = self.reduced(dprime * r, self.gamma) / self.gamma.detach()
             if not self.keep_saved:
-                self.d = None
+                self.d = self.stats.delta = None
         return self._scale(r)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
@@ -141,11 +170,12 @@ def _leading_sum(t: Tensor, p: Tensor) -> Tensor:
     return t.sum(dim=list(range(t.dim() - p.dim()))) if t.dim() > p.dim() else t
 
 
-def _normalized(module: nn.Module, view: _GroupView, affine: _Affine, eps: float, bk
+def _normalized(module: nn.Module, view: _GroupView, shaped, reduced, eps: float, bk
                 ) -> SequenceRule:
-    rules: list[Rule] = [view, _GroupStats(eps, bk), _Ungroup(view)]
+    stats = _GroupStats(eps, bk)
+    rules: list[Rule] = [view, stats, _Ungroup(view)]
     if module.weight is not None or module.bias is not None:
-        rules.append(affine)
+        rules.append(_Affine(module, shaped, reduced, stats, view))
     return SequenceRule(rules, module)
 
 
@@ -159,8 +189,7 @@ def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
                              f"{shape}")
         return shape[0] * g
 
-    return _normalized(module, _GroupView(groups_of),
-                       _Affine(module, _per_channel, _channel_sum), module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), _per_channel, _channel_sum, module.eps, bk)
 
 
 def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> SequenceRule:
@@ -175,8 +204,7 @@ def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> Seq
                              f"shape {shape}")
         return shape[0] * c
 
-    return _normalized(module, _GroupView(groups_of),
-                       _Affine(module, _per_channel, _channel_sum), module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), _per_channel, _channel_sum, module.eps, bk)
 
 
 def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
@@ -190,5 +218,4 @@ def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
                              f"{', '.join(map(str, shape))}), got shape {in_shape}")
         return math.prod(in_shape) // size
 
-    return _normalized(module, _GroupView(groups_of), _Affine(module, _trailing, _leading_sum),
-                       module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), _trailing, _leading_sum, module.eps, bk)
