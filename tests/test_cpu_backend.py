@@ -227,7 +227,8 @@ ACTS = [("relu",), ("leaky_relu", 0.07), ("softplus", 1.5, 4.0), ("softplus", 1.
 FROM_OUTPUT = {("softplus", 1.0, 20.0), ("softplus", 0.5, 15.0), ("tanh",), ("sigmoid",),
                ("elu", 0.8)}
 #: the other smooth kinds: the passes keep z and recompute σ', σ'' from it
-FROM_INPUT = {("softplus", 1.5, 4.0), ("gelu",), ("gelu_tanh",), ("silu",)}
+FROM_INPUT = {("softplus", 1.5, 4.0), ("gelu",), ("gelu_tanh",), ("silu",), ("mish",),
+              ("hardswish",)}
 
 
 @pytest.mark.parametrize("act", ACTS, ids=["-".join(map(str, a)) for a in ACTS])
@@ -269,7 +270,7 @@ def test_activation_steps(bk, act):
           REF.act_backward(spec, saved64, d.double(), None if s_in is None else s_in.double()))
 
 
-@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "mish", "hardswish"])
 def test_smooth_derivatives_on_a_dense_grid(bk, name):
     """σ, σ', σ'' at every float on a fine grid over [−12, 12] (the fitted Φ of GELU has two
     branches, |z| below and above √2): the worst error, relative to max(|value|, 1), within

@@ -21,7 +21,8 @@ constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kGeluC = 0.044715f;
 
 enum Kind : int64_t {
-  kSoftplus = 0, kTanh = 1, kSigmoid = 2, kGelu = 3, kGeluTanh = 4, kElu = 5, kSilu = 6
+  kSoftplus = 0, kTanh = 1, kSigmoid = 2, kGelu = 3, kGeluTanh = 4, kElu = 5, kSilu = 6,
+  kMish = 7, kHardswish = 8
 };
 
 struct Derivs {
@@ -89,6 +90,32 @@ GRADREG_ELEMENT Derivs silu(float z) {
   return {z * s, s + z * g, g * (2.f + z * (1.f - 2.f * s))};
 }
 
+// σ = z t, t = tanh(softplus(z)), s = sigmoid(z), g = 1 − t²:
+// σ' = t + z s g, σ'' = s g (2 + z (1 − s − 2 t s)).
+// All from w = e^z, with no log and no cancellation: (1 + w)² = n + 1 for n = w (w + 2), so
+// t = n/(n + 2), g = 4 (n + 1)/(n + 2)², s = w/(1 + w); for z above 20, t = s = 1 in float and
+// g ≈ 4 e^{−2z} is below 2e-17 (w is clamped there so that n stays finite).
+GRADREG_ELEMENT Derivs mish(float z) {
+  const float w = fast_exp(min_f(z, 20.f));
+  const float n = w * (w + 2.f);
+  const float inv = 1.f / (n + 2.f);
+  const float t = n * inv;
+  const float g = 4.f * (n + 1.f) * inv * inv;
+  const float s = w / (1.f + w);
+  const float sg = s * g;
+  return {z * t, t + z * sg, sg * (2.f + z * (1.f - s - 2.f * t * s))};
+}
+
+// σ = z relu6(z + 3)/6: σ' = 0 below −3, z/3 + 1/2 on [−3, 3] (torch's convention at both
+// ends), 1 above; σ'' = 1/3 strictly inside (−3, 3)
+GRADREG_ELEMENT Derivs hardswish(float z) {
+  const float lo = static_cast<float>(z < -3.f), hi = static_cast<float>(z > 3.f);
+  const float mid = 1.f - lo - hi;
+  const float inside = static_cast<float>(z > -3.f) * static_cast<float>(z < 3.f);
+  return {hi * z + mid * z * (z + 3.f) * (1.f / 6.f), hi + mid * (z * (1.f / 3.f) + 0.5f),
+          inside * (1.f / 3.f)};
+}
+
 template <typename F>
 void value_sweep(const float* z, float* y, int64_t n, F f) {
   at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
@@ -111,6 +138,8 @@ void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body
     case kGeluTanh: body([](float v) GRADREG_ELEMENT_LAMBDA { return gelu_tanh(v); }); break;
     case kElu: body([=](float v) GRADREG_ELEMENT_LAMBDA { return elu(v, a); }); break;
     case kSilu: body([](float v) GRADREG_ELEMENT_LAMBDA { return silu(v); }); break;
+    case kMish: body([](float v) GRADREG_ELEMENT_LAMBDA { return mish(v); }); break;
+    case kHardswish: body([](float v) GRADREG_ELEMENT_LAMBDA { return hardswish(v); }); break;
     default: TORCH_CHECK(false, what, ": unknown activation kind ", kind);
   }
 }

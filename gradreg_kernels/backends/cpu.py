@@ -48,7 +48,7 @@ THIN_MAX = 16
 ACC_BLOCK_ROWS = 256
 
 _SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5,
-                 "silu": 6}
+                 "silu": 6, "mish": 7, "hardswish": 8}
 _EXT = None
 _EXT_ERROR: str | None = None
 
