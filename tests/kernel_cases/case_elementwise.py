@@ -11,7 +11,8 @@ from gradreg_kernels.rules.activation_math import spec_by_name
 
 ACTS = [("relu", ()), ("leaky_relu", (0.1,)), ("softplus", (1.5, 3.0)),
         ("softplus", (1.0, 20.0)), ("softplus", (0.5, 15.0)), ("tanh", ()), ("sigmoid", ()),
-        ("gelu", ()), ("gelu_tanh", ()), ("elu", (0.7,)), ("silu", ())]
+        ("gelu", ()), ("gelu_tanh", ()), ("elu", (0.7,)), ("silu", ()), ("mish", ()),
+        ("hardswish", ())]
 #: float32 states that are the output y (σ', σ'' recomputed from it)
 FROM_Y = {("softplus", (1.0, 20.0)), ("softplus", (0.5, 15.0)), ("tanh", ()), ("sigmoid", ()),
           ("elu", (0.7,))}

@@ -24,7 +24,7 @@ from torch import Tensor
 from ._common import ELEMENT_BLOCK, flat_grid
 
 ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
-             "gelu_tanh": 6, "elu": 7, "silu": 8}
+             "gelu_tanh": 6, "elu": 7, "silu": 8, "mish": 9, "hardswish": 10}
 PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
 
 # Kernels spell their constants out (1/√2, 1/√(2π), √(2/π), GELU's 0.044715): Triton
@@ -35,6 +35,16 @@ PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
 def _tanh(x):
     """tanh(x) = 2 sigmoid(2x) − 1 (exact limits ±1, abs. error ~1e-7)."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _mish_parts(z):
+    """(t, 1 − t², s) of Mish from w = e^z alone: n = w (w + 2), t = tanh(softplus z) =
+    n/(n + 2), 1 − t² = 4 (n + 1)/(n + 2)², s = sigmoid z (w clamped at e^20)."""
+    w = tl.exp(tl.minimum(z, 20.0))
+    n = w * (w + 2.0)
+    inv = 1.0 / (n + 2.0)
+    return n * inv, 4.0 * (n + 1.0) * inv * inv, w / (1.0 + w)
 
 
 @triton.jit
@@ -58,8 +68,13 @@ def _act_value(z, ACT: tl.constexpr, p0, p1):
         out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == 7:
         out = tl.where(z > 0, z, p0 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
-    else:  # 8: SiLU
+    elif ACT == 8:
         out = z * tl.sigmoid(z)
+    elif ACT == 9:
+        t, g, s = _mish_parts(z)
+        out = z * t
+    else:  # 10: Hardswish
+        out = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     return out
 
 
@@ -84,9 +99,14 @@ def _act_d1(z, ACT: tl.constexpr, p0, p1):
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
     elif ACT == 7:
         out = tl.where(z > 0, 1.0, p0 * tl.exp(tl.minimum(z, 0.0)))
-    else:  # 8: SiLU
+    elif ACT == 8:
         s = tl.sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))
+    elif ACT == 9:
+        t, g, s = _mish_parts(z)
+        out = t + z * s * g
+    else:  # 10: Hardswish (torch's convention: z/3 + 1/2 on [−3, 3])
+        out = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, z / 3.0 + 0.5, 1.0))
     return out
 
 
@@ -113,9 +133,14 @@ def _act_d2(z, ACT: tl.constexpr, p0, p1):
         out = (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
     elif ACT == 7:
         out = tl.where(z > 0, 0.0, p0 * tl.exp(tl.minimum(z, 0.0)))
-    else:  # 8: SiLU
+    elif ACT == 8:
         s = tl.sigmoid(z)
         out = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    elif ACT == 9:
+        t, g, s = _mish_parts(z)
+        out = s * g * (2.0 + z * (1.0 - s - 2.0 * t * s))
+    else:  # 10: Hardswish
+        out = tl.where((z > -3.0) & (z < 3.0), 1.0 / 3.0, 0.0)
     return out
 
 
