@@ -3,7 +3,8 @@
 //   chain:    out = σ'(z) ⊙ d (+ s)          (σ' from the mask or from z)
 //   tangent:  out = σ'(z) ⊙ r,  s = σ''(z) ⊙ u ⊙ r   (smooth σ)
 // Activation codes: 0 relu, 1 leaky_relu(p0 = slope), 2 softplus(p0 = β, p1 = threshold),
-// 3 tanh, 4 sigmoid, 5 gelu (erf), 6 gelu_tanh, 7 elu(p0 = α), 8 silu. Math in float32.
+// 3 tanh, 4 sigmoid, 5 gelu (erf), 6 gelu_tanh, 7 elu(p0 = α), 8 silu, 9 mish, 10 hardswish.
+// Math in float32.
 #include "common.cuh"
 
 namespace gradreg {
@@ -15,6 +16,19 @@ constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kGeluC = 0.044715f;
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Mish from w = e^z alone (no log, no cancellation): n = w (w + 2), t = tanh(softplus z) =
+// n/(n + 2), 1 − t² = 4 (n + 1)/(n + 2)², s = sigmoid z = w/(1 + w); w clamped at e^20.
+struct MishParts {
+  float t, g, s;
+};
+
+__device__ __forceinline__ MishParts mish_parts(float z) {
+  float w = expf(fminf(z, 20.0f));
+  float n = w * (w + 2.0f);
+  float inv = 1.0f / (n + 2.0f);
+  return {n * inv, 4.0f * (n + 1.0f) * inv * inv, w / (1.0f + w)};
+}
 
 __device__ float act_value(float z, int act, float p0, float p1) {
   switch (act) {
@@ -29,6 +43,8 @@ __device__ float act_value(float z, int act, float p0, float p1) {
     case 5: return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
     case 6: return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z)));
     case 8: return z * sigmoidf(z);
+    case 9: return z * mish_parts(z).t;
+    case 10: return z * fminf(fmaxf(z + 3.0f, 0.0f), 6.0f) / 6.0f;
     default: return z > 0.0f ? z : p0 * expm1f(z);
   }
 }
@@ -59,6 +75,11 @@ __device__ float act_d1(float z, int act, float p0, float p1) {
       float s = sigmoidf(z);
       return s * (1.0f + z * (1.0f - s));
     }
+    case 9: {
+      MishParts m = mish_parts(z);
+      return m.t + z * m.s * m.g;
+    }
+    case 10: return z < -3.0f ? 0.0f : (z <= 3.0f ? z / 3.0f + 0.5f : 1.0f);
     default: return z > 0.0f ? 1.0f : p0 * expf(fminf(z, 0.0f));
   }
 }
@@ -90,6 +111,11 @@ __device__ float act_d2(float z, int act, float p0, float p1) {
       float s = sigmoidf(z);
       return s * (1.0f - s) * (2.0f + z * (1.0f - 2.0f * s));
     }
+    case 9: {
+      MishParts m = mish_parts(z);
+      return m.s * m.g * (2.0f + z * (1.0f - m.s - 2.0f * m.t * m.s));
+    }
+    case 10: return (z > -3.0f && z < 3.0f) ? 1.0f / 3.0f : 0.0f;
     default: return 0.0f;
   }
 }

@@ -27,7 +27,7 @@ SOURCES = ("activation.cu", "softmax_head.cu", "binding.cpp")
 HEADERS = ("common.cuh",)
 
 ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
-             "gelu_tanh": 6, "elu": 7, "silu": 8}
+             "gelu_tanh": 6, "elu": 7, "silu": 8, "mish": 9, "hardswish": 10}
 PIECEWISE = (0, 1)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

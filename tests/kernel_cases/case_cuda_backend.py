@@ -17,7 +17,8 @@ from gradreg_kernels.rules.activation_math import spec_by_name
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA kernels need a CUDA device")
 
 ACTS = [("relu", ()), ("leaky_relu", (0.1,)), ("softplus", (1.5, 3.0)), ("tanh", ()),
-        ("sigmoid", ()), ("gelu", ()), ("gelu_tanh", ()), ("elu", (0.7,)), ("silu", ())]
+        ("sigmoid", ()), ("gelu", ()), ("gelu_tanh", ()), ("elu", (0.7,)), ("silu", ()),
+        ("mish", ()), ("hardswish", ())]
 REF = TorchBackend()
 
 
