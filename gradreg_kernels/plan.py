@@ -34,6 +34,7 @@ from .rules.conv import (
 )
 from .rules.dropout import FEATURE_DROPOUT_RANK, DropoutRule, FeatureDropoutRule
 from .rules.group_norm import group_norm_rule, instance_norm_rule, layer_norm_rule
+from .rules.height_one import HeightOneRule
 from .rules.linear import LinearRule
 from .rules.norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 from .rules.pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
@@ -125,7 +126,7 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
             return f"padding_mode={m.padding_mode!r} (only 'zeros' runs fused)"
         if conv1d_padding(m) is None:
             return "padding='same' with an even kernel extent needs asymmetric padding"
-        return lambda bk: Conv1dRule(m, bk)
+        return lambda bk: HeightOneRule(Conv1dRule(m, bk), m)
     spec = activation_spec(m)
     if spec is not None:
         return lambda bk: ActivationRule(m, spec, bk)

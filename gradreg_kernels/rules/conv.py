@@ -94,9 +94,9 @@ def conv1d_padding(module: nn.Conv1d) -> int | None:
 
 
 class Conv1dRule(Conv2dRule):
-    """nn.Conv1d as a Conv2d of height 1: (N, C, L) runs as (N, C, 1, L) with the kernel
-    (O, C/G, 1, K), stride (1, s), padding (0, p) and dilation (1, d); every pass of the 2-D
-    rule unchanged, its weight gradient viewed back as (O, C/G, K)."""
+    """nn.Conv1d as a Conv2d of height 1, to run inside a ``HeightOneRule`` on (N, C, 1, L):
+    the kernel (O, C/G, 1, K), stride (1, s), padding (0, p) and dilation (1, d); every pass
+    of the 2-D rule unchanged, its weight gradient viewed back as (O, C/G, K)."""
 
     def __init__(self, module: nn.Conv1d, bk) -> None:
         self.module, self.bk = module, bk
@@ -105,25 +105,6 @@ class Conv1dRule(Conv2dRule):
                      (1, module.dilation[0]), module.groups)
         self.need_w = wants_grad(module.weight)
         self.a = self.d = self.gw_tangent = None
-
-    def _rows(self, t: Tensor) -> Tensor:
-        if t.dim() != 3:
-            raise ValueError(f"Conv1d runs fused on batched inputs (N, C, L), got shape "
-                             f"{tuple(t.shape)}")
-        return t.unsqueeze(2)
-
-    def forward(self, a: Tensor) -> Tensor:
-        return super().forward(self._rows(a)).squeeze(2)
-
-    def chain(self, d: Tensor) -> Tensor:
-        return super().chain(d.unsqueeze(2)).squeeze(2)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return super().tangent(r.unsqueeze(2)).squeeze(2)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        out = super().backward(abar.unsqueeze(2), need_input_grad)
-        return None if out is None else out.squeeze(2)
 
     def param_grads(self):
         out = [(self.module.weight, self.gw.squeeze(2))] if self.need_w else []

@@ -22,32 +22,20 @@ from torch import Tensor, nn
 
 from .base import Rule, wants_grad
 from .norm import BatchNormTrainRule
+from .reshape import ReshapeRule
 from .residual import SequenceRule
 
 
-class _GroupView(Rule):
-    """(N, ...) ↔ (1, M, D): the groups of a sample as the channels of batch norm's layout.
+class _GroupView(ReshapeRule):
+    """(N, ...) → (1, M, D): the groups of a sample as the channels of batch norm's layout.
     ``groups_of(shape)`` gives M; the inverse view reads the shape this forward kept."""
 
     def __init__(self, groups_of: Callable[[tuple[int, ...]], int]) -> None:
         self.groups_of = groups_of
         self.in_shape: tuple[int, ...] = ()
 
-    def _grouped(self, t: Tensor) -> Tensor:
+    def _out(self, t: Tensor) -> Tensor:
         return t.reshape(1, self.groups_of(tuple(self.in_shape)), -1)
-
-    def forward(self, a: Tensor) -> Tensor:
-        self.in_shape = a.shape
-        return self._grouped(a)
-
-    def chain(self, d: Tensor) -> Tensor:
-        return d.reshape(self.in_shape)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return self._grouped(r)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return abar.reshape(self.in_shape) if need_input_grad else None
 
 
 class _Ungroup(Rule):
@@ -60,13 +48,13 @@ class _Ungroup(Rule):
         return a.reshape(self.view.in_shape)
 
     def chain(self, d: Tensor) -> Tensor:
-        return self.view._grouped(d)
+        return self.view._out(d)
 
     def tangent(self, r: Tensor) -> Tensor:
         return r.reshape(self.view.in_shape)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self.view._grouped(abar) if need_input_grad else None
+        return self.view._out(abar) if need_input_grad else None
 
 
 class _GroupStats(BatchNormTrainRule):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .base import Rule
 
 
-class _ReshapeRule(Rule):
+class ReshapeRule(Rule):
     """A fixed reshape y = R a: tangent applies R, chain and backward its inverse (Rᵀ)."""
 
     def _out(self, t: Tensor) -> Tensor:
@@ -30,7 +30,7 @@ class _ReshapeRule(Rule):
         return abar.reshape(self.in_shape) if need_input_grad else None
 
 
-class FlattenRule(_ReshapeRule):
+class FlattenRule(ReshapeRule):
     def __init__(self, module: nn.Flatten, bk=None) -> None:
         self.module = module
 
@@ -38,7 +38,7 @@ class FlattenRule(_ReshapeRule):
         return t.flatten(self.module.start_dim, self.module.end_dim)
 
 
-class UnflattenRule(_ReshapeRule):
+class UnflattenRule(ReshapeRule):
     def __init__(self, module: nn.Unflatten, bk=None) -> None:
         self.module = module
 
