@@ -70,6 +70,38 @@ class Rule:
         return gw.add_(term) if gw.dtype == term.dtype else gw + term
 
 
+class FixedLinearRule(Rule):
+    """y = A a for a fixed, parameter-free linear map A (pooling with fixed windows, reshapes,
+    padding): ``_apply`` is A, ``_transpose`` Aᵀ (given the input's shape, which the forward
+    keeps). The tangent applies A, chain and backward Aᵀ; no second-order term."""
+
+    in_shape: tuple[int, ...] = ()
+
+    def _apply(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _transpose(self, d: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _shape_only_input(self, d: Tensor) -> Tensor:
+        """A tensor with the input's shape and no storage of its own (for ATen backward ops
+        that read only the input's sizes)."""
+        return d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
+
+    def forward(self, a: Tensor) -> Tensor:
+        self.in_shape = a.shape
+        return self._apply(a)
+
+    def chain(self, d: Tensor) -> Tensor:
+        return self._transpose(d)
+
+    def tangent(self, r: Tensor) -> Tensor:
+        return self._apply(r)
+
+    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
+        return self._transpose(abar) if need_input_grad else None
+
+
 def backward_releasing(rules: list, abar: Tensor, need_input_grad: bool, first: int,
                        stop: int, keep_saved: bool) -> tuple[Tensor | None, list]:
     """Pass 4 over ``rules[stop:]`` in reverse, rule i asked for its input gradient when

@@ -34,7 +34,7 @@ class _GroupView(ReshapeRule):
         self.groups_of = groups_of
         self.in_shape: tuple[int, ...] = ()
 
-    def _out(self, t: Tensor) -> Tensor:
+    def _apply(self, t: Tensor) -> Tensor:
         return t.reshape(1, self.groups_of(tuple(self.in_shape)), -1)
 
 
@@ -48,13 +48,13 @@ class _Ungroup(Rule):
         return a.reshape(self.view.in_shape)
 
     def chain(self, d: Tensor) -> Tensor:
-        return self.view._out(d)
+        return self.view._apply(d)
 
     def tangent(self, r: Tensor) -> Tensor:
         return r.reshape(self.view.in_shape)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self.view._out(abar) if need_input_grad else None
+        return self.view._apply(abar) if need_input_grad else None
 
 
 class _GroupStats(BatchNormTrainRule):

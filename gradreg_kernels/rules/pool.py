@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Rule
+from .base import FixedLinearRule, Rule
 
 
 class MaxPool2dRule(Rule):
@@ -37,36 +37,7 @@ class MaxPool2dRule(Rule):
         return self.bk.pool_scatter(abar, self.idx, self.in_shape) if need_input_grad else None
 
 
-class _AveragingRule(Rule):
-    """y = A a for a fixed linear averaging operator A: ``_apply`` is A, ``_transpose`` Aᵀ
-    (given the input's shape, kept by the forward)."""
-
-    def _apply(self, a: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _transpose(self, d: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _shape_only_input(self, d: Tensor) -> Tensor:
-        """A tensor with the input's shape and no storage of its own (the backward ops read
-        only its sizes)."""
-        return d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
-
-    def forward(self, a: Tensor) -> Tensor:
-        self.in_shape = a.shape
-        return self._apply(a)
-
-    def chain(self, d: Tensor) -> Tensor:
-        return self._transpose(d)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return self._apply(r)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self._transpose(abar) if need_input_grad else None
-
-
-class AvgPool2dRule(_AveragingRule):
+class AvgPool2dRule(FixedLinearRule):
     def __init__(self, module: nn.AvgPool2d, bk) -> None:
         self.module = module
         m = module
@@ -84,7 +55,7 @@ class AvgPool2dRule(_AveragingRule):
                                                   pair(s), pair(p), ceil, inc, div)
 
 
-class AdaptiveAvgPool2dRule(_AveragingRule):
+class AdaptiveAvgPool2dRule(FixedLinearRule):
     """nn.AdaptiveAvgPool2d (e.g. a ResNet's global average pooling, output size 1)."""
 
     def __init__(self, module: nn.AdaptiveAvgPool2d, bk) -> None:

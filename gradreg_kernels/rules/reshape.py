@@ -7,34 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Rule
+from .base import FixedLinearRule, Rule
 
 
-class ReshapeRule(Rule):
-    """A fixed reshape y = R a: tangent applies R, chain and backward its inverse (Rᵀ)."""
+class ReshapeRule(FixedLinearRule):
+    """A fixed reshape y = R a: its transpose is the inverse reshape."""
 
-    def _out(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, a: Tensor) -> Tensor:
-        self.in_shape = a.shape
-        return self._out(a)
-
-    def chain(self, d: Tensor) -> Tensor:
+    def _transpose(self, d: Tensor) -> Tensor:
         return d.reshape(self.in_shape)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return self._out(r)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return abar.reshape(self.in_shape) if need_input_grad else None
 
 
 class FlattenRule(ReshapeRule):
     def __init__(self, module: nn.Flatten, bk=None) -> None:
         self.module = module
 
-    def _out(self, t: Tensor) -> Tensor:
+    def _apply(self, t: Tensor) -> Tensor:
         return t.flatten(self.module.start_dim, self.module.end_dim)
 
 
@@ -42,11 +29,11 @@ class UnflattenRule(ReshapeRule):
     def __init__(self, module: nn.Unflatten, bk=None) -> None:
         self.module = module
 
-    def _out(self, t: Tensor) -> Tensor:
+    def _apply(self, t: Tensor) -> Tensor:
         return t.unflatten(self.module.dim, self.module.unflattened_size)
 
 
-class ConstantPadRule(Rule):
+class ConstantPadRule(FixedLinearRule):
     """nn.ZeroPad1d/2d/3d, nn.ConstantPad1d/2d/3d: y = P a + c (padding c around a; negative
     amounts crop). The tangent pads r with zeros (P r), chain and backward apply Pᵀ: the
     padding taken off again, a crop being undone with zeros."""
@@ -59,17 +46,14 @@ class ConstantPadRule(Rule):
     def forward(self, a: Tensor) -> Tensor:
         return F.pad(a, self.pad, value=float(self.module.value))
 
-    def chain(self, d: Tensor) -> Tensor:
+    def _apply(self, t: Tensor) -> Tensor:
+        return F.pad(t, self.pad)
+
+    def _transpose(self, d: Tensor) -> Tensor:
         return F.pad(d, self.unpad)
 
-    def tangent(self, r: Tensor) -> Tensor:
-        return F.pad(r, self.pad)
 
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return F.pad(abar, self.unpad) if need_input_grad else None
-
-
-class IndexPadRule(Rule):
+class IndexPadRule(FixedLinearRule):
     """Reflection or replication padding: y = P a with P a fixed gather of input positions.
     The tangent applies P (the same padding of r), chain and backward Pᵀ (ATen's padding
     backward: the border values summed back onto the positions they were copied from)."""
@@ -77,24 +61,14 @@ class IndexPadRule(Rule):
     def __init__(self, mode: str, pad: tuple[int, ...], module: nn.Module | None = None) -> None:
         self.module, self.mode, self.pad = module, mode, tuple(int(p) for p in pad)
         kind = "reflection" if mode == "reflect" else "replication"
-        self.transpose = getattr(torch.ops.aten, f"{kind}_pad{len(self.pad) // 2}d_backward")
+        self.aten_transpose = getattr(torch.ops.aten,
+                                      f"{kind}_pad{len(self.pad) // 2}d_backward")
 
-    def forward(self, a: Tensor) -> Tensor:
-        self.in_shape = a.shape
-        return F.pad(a, self.pad, mode=self.mode)
+    def _apply(self, t: Tensor) -> Tensor:
+        return F.pad(t, self.pad, mode=self.mode)
 
-    def _t(self, d: Tensor) -> Tensor:
-        like = d.new_empty((1,) * len(self.in_shape)).expand(self.in_shape)
-        return self.transpose(d, like, list(self.pad))
-
-    def chain(self, d: Tensor) -> Tensor:
-        return self._t(d)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return F.pad(r, self.pad, mode=self.mode)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self._t(abar) if need_input_grad else None
+    def _transpose(self, d: Tensor) -> Tensor:
+        return self.aten_transpose(d, self._shape_only_input(d), list(self.pad))
 
 
 class IdentityRule(Rule):
