@@ -1,7 +1,7 @@
 """Side-by-side CPU table: every step of bench/cpu_workloads.py on every model, interleaved.
 
     python bench/cpu_table.py [--rounds 5] [--reps 10] [--models mlp_relu_b256,...]
-                              [--threads 2] [--profile]
+                              [--threads 2] [--profile] [--ceiling]
 
 Each round times ``reps`` calls of every method in turn (after warm-up), so load from other
 processes hits all methods alike; the table gives the median over rounds × reps, the ratios
@@ -9,6 +9,10 @@ the goals are stated in, and the peak resident memory of each torch step above i
 ``--profile`` adds, per model, where the fused "cpu" step spends its time (torch.profiler
 self time): matrix products (oneDNN / MKL linear and convolution), the rest of the ATen
 ops, and the time outside ATen ops (the C++ extension's kernels and Python).
+``--ceiling`` also times, in the same rounds, the library products of the fused cpu, eager
+and ordinary steps replayed alone (bench/product_replay.py), and prints the bounds they
+set on this machine: eager step ÷ fused products (the most the fused step can gain on
+eager) and fused products ÷ fastest ordinary step (the least it can cost against it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 
 import cpu_workloads as cw
 import torch
+from product_replay import record_products, replay
 
 
 def _time(step, reps: int) -> list[float]:
@@ -35,8 +40,15 @@ def _time(step, reps: int) -> list[float]:
 TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
 
 
-def measure(w: cw.Workload, rounds: int, reps: int) -> tuple[dict, str | None]:
+#: the steps whose library products --ceiling replays alone
+REPLAYED = ("fused_cpu", "eager_double", "ordinary")
+
+
+def measure(w: cw.Workload, rounds: int, reps: int, ceiling: bool = False
+            ) -> tuple[dict, str | None]:
     steps = cw.torch_steps(w)
+    if ceiling:
+        steps.update({f"products:{k}": replay(record_products(steps[k])) for k in REPLAYED})
     jax_s = cw.jax_steps(w)
     note = jax_s if isinstance(jax_s, str) else None
     if note is None:
@@ -102,6 +114,23 @@ def row(name: str, med: dict, mem: dict) -> str:
     return "| " + " | ".join(cols) + " |"
 
 
+def ceiling_row(name: str, med: dict) -> str:
+    """The products-alone times and the bounds they set (see --ceiling)."""
+    ordinary = min(med["ordinary"], med.get("jax_ordinary", float("inf")))
+    fp = med["products:fused_cpu"]
+
+    def share(k: str) -> str:
+        return f"{med['products:' + k]:.2f} ({med['products:' + k] / med[k]:.0%})"
+
+    cols = [name] + [share(k) for k in REPLAYED]
+    cols += [f"≤ {med['eager_double'] / fp:.2f}×", f"≥ {fp / ordinary:.2f}×"]
+    return "| " + " | ".join(cols) + " |"
+
+
+CEILING_HEADER = ("| model | fused cpu products (share of step) | eager products (share) | "
+                  "ordinary products (share) | bound on speed-up vs eager | "
+                  "bound on ÷ fastest ordinary |\n|" + "---|" * 6)
+
 HEADER = ("| model | fused cpu | fused torch | eager double | JAX gradreg | ordinary | "
           "JAX ordinary | speed-up vs eager | speed-up vs JAX | ÷ fastest ordinary | "
           "peak MiB cpu / eager |\n|" + "---|" * 11)
@@ -114,6 +143,8 @@ def main() -> None:
     ap.add_argument("--models", default="")
     ap.add_argument("--threads", type=int, default=cw.THREADS)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time each step's library products replayed alone")
     ap.add_argument("--memory-only", action="store_true", help="print peak MiB as JSON")
     args = ap.parse_args()
     cw.THREADS = args.threads
@@ -132,11 +163,19 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32, ms per step (median)")
     print(HEADER)
+    meds = {}
     for w in chosen:
-        med, note = measure(w, args.rounds, args.reps)
+        med, note = measure(w, args.rounds, args.reps, args.ceiling)
+        meds[w.name] = med
         print(row(w.name, med, mems[w.name]), flush=True)
         if note:
             print(f"<!-- {w.name}: JAX skipped: {note} -->")
+    if args.ceiling:
+        print("\nLibrary products alone (ms, median; their share of the whole step), and the "
+              "bounds they set on this machine:\n")
+        print(CEILING_HEADER)
+        for w in chosen:
+            print(ceiling_row(w.name, meds[w.name]))
     if args.profile:
         print()
         for w in chosen:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import cpu_workloads as cw
 import pytest
+from cpu_table import REPLAYED
+from product_replay import record_products, replay
 
 cw.set_threads()
 cw.malloc_mode(exact_rss=False)  # timing: glibc keeps freed blocks (memory: fresh processes)
@@ -57,3 +59,34 @@ def test_step(benchmark, model, method):
     benchmark.group = model
     benchmark.pedantic(steps[method], rounds=ROUNDS.get(model, 30), iterations=1,
                        warmup_rounds=3)
+
+
+@pytest.mark.parametrize("method", REPLAYED)
+@pytest.mark.parametrize("model", list(WORKLOADS))
+def test_products_alone(benchmark, model, method):
+    """The step's library products replayed alone (cpu_table.py --ceiling's columns)."""
+    w = WORKLOADS[model]
+    if method == "fused_cpu":
+        from gradreg_kernels.backends.cpu import available
+
+        why = available()
+        if why is not None:
+            pytest.skip(f"cpu backend unavailable: {why}")
+    run = replay(record_products(cw.torch_steps(w)[method]))
+    benchmark.group = model
+    benchmark.name = f"products_alone_{method}"
+    benchmark.pedantic(run, rounds=ROUNDS.get(model, 30), iterations=1, warmup_rounds=3)
+
+
+def test_recorder_counts_the_mlp_products():
+    """MLP 784-512-512-10: eager double backprop makes 3 forward, 3 chain, 6 weight and
+    input-gradient and 6 double-backward products (18); the fused cpu step makes the two
+    wide layers' 11 product-sized units as 9 oneDNN calls (the weight products over the
+    doubled batch), the 10-output layer running in the extension's own kernels."""
+    w = WORKLOADS["mlp_relu_b64"]
+    steps = cw.torch_steps(w)
+    eager = record_products(steps["eager_double"])
+    assert len(eager) == 18
+    fused = record_products(steps["fused_cpu"])
+    assert [str(p.func) for p in fused] == ["mkldnn._linear_pointwise.default"] * 9
+    replay(fused)()  # the copies replay on their own
