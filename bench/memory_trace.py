@@ -1,0 +1,98 @@
+"""Where the fused cpu step's memory peaks: resident memory around every kernel call.
+
+    python bench/memory_trace.py [--model mlp_relu_b256]
+
+Runs one fused "cpu" step of a bench/cpu_workloads.py model with every block of 64 KiB or
+more mapped on allocation and unmapped on free (cpu_workloads.malloc_mode), so that the
+resident set follows the live tensors, and prints it (MiB above the start of the step)
+before and after each extension kernel and oneDNN product, in call order, then the
+step's high-water mark, the number ``cpu_table.py`` reports as its peak. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import cpu_workloads as cw
+import torch
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+def _shape(a: object) -> str:
+    if isinstance(a, torch.Tensor):
+        return str(tuple(a.shape))
+    if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a):
+        return "[" + ", ".join(str(tuple(t.shape)) for t in a) + "]"
+    return ""
+
+
+class _Traced:
+    """Calls ``fn``, appending (RSS before, RSS after, name) to ``events``."""
+
+    def __init__(self, fn, name: str, events: list) -> None:
+        self.fn, self.name, self.events = fn, name, events
+
+    def __call__(self, *args):
+        before = _rss_kib()
+        out = self.fn(*args)
+        shapes = " × ".join(_shape(a) for a in args[:2] if _shape(a))
+        self.events.append((before, _rss_kib(), f"{self.name} {shapes}"))
+        return out
+
+
+class _TracedExtension:
+    def __init__(self, ext, events: list) -> None:
+        self.ext, self.events = ext, events
+
+    def __getattr__(self, name: str):
+        return _Traced(getattr(self.ext, name), name, self.events)
+
+
+def trace(model_name: str) -> tuple[list[tuple[int, int, str]], int, int]:
+    """(events, RSS at the start of the step, its high-water mark), in KiB."""
+    from gradreg_kernels.backends import get_backend
+
+    cw.set_threads()
+    cw.malloc_mode(exact_rss=True)
+    w = next(w for w in cw.workloads() if w.name == model_name)
+    step = cw.torch_steps(w)["fused_cpu"]
+    step()  # warm-up: the build, oneDNN's primitive caches
+    events: list[tuple[int, int, str]] = []
+    bk = get_backend("cpu", w.x.device)
+    ext, mm = bk.ext, bk._mm
+    bk.ext, bk._mm = _TracedExtension(ext, events), _Traced(mm, "oneDNN product", events)
+    try:
+        w.model.zero_grad(set_to_none=True)
+        gc.collect()
+        base = _rss_kib()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        step()
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    finally:
+        bk.ext, bk._mm = ext, mm
+    return events, base, hwm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mlp_relu_b256")
+    args = ap.parse_args()
+    events, base, hwm = trace(args.model)
+    print(f"# {args.model}: fused cpu step, resident MiB above its start")
+    for before, after, name in events:
+        print(f"{(before - base) / 1024:6.2f} → {(after - base) / 1024:6.2f}  {name}")
+    print(f"peak (VmHWM) {(hwm - base) / 1024:.2f} MiB")
+
+
+if __name__ == "__main__":
+    main()
