@@ -6,7 +6,9 @@ Runs one fused "cpu" step of a bench/cpu_workloads.py model with every block of 
 more mapped on allocation and unmapped on free (cpu_workloads.malloc_mode), so that the
 resident set follows the live tensors, and prints it (MiB above the start of the step)
 before and after each extension kernel and oneDNN product, in call order, then the
-step's high-water mark, the number ``cpu_table.py`` reports as its peak. Linux only.
+step's high-water mark, the number ``cpu_table.py`` reports as its peak. Backend methods
+(a rule's step: ``conv2d``, ``bn_chain``, ...) are listed with the kernels they call
+indented below them. Linux only.
 """
 
 from __future__ import annotations
@@ -35,16 +37,25 @@ def _shape(a: object) -> str:
 
 
 class _Traced:
-    """Calls ``fn``, appending (RSS before, RSS after, name) to ``events``."""
+    """Calls ``fn``, recording (RSS before, RSS after, name) in ``events`` at the position
+    of the call, nested calls after it and indented."""
+
+    depth = 0
 
     def __init__(self, fn, name: str, events: list) -> None:
         self.fn, self.name, self.events = fn, name, events
 
-    def __call__(self, *args):
-        before = _rss_kib()
-        out = self.fn(*args)
+    def __call__(self, *args, **kwargs):
         shapes = " × ".join(_shape(a) for a in args[:2] if _shape(a))
-        self.events.append((before, _rss_kib(), f"{self.name} {shapes}"))
+        slot = len(self.events)
+        self.events.append(None)
+        before = _rss_kib()
+        _Traced.depth += 1
+        try:
+            out = self.fn(*args, **kwargs)
+        finally:
+            _Traced.depth -= 1
+        self.events[slot] = (before, _rss_kib(), "  " * _Traced.depth + f"{self.name} {shapes}")
         return out
 
 
@@ -69,6 +80,10 @@ def trace(model_name: str) -> tuple[list[tuple[int, int, str]], int, int]:
     bk = get_backend("cpu", w.x.device)
     ext, mm = bk.ext, bk._mm
     bk.ext, bk._mm = _TracedExtension(ext, events), _Traced(mm, "oneDNN product", events)
+    methods = [n for n in dir(type(bk)) if not n.startswith("_") and n != "name"
+               and callable(getattr(type(bk), n))]
+    for n in methods:
+        setattr(bk, n, _Traced(getattr(bk, n), n, events))
     try:
         w.model.zero_grad(set_to_none=True)
         gc.collect()
@@ -80,6 +95,8 @@ def trace(model_name: str) -> tuple[list[tuple[int, int, str]], int, int]:
             hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     finally:
         bk.ext, bk._mm = ext, mm
+        for n in methods:
+            delattr(bk, n)
     return events, base, hwm
 
 

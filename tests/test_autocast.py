@@ -59,10 +59,18 @@ def small_net() -> nn.Sequential:
                          nn.Linear(16, 5))
 
 
+def norms_net() -> nn.Sequential:
+    """The per-sample norms, whose affine scales the tangent in place where dtypes allow."""
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.SiLU(),
+                         nn.Flatten(2), nn.LayerNorm(64), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(6 * 64, 16), nn.GELU(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("net", [small_net, norms_net])
 @pytest.mark.parametrize("backend", _cpu_backends())
-def test_fused_step_backward_after_the_autocast_context(backend):
+def test_fused_step_backward_after_the_autocast_context(backend, net):
     torch.manual_seed(0)
-    model = small_net()
+    model = net()
     x, y = torch.randn(12, 2, 8, 8), torch.randint(0, 5, (12,))
 
     outside, inside = (_fused_grads(model, x, y, backend, "cpu", flag) for flag in (False, True))

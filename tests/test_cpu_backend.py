@@ -384,6 +384,25 @@ def test_batchnorm_steps(bk, shape, affine):
             close(g, w, 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (3, 6, 5, 4), (1, 3, 9, 7)])
+def test_batchnorm_without_affine_keeps_one_tensor(bk, shape):
+    """Without γ, β the output y is x̂ itself, not an equal second tensor."""
+    y, xhat, *_ = bk.bn_train_forward(torch.randn(shape), None, None, 1e-5)
+    assert y is xhat
+    y, xhat, *_ = bk.bn_train_forward(torch.randn(shape), torch.randn(shape[1]), None, 1e-5)
+    assert y.data_ptr() != xhat.data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 6, 5, 4), (1, 3, 9, 7), (3001, 13), (2, 5, 1)])
+def test_channel_dot(bk, shape):
+    """Σ a ⊙ b per channel of (N, C, ...) operands; (R, C) ones (a LayerNorm's features)
+    take the row sweep, with enough rows for every thread to hold a partial sum."""
+    a, b = torch.randn(shape) * 3, torch.randn(shape)
+    want = (a.double() * b.double()).sum(dim=[0] + list(range(2, a.dim())))
+    close(bk.channel_dot(a, b), want.float(), 1e-6)
+    close(REF.channel_dot(a, b), want.float(), 1e-5)
+
+
 # ---- convolutions -----------------------------------------------------------------------------
 @pytest.mark.parametrize("geom", [
     (64, 1, 28, 28, 32, 5, 1, 2, 1),  # the paper CNN's first layer: product + fold

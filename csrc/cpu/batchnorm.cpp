@@ -7,10 +7,13 @@
 //   chain:    k P δ with k = γ/σ, and the channel means of δ and x̂δ (P δ is not stored)
 //   tangent:  k P ṙ, s, and Σ δ Pṙ / σ per channel, from δ, ṙ, x̂ in two sweeps
 //   backward: k P ā (+ s), Σ ā x̂ and Σ ā per channel
+//   dot:      Σ a ⊙ b per channel (an affine's γ terms after the per-sample norms)
 #include <ATen/Parallel.h>
 #include <ATen/ops/ones.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels.h"
 
@@ -152,7 +155,10 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
   const Layout L = layout_of(a);
   const float* g = opt_ptr(gamma, L.c, "gamma");
   const float* b = opt_ptr(beta, L.c, "beta");
-  auto y = at::empty_like(a), xhat = at::empty_like(a);
+  // without an affine y is x̂ itself: one tensor, not two equal ones
+  const bool affine = g != nullptr || b != nullptr;
+  auto xhat = at::empty_like(a);
+  auto y = affine ? at::empty_like(a) : xhat;
   auto inv_std = at::empty({L.c}, a.options());
   auto mean = at::empty({L.c}, a.options()), var = at::empty({L.c}, a.options());
   const float* ap = a.data_ptr<float>();
@@ -171,11 +177,16 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
       const float* __restrict src = ap + o;
       float* __restrict xo = xp + o;
       float* __restrict yo = yp + o;
+      if (affine) {
 #pragma omp simd
-      for (int64_t j = 0; j < L.s; ++j) {
-        const float x = (src[j] - m) * inv;
-        xo[j] = x;
-        yo[j] = gc * x + bc;
+        for (int64_t j = 0; j < L.s; ++j) {
+          const float x = (src[j] - m) * inv;
+          xo[j] = x;
+          yo[j] = gc * x + bc;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < L.s; ++j) xo[j] = (src[j] - m) * inv;
       }
     });
     ip[c] = inv;
@@ -257,6 +268,45 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xh
   at::Tensor g_sum, g_xhat;
   auto out = scaled_project(abar, xhat, k, s, g_sum, g_xhat);
   return {out, g_xhat, g_sum};
+}
+
+// Σ a ⊙ b over the N·S values of each channel of (N, C, S) operands, accumulated in double:
+// a per-channel affine's γ gradient terms without an a ⊙ b temporary. (R, C) operands
+// (S = 1: a LayerNorm's trailing features) are swept by rows, each thread summing its rows
+// into its own C accumulators.
+at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b) {
+  check_f32(a, "a");
+  check_like(b, a, "b");
+  const Layout L = layout_of(a);
+  auto out = at::empty({L.c}, a.options());
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (L.s != 1) {
+    per_channel(L, [&](int64_t c) {
+      double acc = 0.0;
+      rows(L, c, [&](int64_t o) { acc += dot(ap + o, bp + o, L.s); });
+      op[c] = static_cast<float>(acc);
+    });
+    return out;
+  }
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> part(static_cast<size_t>(threads * L.c), 0.0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.c, 1));
+  at::parallel_for(0, L.n, grain, [&](int64_t r0, int64_t r1) {
+    double* __restrict acc = part.data() + at::get_thread_num() * L.c;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict ar = ap + r * L.c;
+      const float* __restrict br = bp + r * L.c;
+#pragma omp simd
+      for (int64_t c = 0; c < L.c; ++c) acc[c] += static_cast<double>(ar[c]) * br[c];
+    }
+  });
+  for (int64_t c = 0; c < L.c; ++c) {
+    double acc = 0.0;
+    for (int64_t t = 0; t < threads; ++t) acc += part[t * L.c + c];
+    op[c] = static_cast<float>(acc);
+  }
+  return out;
 }
 
 }  // namespace gradreg

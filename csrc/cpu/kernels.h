@@ -58,6 +58,7 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
                                    const at::Tensor& md, const at::Tensor& mxd);
 std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
                                     const at::Tensor& k, const c10::optional<at::Tensor>& s);
+at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b);
 
 // ---- products of a layer with few outputs (K small): one sweep each -------------------
 at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& b);

@@ -419,7 +419,9 @@ class CpuBackend(TorchBackend):
         if not _fast(a, gamma, beta):
             return super().bn_train_forward(a, gamma, beta, eps)
         y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps)
-        return _rmajor(y, a), _rmajor(xhat, a), _chan(inv_std, a), mean, var
+        xhat_r = _rmajor(xhat, a)
+        y_r = xhat_r if y is xhat else _rmajor(y, a)  # no affine: y is x̂, kept once
+        return y_r, xhat_r, _chan(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
         if not _fast(xhat) or v.dtype != torch.float32:
@@ -454,6 +456,12 @@ class CpuBackend(TorchBackend):
         out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
                                                   None if s is None else _cmajor(s))
         return _rmajor(out, xhat), g_xhat, g_sum
+
+    def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """As TorchBackend's, in one sweep with no a ⊙ b temporary (sums in double)."""
+        if not _fast(a, b) or a.dim() < 2 or a.shape != b.shape:
+            return super().channel_dot(a, b)
+        return self.ext.channel_dot(a, b)
 
 
 def _stacked_rows(parts: Sequence[Tensor]) -> Tensor:

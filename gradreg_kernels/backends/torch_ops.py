@@ -271,6 +271,11 @@ class TorchBackend:
         s = self.bn_second_order(xhat, inv_std, gamma_c, d, r, pd, pr, mxd, mxr)
         return _chan(k, r) * pr, s, tan_gamma
 
+    def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """Σ a ⊙ b over every dimension but the channel dimension 1: (C,) for (N, C, ...)
+        operands of one shape (a per-channel affine's γ-gradient terms)."""
+        return (a * b).sum(dim=[0] + list(range(2, a.dim())))
+
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
         p_delta: Tensor, p_r: Tensor, mx_delta: Tensor, mx_r: Tensor,

@@ -11,13 +11,17 @@ normalized_shape for LayerNorm) is a diagonal linear layer:
   chain:    γ d               tangent:  γ r,  Δγ += R(d ⊙ r)
   backward: γ ā,  Δγ += R(ā ⊙ u),  Δβ += R(ā)
 with R the sum over every dimension γ is broadcast along; it has no second-order term.
+The R(· ⊙ ·) terms run as the backend's ``channel_dot`` (no product-sized temporary), and
+the tangent γ r is written over r, the normalization's fresh output.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .base import Rule, wants_grad
@@ -78,7 +82,7 @@ class _GroupStats(BatchNormTrainRule):
 
 
 class _Affine(Rule):
-    """y = γ ⊙ u + β, γ and β broadcast by ``shaped`` and reduced back by ``reduced``.
+    """y = γ ⊙ u + β, γ and β broadcast and reduced back ``along`` their dimensions.
 
     Its γ term in the tangent pass needs the chain's d. The normalization before it keeps
     δ' = γ ⊙ d for its own tangent anyway, so where γ lives on the CPU and has no zero (or
@@ -90,27 +94,32 @@ class _Affine(Rule):
     #: |γ| below this keeps d (δ' = γ d would lose d's precision, or all of it at 0)
     MIN_DIVISOR = 1e-12
 
-    def __init__(self, module: nn.Module, shaped: Callable[[Tensor, Tensor], Tensor],
-                 reduced: Callable[[Tensor, Tensor], Tensor], stats: _GroupStats,
-                 view: _GroupView) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, along: _Along, stats: _GroupStats, view: _GroupView,
+                 bk) -> None:
+        self.module, self.along, self.bk = module, along, bk
         self.gamma, self.beta = module.weight, module.bias
-        self.shaped, self.reduced = shaped, reduced
         self.stats, self.view = stats, view
         self.u = self.d = self.tan_gamma = None
+
+    def _dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """R(a ⊙ b), shaped like γ."""
+        return self.along.dot(self.bk, a, b, self.gamma)
 
     def _divide_by_gamma(self) -> bool:
         g = self.gamma.detach()
         return g.device.type == "cpu" and bool((g.abs() >= self.MIN_DIVISOR).all())
 
     def _scale(self, t: Tensor) -> Tensor:
-        return t if self.gamma is None else t * self.shaped(self.gamma.detach(), t)
+        return t if self.gamma is None else t * self.along.shaped(self.gamma.detach(), t)
 
     def forward(self, u: Tensor) -> Tensor:
         if wants_grad(self.gamma):
             self.u = u
+        if self.gamma is not None and self.beta is not None:  # one output, no γ u temporary
+            return torch.addcmul(self.along.shaped(self.beta.detach(), u), u,
+                                 self.along.shaped(self.gamma.detach(), u))
         y = self._scale(u)
-        return y if self.beta is None else y + self.shaped(self.beta.detach(), y)
+        return y if self.beta is None else y + self.along.shaped(self.beta.detach(), y)
 
     def chain(self, d: Tensor) -> Tensor:
         if wants_grad(self.gamma):
@@ -121,20 +130,25 @@ class _Affine(Rule):
     def tangent(self, r: Tensor) -> Tensor:
         if wants_grad(self.gamma):
             if self.d is not None:
-                self.tan_gamma = self.reduced(self.d * r, self.gamma)
+                self.tan_gamma = self._dot(self.d, r)
             else:  # δ' = γ d, kept by the normalization
                 dprime = self.stats.delta.reshape(self.view.in_shape)
-                self.tan_gamma = self.reduced(dprime * r, self.gamma) / self.gamma.detach()
+                self.tan_gamma = self._dot(dprime, r) / self.gamma.detach()
             if not self.keep_saved:
                 self.d = self.stats.delta = None
-        return self._scale(r)
+        if self.gamma is None:
+            return r
+        # r is the normalization's fresh output, held by nothing else: scaled in place
+        # unless γ's dtype would promote it (an autocast step's bf16 r)
+        g = self.along.shaped(self.gamma.detach(), r)
+        return r.mul_(g) if torch.promote_types(r.dtype, g.dtype) == r.dtype else r * g
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if wants_grad(self.gamma):
-            g = self.reduced(abar * self.u, self.gamma)
+            g = self._dot(abar, self.u)
             self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
         if wants_grad(self.beta):
-            self.g_beta = self.reduced(abar, self.beta)
+            self.g_beta = self.along.reduced(abar, self.beta)
         return self._scale(abar) if need_input_grad else None
 
     def param_grads(self):
@@ -150,6 +164,10 @@ def _channel_sum(t: Tensor, p: Tensor) -> Tensor:
     return t.sum(dim=[0] + list(range(2, t.dim())))
 
 
+def _channel_dot(bk, a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    return bk.channel_dot(a, b)
+
+
 def _trailing(p: Tensor, like: Tensor) -> Tensor:
     return p  # normalized_shape is the trailing shape: broadcasting lines it up
 
@@ -158,12 +176,33 @@ def _leading_sum(t: Tensor, p: Tensor) -> Tensor:
     return t.sum(dim=list(range(t.dim() - p.dim()))) if t.dim() > p.dim() else t
 
 
-def _normalized(module: nn.Module, view: _GroupView, shaped, reduced, eps: float, bk
+def _trailing_dot(bk, a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    """R(a ⊙ b) over the leading dimensions: the (rows, features) view's column dots."""
+    width = p.numel()
+    return bk.channel_dot(a.reshape(-1, width), b.reshape(-1, width)).view(p.shape)
+
+
+@dataclass(frozen=True)
+class _Along:
+    """How an affine's γ, β (shape P) line up with its (N, ...) operands: ``shaped(p, t)``
+    broadcasts p against t, ``reduced(t, p)`` sums t back to P, ``dot(bk, a, b, p)`` is
+    reduced(a ⊙ b, p) without the a ⊙ b temporary."""
+
+    shaped: Callable[[Tensor, Tensor], Tensor]
+    reduced: Callable[[Tensor, Tensor], Tensor]
+    dot: Callable[..., Tensor]
+
+
+PER_CHANNEL = _Along(_per_channel, _channel_sum, _channel_dot)  # GroupNorm, InstanceNorm
+TRAILING = _Along(_trailing, _leading_sum, _trailing_dot)  # LayerNorm
+
+
+def _normalized(module: nn.Module, view: _GroupView, along: _Along, eps: float, bk
                 ) -> SequenceRule:
     stats = _GroupStats(eps, bk)
     rules: list[Rule] = [view, stats, _Ungroup(view)]
     if module.weight is not None or module.bias is not None:
-        rules.append(_Affine(module, shaped, reduced, stats, view))
+        rules.append(_Affine(module, along, stats, view, bk))
     return SequenceRule(rules, module)
 
 
@@ -177,7 +216,7 @@ def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
                              f"{shape}")
         return shape[0] * g
 
-    return _normalized(module, _GroupView(groups_of), _per_channel, _channel_sum, module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, bk)
 
 
 def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> SequenceRule:
@@ -192,7 +231,7 @@ def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> Seq
                              f"shape {shape}")
         return shape[0] * c
 
-    return _normalized(module, _GroupView(groups_of), _per_channel, _channel_sum, module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, bk)
 
 
 def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
@@ -206,4 +245,4 @@ def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
                              f"{', '.join(map(str, shape))}), got shape {in_shape}")
         return math.prod(in_shape) // size
 
-    return _normalized(module, _GroupView(groups_of), _trailing, _leading_sum, module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), TRAILING, module.eps, bk)
