@@ -1,8 +1,9 @@
 """Where the fused cpu step's memory peaks: resident memory around every kernel call.
 
-    python bench/memory_trace.py [--model mlp_relu_b256]
+    python bench/memory_trace.py [--model mlp_relu_b256] [--backend cpu]
 
-Runs one fused "cpu" step of a bench/cpu_workloads.py model with every block of 64 KiB or
+Runs one fused step (on the "cpu" backend, or another CPU backend) of a
+bench/cpu_workloads.py model with every block of 64 KiB or
 more mapped on allocation and unmapped on free (cpu_workloads.malloc_mode), so that the
 resident set follows the live tensors, and prints it (MiB above the start of the step)
 before and after each extension kernel and oneDNN product, in call order, then the
@@ -67,19 +68,20 @@ class _TracedExtension:
         return _Traced(getattr(self.ext, name), name, self.events)
 
 
-def trace(model_name: str) -> tuple[list[tuple[int, int, str]], int, int]:
+def trace(model_name: str, backend: str = "cpu") -> tuple[list[tuple[int, int, str]], int, int]:
     """(events, RSS at the start of the step, its high-water mark), in KiB."""
     from gradreg_kernels.backends import get_backend
 
     cw.set_threads()
     cw.malloc_mode(exact_rss=True)
     w = next(w for w in cw.workloads() if w.name == model_name)
-    step = cw.torch_steps(w)["fused_cpu"]
+    step = cw.torch_steps(w)[f"fused_{backend}"]
     step()  # warm-up: the build, oneDNN's primitive caches
     events: list[tuple[int, int, str]] = []
-    bk = get_backend("cpu", w.x.device)
-    ext, mm = bk.ext, bk._mm
-    bk.ext, bk._mm = _TracedExtension(ext, events), _Traced(mm, "oneDNN product", events)
+    bk = get_backend(backend, w.x.device)
+    ext, mm = getattr(bk, "ext", None), getattr(bk, "_mm", None)
+    if ext is not None:  # the cpu backend: its kernels and products too
+        bk.ext, bk._mm = _TracedExtension(ext, events), _Traced(mm, "oneDNN product", events)
     methods = [n for n in dir(type(bk)) if not n.startswith("_") and n != "name"
                and callable(getattr(type(bk), n))]
     for n in methods:
@@ -94,7 +96,8 @@ def trace(model_name: str) -> tuple[list[tuple[int, int, str]], int, int]:
         with open("/proc/self/status") as f:
             hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     finally:
-        bk.ext, bk._mm = ext, mm
+        if ext is not None:
+            bk.ext, bk._mm = ext, mm
         for n in methods:
             delattr(bk, n)
     return events, base, hwm
@@ -103,9 +106,10 @@ def trace(model_name: str) -> tuple[list[tuple[int, int, str]], int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mlp_relu_b256")
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "torch"])
     args = ap.parse_args()
-    events, base, hwm = trace(args.model)
-    print(f"# {args.model}: fused cpu step, resident MiB above its start")
+    events, base, hwm = trace(args.model, args.backend)
+    print(f"# {args.model}: fused {args.backend} step, resident MiB above its start")
     for before, after, name in events:
         print(f"{(before - base) / 1024:6.2f} → {(after - base) / 1024:6.2f}  {name}")
     print(f"peak (VmHWM) {(hwm - base) / 1024:.2f} MiB")
