@@ -19,7 +19,7 @@ from . import checks
 from .autocast import Function
 from .backends import get_backend
 from .fallback import autograd_terms
-from .plan import Plan, Unsupported, UnsupportedModelError, build_plan
+from .plan import Plan, Unsupported, UnsupportedModelError, plan_of
 from .rules.heads import HEADS, make_head
 from .schedule import Schedule
 
@@ -170,17 +170,18 @@ def gradreg_loss(
             raise ValueError(f"head={head!r} needs labels y")
         y = checks.check_labels(y, x)
     mask = checks.check_mask(mask, x)
+    bk = get_backend(backend, x.device)
     if check_finite:
-        checks.check_finite_input(x, mask)
+        checks.check_finite_input(x, mask, bk.all_finite)
     value_weight = float(value_weight)
 
-    plan = build_plan(model)
+    plan = plan_of(model)
     if isinstance(plan, Unsupported):
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
         return _autograd_loss(model, x, y, lam, head, mask, value_weight, check_finite)
-    return _fused_loss(plan, params, x, y, lam, head, mask, backend, value_weight, check_finite,
+    return _fused_loss(plan, params, x, y, lam, head, mask, bk, value_weight, check_finite,
                        keep_saved)
 
 
@@ -195,9 +196,8 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
-                head: str, mask: Tensor | None, backend: str, value_weight: float,
+                head: str, mask: Tensor | None, bk, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
-    bk = get_backend(backend, x.device)
     rules = plan.rules(bk)
     head_obj = make_head(head, bk)
     schedule = Schedule(rules, head_obj, keep_saved)

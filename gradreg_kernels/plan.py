@@ -15,6 +15,7 @@ not call forward, so the hooks would silently not run).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -95,11 +96,15 @@ def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _with_act(m: nn.Module, make: Callable[[object], Rule]) -> Callable[[object], Rule]:
-    """The layer's rule, then its fused activation's (drop-in Linear / Conv2d with ``act``)."""
-    spec = getattr(m, "act", None)
-    if spec is None:
-        return make
-    return lambda bk: SequenceRule([make(bk), ActivationRule(m, spec, bk)], m)
+    """The layer's rule, then its fused activation's (drop-in Linear / Conv2d with ``act``,
+    read when the rules are made: a cached plan follows a changed ``act``)."""
+
+    def made(bk) -> Rule:
+        spec = getattr(m, "act", None)
+        layer = make(bk)
+        return layer if spec is None else SequenceRule([layer, ActivationRule(m, spec, bk)], m)
+
+    return made
 
 
 def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | Unsupported:
@@ -127,9 +132,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
         if conv1d_padding(m) is None:
             return "padding='same' with an even kernel extent needs asymmetric padding"
         return lambda bk: HeightOneRule(Conv1dRule(m, bk), m)
-    spec = activation_spec(m)
-    if spec is not None:
-        return lambda bk: ActivationRule(m, spec, bk)
+    if activation_spec(m) is not None:  # its parameters are read when the rule is made
+        return lambda bk: ActivationRule(m, activation_spec(m), bk)
     if type(m) is nn.PReLU:
         return lambda bk: PReLURule(m, bk)
     if kind is nn.MaxPool2d:
@@ -219,3 +223,70 @@ def _build(roots: list[tuple[str, nn.Module]]) -> Plan | Unsupported:
 def build_plan(model: nn.Module) -> Plan | Unsupported:
     """The plan of ``model``, or the first module it cannot run and why."""
     return _build([("", model)])
+
+
+def _conv_options(m: nn.Module) -> tuple:
+    return m.padding_mode, m.padding
+
+
+def _bn_options(m: nn.Module) -> tuple:
+    return m._buffers.get("running_mean") is None, m._buffers.get("running_var") is None
+
+
+#: per module type, the options (beyond its type, training flag and hooks) on which the
+#: plan's choice of rule, or its refusal, depends; everything else a rule reads (sizes,
+#: eps, p, an activation's parameters, a drop-in's ``act``) is read when the rule is made
+_OPTIONS: dict[type, Callable[[nn.Module], object]] = {
+    nn.Conv1d: _conv_options, nn.Conv2d: _conv_options,
+    nn.MaxPool1d: lambda m: m.return_indices, nn.MaxPool2d: lambda m: m.return_indices,
+    nn.InstanceNorm1d: lambda m: m.track_running_stats,
+    nn.InstanceNorm2d: lambda m: m.track_running_stats,
+    nn.BatchNorm1d: _bn_options, nn.BatchNorm2d: _bn_options,
+}
+_OPTIONS.update({dropin: _OPTIONS[base] for base, dropin in DROP_IN_OF.items()
+                 if base in _OPTIONS})
+
+
+def _signature(model: nn.Module) -> list:
+    """What ``build_plan(model)`` decides from: every module's name, identity, type, training
+    flag, number of forward hooks and the ``_OPTIONS`` of its type, in a fixed walk order."""
+    out: list = []
+    stack = [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if m is None:  # a module slot set to None (an absent shortcut)
+            out.append(name)
+            continue
+        d = m.__dict__
+        options = _OPTIONS.get(type(m))
+        out.append((name, id(m), type(m), d["training"],
+                    len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]),
+                    None if options is None else options(m)))
+        if d["_modules"]:
+            stack.extend(d["_modules"].items())
+    return out
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan_of(model: nn.Module) -> Plan | Unsupported:
+    """``build_plan(model)``, remembered per model while its ``_signature`` is unchanged.
+
+    Building a plan walks the module tree and dispatches on every layer (16 µs for the
+    MLP 784-512-512-10 in a loop of its own, several times that inside a training step);
+    the signature is a walk over the same tree that reads only what the plan's decisions
+    depend on (2 µs). Replacing, adding or removing a module, switching train / eval,
+    registering a forward hook, or changing one of the ``_OPTIONS`` rebuilds the plan.
+    """
+    sig = _signature(model)
+    hit = _PLANS.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    plan = build_plan(model)
+    # a plan's rule makers hold the modules they run, the model itself when it is run as one
+    # layer (not a plain Sequential): such a plan, kept under the model's weak key, would keep
+    # the model alive, so it is rebuilt on every call instead (one layer: a cheap plan)
+    if isinstance(plan, Unsupported) or (_is_plain_sequential(model) and not _has_hooks(model)):
+        _PLANS[model] = (sig, plan)
+    return plan

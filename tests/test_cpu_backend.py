@@ -4,6 +4,7 @@ the float64 oracle, and the extension's build cache, lock and no-compiler path."
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -401,6 +402,21 @@ def test_channel_dot(bk, shape):
     want = (a.double() * b.double()).sum(dim=[0] + list(range(2, a.dim())))
     close(bk.channel_dot(a, b), want.float(), 1e-6)
     close(REF.channel_dot(a, b), want.float(), 1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 65537, 200003])
+def test_whole_tensor_reductions(bk, n):
+    """The penalty's Σ g² and the input's finite check, over one chunk and over several."""
+    t = torch.randn(n) * 3
+    total, seed = bk.penalty_terms(t, None)
+    close(total, (t.double() ** 2).sum().float(), 1e-6)
+    assert seed is t
+    assert bk.all_finite(t)
+    for bad in (math.nan, math.inf, -math.inf):
+        t2 = t.clone()
+        t2[n // 2] = bad
+        assert not bk.all_finite(t2)
+    assert bk.all_finite(torch.full((n,), 3e38))  # its sum overflows; every value is finite
 
 
 # ---- convolutions -----------------------------------------------------------------------------

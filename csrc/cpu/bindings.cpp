@@ -29,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_backward", &gradreg::bn_backward, "k P ā (+ s), Σ ā x̂, Σ ā per channel",
         pybind11::arg("abar"), pybind11::arg("xhat"), pybind11::arg("k"),
         pybind11::arg("s") = pybind11::none());
+  m.def("sum_squares", &gradreg::sum_squares, "Σ t² as a 0-dim tensor (double accumulation)");
+  m.def("all_finite", &gradreg::all_finite, "whether every value of t is finite");
   m.def("channel_dot", &gradreg::channel_dot, "Σ a ⊙ b per channel of (N, C, S) operands");
   m.def("thin_linear", &gradreg::thin_linear, "a Wᵀ (+ b) for a few outputs",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());

@@ -72,6 +72,10 @@ at::Tensor transpose_cat(const std::vector<at::Tensor>& parts);
 // the same, and the column sums of the first operand (a bias gradient Σ_n P_1[n, :])
 std::tuple<at::Tensor, at::Tensor> transpose_cat_sum(const std::vector<at::Tensor>& parts);
 
+// ---- whole-tensor reductions ---------------------------------------------------------
+at::Tensor sum_squares(const at::Tensor& t);
+bool all_finite(const at::Tensor& t);
+
 // ---- shared checks -------------------------------------------------------------------
 void check_f32(const at::Tensor& t, const char* what);
 

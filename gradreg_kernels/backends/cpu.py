@@ -328,6 +328,19 @@ class CpuBackend(TorchBackend):
             return self._mask_apply(saved, t)
         return super().dropout_apply(saved, t)
 
+    # ---- the loss's scalars -------------------------------------------------------------
+    def all_finite(self, t: Tensor) -> bool:
+        """One sweep of Σ (t − t), NaN as soon as one value is not finite (no temporary)."""
+        if not _fast(t):
+            return super().all_finite(t)
+        return self.ext.all_finite(t)
+
+    def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Without a mask: Σ g² in one sweep (double accumulation) and g itself as the seed."""
+        if mask is not None or not _fast(g):
+            return super().penalty_terms(g, mask)
+        return self.ext.sum_squares(g), g
+
     # ---- heads ------------------------------------------------------------------------
     def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if not _fast(z) or z.dim() != 2:

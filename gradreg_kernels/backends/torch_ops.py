@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import checks
 from ..rules.activation_math import ActivationSpec
 
 ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
@@ -165,6 +166,10 @@ class TorchBackend:
         return p * (t - (p * t).sum(1, keepdim=True))
 
     # ---- the penalty ------------------------------------------------------------------
+    def all_finite(self, t: Tensor) -> bool:
+        """Whether every value of t is finite (gradreg_loss's input check)."""
+        return checks.all_finite(t)
+
     def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(Σ (M ⊙ g)², M² ⊙ g): the penalty's sum over the batch and, up to the factor
         2λ/B, the seed r of pass 3; M = 1 when mask is None. g: (B, ...) = ∇_X Σ ℓ."""

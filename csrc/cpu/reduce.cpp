@@ -1,0 +1,59 @@
+// Whole-tensor reductions of the step's scalars, in one sweep each with no temporary:
+//   sum_squares: Σ t² (the penalty ‖g‖² summed over the batch), accumulated in double;
+//   all_finite:  whether no value is NaN or ±inf (the input check), as Σ (t − t), which is
+//                0 for finite values and NaN as soon as one value is not.
+#include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace gradreg {
+namespace {
+
+constexpr int64_t kGrain = 1 << 16;  // values per task: below, one thread sweeps it all
+
+// f(begin, end) → double over chunks of t's values, the chunks' results summed.
+template <typename F>
+double chunked_sum(const at::Tensor& t, F f) {
+  const int64_t n = t.numel();
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<double> part(static_cast<size_t>(chunks), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) part[c] = f(c * kGrain, std::min(n, (c + 1) * kGrain));
+  });
+  double total = 0.0;
+  for (double p : part) total += p;
+  return total;
+}
+
+}  // namespace
+
+at::Tensor sum_squares(const at::Tensor& t) {
+  check_f32(t, "t");
+  const float* p = t.data_ptr<float>();
+  const double total = chunked_sum(t, [p](int64_t b, int64_t e) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = b; i < e; ++i) s += p[i] * p[i];
+    return static_cast<double>(s);
+  });
+  return at::scalar_tensor(total, t.options());
+}
+
+bool all_finite(const at::Tensor& t) {
+  check_f32(t, "t");
+  const float* p = t.data_ptr<float>();
+  const double total = chunked_sum(t, [p](int64_t b, int64_t e) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = b; i < e; ++i) s += p[i] - p[i];
+    return static_cast<double>(s);
+  });
+  return !std::isnan(total);
+}
+
+}  // namespace gradreg
