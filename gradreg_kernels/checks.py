@@ -43,19 +43,38 @@ def check_model_and_batch(model: nn.Module, x: Tensor) -> None:
 def check_model_and_x(model: nn.Module, x: Tensor) -> list[nn.Parameter]:
     """check_model_and_batch, and every parameter on x's device with x's dtype.
 
-    Returns the parameters that require a gradient (the walk over the model is done once).
+    Returns the parameters that require a gradient, each once (a shared one too). The walk
+    reads the modules' own parameter and child dicts (``named_parameters`` builds a name for
+    every parameter, which costs more inside a step than the check itself); a mismatch walks
+    again for the parameter's name.
     """
     check_model_and_batch(model, x)
-    trainable = []
+    device, dtype = x.device, x.dtype
+    trainable: list[nn.Parameter] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.dtype != dtype or p.device != device:
+                _raise_mismatch(model, x)
+            if p.requires_grad:
+                trainable.append(p)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return trainable
+
+
+def _raise_mismatch(model: nn.Module, x: Tensor) -> None:
+    """The error naming the first parameter not on x's device or not of x's dtype."""
     for name, p in model.named_parameters():
         if p.device != x.device:
             raise ValueError(f"model parameter {name!r} is on {p.device} but x is on {x.device}")
         if p.dtype != x.dtype:
             raise TypeError(f"model parameter {name!r} is {p.dtype} but x is {x.dtype}; "
                             "cast one to the other")
-        if p.requires_grad:
-            trainable.append(p)
-    return trainable
 
 
 def check_labels(y: Tensor, x: Tensor, name: str = "y") -> Tensor:

@@ -105,7 +105,11 @@ class _FusedGradReg(Function):
     @once_differentiable
     def backward(ctx, go: Tensor):
         grads, xgrad = ctx.runner.backward(go, ctx.needs_input_grad[2])
-        by_param = {id(p): g for p, g in grads}
+        by_param: dict[int, Tensor] = {}
+        for p, g in grads:  # a module used at two places (shared weights) gives two terms
+            if g is not None:
+                prev = by_param.get(id(p))
+                by_param[id(p)] = g if prev is None else prev + g
         return (None, None, xgrad, *[by_param.get(id(p)) for p in ctx.params])
 
 

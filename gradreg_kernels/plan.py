@@ -9,8 +9,10 @@ replication padding, Dropout, Dropout1d/2d/3d, BatchNorm1d/2d, GroupNorm, LayerN
 InstanceNorm1d/2d (without running statistics); their drop-in versions from
 gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and then the
 activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
-are planned recursively. A module with forward hooks is not supported (the fused step does
-not call forward, so the hooks would silently not run).
+are planned recursively. A module placed at several slots (shared weights) runs at each, as
+Sequential.forward runs it, and its parameters' gradients are the sum over the slots. A
+module with forward hooks is not supported (the fused step does not call forward, so the
+hooks would silently not run).
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ def _is_plain_sequential(m: nn.Module) -> bool:
 
 def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
     if _is_plain_sequential(module) and not _has_hooks(module):
-        for name, child in module.named_children():
-            yield from _leaves(child, f"{path}.{name}" if path else name)
+        # every slot, as Sequential.forward runs them: a module placed twice (shared
+        # weights) runs twice (named_children would yield it once)
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from _leaves(child, f"{path}.{name}" if path else name)
     else:
         yield path or "<model>", module
 
