@@ -439,11 +439,13 @@ def test_frozen_parameters_get_no_gradient():
 def test_a_module_placed_twice_runs_twice_and_sums_its_gradients(backend):
     """Shared weights: a Linear, a Conv2d and a BatchNorm each placed at two slots of the
     Sequential run at both (as Sequential.forward runs them), and each parameter's gradient
-    is the sum of both places' terms."""
+    is the sum of both places' terms; so does one activation module reused after several
+    layers, as models are often written."""
     dtype = torch.float32 if backend == "cpu" else torch.float64
     torch.manual_seed(4)
     conv, bn, lin = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(6, 6)
-    model = nn.Sequential(conv, bn, nn.Tanh(), conv, bn, nn.ELU(), nn.Flatten(2), lin,
-                          nn.Softplus(), lin, nn.Flatten(), nn.Linear(3 * 6, 4))
+    act = nn.Tanh()
+    model = nn.Sequential(conv, bn, act, conv, bn, nn.ELU(), nn.Flatten(2), lin, act, lin,
+                          act, nn.Flatten(), nn.Linear(3 * 6, 4))
     x = torch.randn(5, 3, 2, 3)
     check_against_oracle(model, x, torch.randint(0, 4, (5,)), dtype=dtype, backend=backend)
