@@ -112,6 +112,17 @@ def _with_act(m: nn.Module, make: Callable[[object], Rule]) -> Callable[[object]
     return made
 
 
+def _forward_is_its_kinds(m: nn.Module) -> bool:
+    """Whether ``m`` computes what its torch.nn class computes: it is one of our drop-ins, or
+    its forward is the one of the nearest torch.nn class it derives from (activations are
+    recognised by isinstance, so a subclass that overrides forward must not be taken for
+    its base)."""
+    if type(m) in _TORCH_KIND:
+        return True
+    base = next((c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.")), None)
+    return base is not None and type(m).forward is base.forward
+
+
 def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | Unsupported:
     """A maker of the rule for one leaf module, or the reason it has none."""
     if _has_hooks(m):
@@ -138,6 +149,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
             return "padding='same' with an even kernel extent needs asymmetric padding"
         return lambda bk: HeightOneRule(Conv1dRule(m, bk), m)
     if activation_spec(m) is not None:  # its parameters are read when the rule is made
+        if not _forward_is_its_kinds(m):
+            return "a subclass of an activation with its own forward"
         return lambda bk: ActivationRule(m, activation_spec(m), bk)
     if type(m) is nn.PReLU:
         return lambda bk: PReLURule(m, bk)

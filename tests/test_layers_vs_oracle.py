@@ -9,7 +9,7 @@ import torch
 from oracle_check import check_against_oracle, randomize_bn
 from torch import nn
 
-from gradreg_kernels import UnsupportedModelError, gradreg_loss
+from gradreg_kernels import FallbackWarning, UnsupportedModelError, gradreg_loss
 from reference import oracle_grads
 
 ACTIVATIONS = {
@@ -449,3 +449,34 @@ def test_a_module_placed_twice_runs_twice_and_sums_its_gradients(backend):
                           act, nn.Flatten(), nn.Linear(3 * 6, 4))
     x = torch.randn(5, 3, 2, 3)
     check_against_oracle(model, x, torch.randint(0, 4, (5,)), dtype=dtype, backend=backend)
+
+
+class _ScaledTanh(nn.Tanh):
+    """A user's activation that derives from a supported one but computes something else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.tanh(x)
+
+
+class _NamedTanh(nn.Tanh):
+    """A subclass that only adds to the class: it computes what nn.Tanh computes."""
+
+    label = "mine"
+
+
+def test_an_activation_subclass_with_its_own_forward_falls_back():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), _ScaledTanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = model.double()
+    with pytest.warns(FallbackWarning, match="its own forward"):
+        out = gradreg_loss(model, x, y, 0.7)
+    assert out.backend == "autograd"
+    with pytest.raises(UnsupportedModelError, match="its own forward"):
+        gradreg_loss(model, x, y, 0.7, strict=True)
+    out.loss.backward()
+    ref, *_ = oracle_grads(copy.deepcopy(model), x, y, 0.7, "ce", None, 1.0)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[name], rtol=1e-10, atol=1e-12)
+    named = nn.Sequential(nn.Linear(4, 5), _NamedTanh(), nn.Linear(5, 3))
+    assert check_against_oracle(named, x, y).backend == "torch"
