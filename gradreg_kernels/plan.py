@@ -11,8 +11,9 @@ gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and t
 activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
 are planned recursively. A module placed at several slots (shared weights) runs at each, as
 Sequential.forward runs it, and its parameters' gradients are the sum over the slots. A
-module with forward hooks is not supported (the fused step does not call forward, so the
-hooks would silently not run).
+module with forward hooks, or whose forward is replaced on the instance, is not supported
+(the fused step does not call forward, so either would silently not run); nor is an
+activation's subclass with its own forward.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            and "forward" not in m.__dict__)
 
 
 def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
@@ -127,6 +129,8 @@ def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | U
     """A maker of the rule for one leaf module, or the reason it has none."""
     if _has_hooks(m):
         return "has forward hooks, which the fused step would not run"
+    if "forward" in m.__dict__:
+        return "its forward is replaced on the instance, which the fused step would not run"
     if type(m) in (Residual, BasicBlock):
         return _residual_factory(m, path)
     kind = _TORCH_KIND.get(type(m), type(m))
@@ -267,7 +271,8 @@ _OPTIONS.update({dropin: _OPTIONS[base] for base, dropin in DROP_IN_OF.items()
 
 def _signature(model: nn.Module) -> list:
     """What ``build_plan(model)`` decides from: every module's name, identity, type, training
-    flag, number of forward hooks and the ``_OPTIONS`` of its type, in a fixed walk order."""
+    flag, number of forward hooks, whether its forward is replaced on the instance, and the
+    ``_OPTIONS`` of its type, in a fixed walk order."""
     out: list = []
     stack = [("", model)]
     while stack:
@@ -278,7 +283,7 @@ def _signature(model: nn.Module) -> list:
         d = m.__dict__
         options = _OPTIONS.get(type(m))
         out.append((name, id(m), type(m), d["training"],
-                    len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]),
+                    len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]), "forward" in d,
                     None if options is None else options(m)))
         if d["_modules"]:
             stack.extend(d["_modules"].items())

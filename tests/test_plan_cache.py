@@ -101,7 +101,12 @@ def _pool_indices(m):
     m[3].return_indices = True
 
 
+def _patched_forward(m):
+    m[6].forward = lambda x: 2 * torch.tanh(x)  # as instrumentation libraries patch modules
+
+
 @pytest.mark.parametrize("change,why", [(_forward_hook, "forward hooks"),
+                                        (_patched_forward, "replaced on the instance"),
                                         (_circular_padding, "circular"),
                                         (_pool_indices, "return_indices")])
 def test_a_change_that_cannot_run_fused_is_refused(change, why):
