@@ -11,7 +11,8 @@ gradreg_kernels.nn (a Linear / Conv2d with a fused activation is the layer and t
 activation); and the residual blocks Residual(f, shortcut) and BasicBlock, whose branches
 are planned recursively. A module placed at several slots (shared weights) runs at each, as
 Sequential.forward runs it, and its parameters' gradients are the sum over the slots. A
-module with forward hooks, or whose forward is replaced on the instance, is not supported
+module with forward or backward hooks (or any module, while global module hooks are
+registered), or whose forward is replaced on the instance, is not supported
 (the fused step does not call forward, so either would silently not run); nor is an
 activation's subclass with its own forward.
 """
@@ -22,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .nn.modules import DROP_IN_OF
@@ -83,7 +85,17 @@ class Unsupported:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Forward hooks, or the backward hooks that forward installs: none would run."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _global_hooks() -> int:
+    """How many hooks ``torch.nn.modules.module.register_module_*_hook`` registered for every
+    module's call (none would run in the fused step)."""
+    g = torch.nn.modules.module
+    return (len(g._global_forward_hooks) + len(g._global_forward_pre_hooks)
+            + len(g._global_backward_hooks) + len(g._global_backward_pre_hooks))
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:
@@ -128,7 +140,7 @@ def _forward_is_its_kinds(m: nn.Module) -> bool:
 def _rule_factory(m: nn.Module, path: str) -> Callable[[object], Rule] | str | Unsupported:
     """A maker of the rule for one leaf module, or the reason it has none."""
     if _has_hooks(m):
-        return "has forward hooks, which the fused step would not run"
+        return "has hooks (forward hooks or backward hooks), which the fused step would not run"
     if "forward" in m.__dict__:
         return "its forward is replaced on the instance, which the fused step would not run"
     if type(m) in (Residual, BasicBlock):
@@ -244,6 +256,10 @@ def _build(roots: list[tuple[str, nn.Module]]) -> Plan | Unsupported:
 
 def build_plan(model: nn.Module) -> Plan | Unsupported:
     """The plan of ``model``, or the first module it cannot run and why."""
+    if _global_hooks():
+        return Unsupported("<model>", type(model).__name__, "module hooks are registered for "
+                           "every module (register_module_forward_hook and the like), which "
+                           "the fused step would not run")
     return _build([("", model)])
 
 
@@ -270,10 +286,11 @@ _OPTIONS.update({dropin: _OPTIONS[base] for base, dropin in DROP_IN_OF.items()
 
 
 def _signature(model: nn.Module) -> list:
-    """What ``build_plan(model)`` decides from: every module's name, identity, type, training
-    flag, number of forward hooks, whether its forward is replaced on the instance, and the
-    ``_OPTIONS`` of its type, in a fixed walk order."""
-    out: list = []
+    """What ``build_plan(model)`` decides from: the number of global module hooks, and every
+    module's name, identity, type, training flag, number of forward and backward hooks,
+    whether its forward is replaced on the instance, and the ``_OPTIONS`` of its type, in a
+    fixed walk order."""
+    out: list = [_global_hooks()]
     stack = [("", model)]
     while stack:
         name, m = stack.pop()
@@ -283,7 +300,8 @@ def _signature(model: nn.Module) -> list:
         d = m.__dict__
         options = _OPTIONS.get(type(m))
         out.append((name, id(m), type(m), d["training"],
-                    len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]), "forward" in d,
+                    len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"])
+                    + len(d["_backward_hooks"]) + len(d["_backward_pre_hooks"]), "forward" in d,
                     None if options is None else options(m)))
         if d["_modules"]:
             stack.extend(d["_modules"].items())

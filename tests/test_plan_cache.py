@@ -12,7 +12,7 @@ import torch
 from oracle_check import check_against_oracle
 from torch import nn
 
-from gradreg_kernels import UnsupportedModelError, gradreg_loss
+from gradreg_kernels import FallbackWarning, UnsupportedModelError, gradreg_loss
 from gradreg_kernels import plan as plan_mod
 from gradreg_kernels.nn import convert
 from gradreg_kernels.rules.activation_math import spec_by_name
@@ -101,11 +101,16 @@ def _pool_indices(m):
     m[3].return_indices = True
 
 
+def _backward_hook(m):
+    m[5].register_full_backward_hook(lambda *args: None)
+
+
 def _patched_forward(m):
     m[6].forward = lambda x: 2 * torch.tanh(x)  # as instrumentation libraries patch modules
 
 
 @pytest.mark.parametrize("change,why", [(_forward_hook, "forward hooks"),
+                                        (_backward_hook, "backward hooks"),
                                         (_patched_forward, "replaced on the instance"),
                                         (_circular_padding, "circular"),
                                         (_pool_indices, "return_indices")])
@@ -146,3 +151,22 @@ def test_a_cached_plan_does_not_keep_the_model_alive():
     del model, layer
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_global_module_hooks_send_every_model_to_autograd():
+    """A hook registered for every module's call would not run in the fused step: while one
+    is registered the model falls back, and runs fused again once it is removed."""
+    torch.manual_seed(0)
+    model = _cnn()
+    x, y = _batch()
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(UnsupportedModelError, match="every module"):
+            gradreg_loss(model, x, y, 0.5, strict=True)
+        with pytest.warns(FallbackWarning):
+            out = gradreg_loss(model, x, y, 0.5)
+        assert out.backend == "autograd" and calls
+    finally:
+        handle.remove()
+    assert check_against_oracle(model, x, y).backend == "torch"
