@@ -1,5 +1,5 @@
 """The plain-autograd oracle that every fast path is checked against."""
 
-from .oracle import oracle_grads, oracle_loss
+from .oracle import oracle_grads, oracle_loss, user_step
 
-__all__ = ["oracle_grads", "oracle_loss"]
+__all__ = ["oracle_grads", "oracle_loss", "user_step"]

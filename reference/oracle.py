@@ -45,3 +45,13 @@ def oracle_grads(model, x, y=None, lam=1.0, head="ce", mask=None, value_weight=1
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     return dict(zip(names, grads)), loss.detach(), ce.detach(), pen.detach()
+
+
+def user_step(model, x, y=None, lam=1.0, head="ce", mask=None, value_weight=1.0):
+    """One training step as a user writes it around the model's own forward: zero the
+    gradients, the loss through ``oracle_loss``, backward into p.grad. Returns the loss,
+    detached. A critic's R1 step is ``head="output", lam=γ/2, value_weight=-1``."""
+    model.zero_grad(set_to_none=True)
+    loss = oracle_loss(model, x, y, lam, head, mask, value_weight)[0]
+    loss.backward()
+    return loss.detach()

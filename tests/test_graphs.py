@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from gradreg_kernels import gradreg_loss
 from gradreg_kernels.graphs import CapturedStep, GraphedStep
 from gradreg_kernels.nn import cifar_resnet, convert, dcgan_critic
+from reference import user_step
 
 
 def test_capture_needs_cuda_tensors():
@@ -28,14 +29,8 @@ def test_capture_needs_cuda_tensors():
 
 
 def _r1_step(model, x):
-    """The critic's R1 step as a user writes it (create_graph=True)."""
-    x = x.detach().requires_grad_(True)
-    score = model(x)
-    (g,) = torch.autograd.grad(score.sum(), x, create_graph=True)
-    loss = -score.mean() + 5.0 * g.pow(2).flatten(1).sum(1).mean()
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return loss.detach()
+    """The critic's R1 step as a user writes it (create_graph=True): −mean D + 5 mean ‖∇D‖²."""
+    return user_step(model, x, head="output", lam=5.0, value_weight=-1.0)
 
 
 def _grads(model):
