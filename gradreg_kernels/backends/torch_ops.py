@@ -262,7 +262,11 @@ class TorchBackend:
         needs of δ (private to the backend) and the channel means (mean(δ), mean(x̂ δ)),
         each (C,)."""
         pd, mxd = self.bn_project(d, xhat)
-        return _chan(k, d) * pd, (d, pd, mxd), (self._cmean(d).flatten(), mxd.flatten())
+        md = self._cmean(d)
+        # P δ itself is not kept: the tangent rebuilds what it needs of it from δ and the means
+        out = pd.mul_(_chan(k, d)) if pd.dtype == torch.promote_types(pd.dtype, k.dtype) \
+            else _chan(k, d) * pd
+        return out, (d, md, mxd), (md.flatten(), mxd.flatten())
 
     def bn_tangent(
         self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
@@ -270,11 +274,15 @@ class TorchBackend:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Pass 3: k ⊙ P ṙ, the second-order term s (``bn_second_order``) and the γ-gradient
         term Σ δ ⊙ P ṙ / σ per channel, from what ``bn_chain`` saved."""
-        d, pd, mxd = saved
+        d, md, mxd = saved
         pr, mxr = self.bn_project(r, xhat)
-        tan_gamma = (d * pr).sum(dim=[0] + list(range(2, d.dim()))) * inv_std.flatten()
-        s = self.bn_second_order(xhat, inv_std, gamma_c, d, r, pd, pr, mxd, mxr)
-        return _chan(k, r) * pr, s, tan_gamma
+        d_pr = self.channel_dot(d, pr)  # Σ δ P ṙ per channel
+        tan_gamma = d_pr * inv_std.flatten()
+        s = self._second_order(xhat, inv_std, gamma_c, d, md, mxd, pr, mxr,
+                               _chan(d_pr, xhat) / (xhat.numel() // xhat.shape[1]))
+        k_c = _chan(k, r)
+        out = pr.mul_(k_c) if pr.dtype == torch.promote_types(pr.dtype, k_c.dtype) else k_c * pr
+        return out, s, tan_gamma
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Σ a ⊙ b over every dimension but the channel dimension 1: (C,) for (N, C, ...)
@@ -285,13 +293,26 @@ class TorchBackend:
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,
         p_delta: Tensor, p_r: Tensor, mx_delta: Tensor, mx_r: Tensor,
     ) -> Tensor:
-        """∂/∂a ⟨δ, (γ/σ) P ṙ⟩ = −(γ/(Nσ²)) [x̂ ⟨δ, Pṙ⟩ + S_r Pδ + S_δ Pṙ] (see rules/norm.py).
+        """∂/∂a ⟨δ, (γ/σ) P ṙ⟩ = −(γ/(Nσ²)) [x̂ ⟨δ, Pṙ⟩ + S_r Pδ + S_δ Pṙ] (see rules/norm.py),
+        from the projections of both (the form the GPU kernels take; ``bn_tangent`` needs
+        no P δ, see ``_second_order``)."""
+        return self._second_order(xhat, inv_std, gamma_c, delta, self._cmean(delta), mx_delta,
+                                  p_r, mx_r, self._cmean(delta * p_r))
 
-        Written with per-channel means (S = N · mean(x̂ ·)), so N cancels once.
+    @staticmethod
+    def _second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor,
+                      m_delta: Tensor, mx_delta: Tensor, p_r: Tensor, mx_r: Tensor,
+                      dots: Tensor) -> Tensor:
+        """The second-order term with per-channel means (S = N · mean(x̂ ·), ``dots`` =
+        ⟨δ, Pṙ⟩/N, all broadcastable), so N cancels once, and P δ = δ − mean(δ) − x̂ mean(x̂ δ)
+        expanded:
+            s = coef [mean(x̂ṙ) (δ − mean δ) + x̂ (dots − mean(x̂ṙ) mean(x̂δ)) + mean(x̂δ) Pṙ]
+        with coef = −γ/σ², built in one new tensor (no P δ, no product-sized temporaries).
         """
-        dots = self._cmean(delta * p_r)  # ⟨δ, Pṙ⟩ / N
         coef = -gamma_c * inv_std * inv_std
-        return coef * (xhat * dots + mx_r * p_delta + mx_delta * p_r)
+        s = delta.to(torch.promote_types(delta.dtype, p_r.dtype)) - m_delta
+        s.mul_(mx_r).addcmul_(xhat, dots - mx_r * mx_delta).addcmul_(p_r, mx_delta)
+        return s.mul_(coef)
 
 
 def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
