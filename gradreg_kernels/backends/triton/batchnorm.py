@@ -76,9 +76,9 @@ def _bn_normalize_kernel(a_ptr, mean_ptr, inv_ptr, g_ptr, b_ptr, y_ptr, xhat_ptr
     a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
     xh = (a - tl.load(mean_ptr + c, mask=m, other=0.0)) * tl.load(inv_ptr + c, mask=m, other=0.0)
     tl.store(xhat_ptr + offs, xh.to(xhat_ptr.dtype.element_ty), mask=m)
-    if AFFINE:
+    if AFFINE:  # without an affine, y is x̂ itself
         xh = xh * tl.load(g_ptr + c, mask=m, other=0.0) + tl.load(b_ptr + c, mask=m, other=0.0)
-    tl.store(y_ptr + offs, xh.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_ptr + offs, xh.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -185,7 +185,8 @@ def bn_train_forward(a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
     affine = gamma is not None
     y_dt = torch.promote_types(torch.promote_types(a.dtype, gamma.dtype), beta.dtype) \
         if affine else a.dtype  # as γ x̂ + β promotes in torch
-    y, xhat = torch.empty_like(a, dtype=y_dt), torch.empty_like(a)
+    xhat = torch.empty_like(a)
+    y = torch.empty_like(a, dtype=y_dt) if affine else xhat  # one tensor, not two equal ones
     g = gamma.float().contiguous() if affine else inv
     b = beta.float().contiguous() if affine else inv
     _bn_normalize_kernel[flat_grid(a.numel())](a, mean, inv, g, b, y, xhat, a.numel(), c, s,
