@@ -174,13 +174,15 @@ def gradreg_loss(
             raise ValueError(f"head={head!r} needs labels y")
         y = checks.check_labels(y, x)
     mask = checks.check_mask(mask, x)
-    bk = get_backend(backend, x.device)
-    if check_finite:
-        checks.check_finite_input(x, mask, bk.all_finite)
     value_weight = float(value_weight)
 
     plan = plan_of(model)
-    if isinstance(plan, Unsupported):
+    fused = not isinstance(plan, Unsupported)
+    # the backend only for a fused step: a model that falls back never builds an extension
+    bk = get_backend(backend, x.device) if fused else None
+    if check_finite:
+        checks.check_finite_input(x, mask, bk.all_finite if fused else checks.all_finite)
+    if not fused:
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)

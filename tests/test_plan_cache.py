@@ -170,3 +170,18 @@ def test_global_module_hooks_send_every_model_to_autograd():
     finally:
         handle.remove()
     assert check_against_oracle(model, x, y).backend == "torch"
+
+
+def test_a_model_that_falls_back_never_resolves_a_backend(monkeypatch):
+    """The fallback needs no fused backend: resolving one (building the C++ extension on
+    first use) would cost a model that never runs fused a compile."""
+    import gradreg_kernels.loss as loss_mod
+
+    def refuse(*args):
+        raise AssertionError("a backend was resolved for a model that falls back")
+
+    monkeypatch.setattr(loss_mod, "get_backend", refuse)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1))
+    with pytest.warns(FallbackWarning):
+        out = gradreg_loss(model, torch.randn(5, 4), torch.randint(0, 3, (5,)), 0.5)
+    assert out.backend == "autograd"
