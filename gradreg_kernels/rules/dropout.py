@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Rule
+from .base import FixedLinearRule
 
 #: feature-dropout module → the input rank it takes (batched)
 FEATURE_DROPOUT_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 
 
-class DropoutRule(Rule):
+class DropoutRule(FixedLinearRule):
+    """y = m ⊙ a: a fixed linear map once m is drawn, and its own transpose."""
+
     def __init__(self, module: nn.Dropout, bk=None) -> None:
         if bk is None:
             from ..backends.torch_ops import TorchBackend
@@ -35,14 +37,8 @@ class DropoutRule(Rule):
     def _apply(self, t: Tensor) -> Tensor:
         return self.bk.dropout_apply(self.mask, t) if self.active else t
 
-    def chain(self, d: Tensor) -> Tensor:
-        return self._apply(d)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return self._apply(r)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self._apply(abar) if need_input_grad else None
+    def _transpose(self, d: Tensor) -> Tensor:
+        return self._apply(d)  # diag(m) is symmetric
 
 
 class FeatureDropoutRule(DropoutRule):
