@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import checks
 from ..rules.activation_math import ActivationSpec
+from ..rules.base import channel_sum, scale_fresh
 
 ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
@@ -264,9 +265,7 @@ class TorchBackend:
         pd, mxd = self.bn_project(d, xhat)
         md = self._cmean(d)
         # P δ itself is not kept: the tangent rebuilds what it needs of it from δ and the means
-        out = pd.mul_(_chan(k, d)) if pd.dtype == torch.promote_types(pd.dtype, k.dtype) \
-            else _chan(k, d) * pd
-        return out, (d, md, mxd), (md.flatten(), mxd.flatten())
+        return scale_fresh(pd, _chan(k, d)), (d, md, mxd), (md.flatten(), mxd.flatten())
 
     def bn_tangent(
         self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
@@ -280,14 +279,12 @@ class TorchBackend:
         tan_gamma = d_pr * inv_std.flatten()
         s = self._second_order(xhat, inv_std, gamma_c, d, md, mxd, pr, mxr,
                                _chan(d_pr, xhat) / (xhat.numel() // xhat.shape[1]))
-        k_c = _chan(k, r)
-        out = pr.mul_(k_c) if pr.dtype == torch.promote_types(pr.dtype, k_c.dtype) else k_c * pr
-        return out, s, tan_gamma
+        return scale_fresh(pr, _chan(k, r)), s, tan_gamma
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Σ a ⊙ b over every dimension but the channel dimension 1: (C,) for (N, C, ...)
         operands of one shape (a per-channel affine's γ-gradient terms)."""
-        return (a * b).sum(dim=[0] + list(range(2, a.dim())))
+        return channel_sum(a * b)
 
     def bn_second_order(
         self, xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor, r: Tensor,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, wants_grad
+from .base import Rule, channel_sum, scale_fresh, wants_grad
 from .norm import BatchNormTrainRule
 from .reshape import ReshapeRule
 from .residual import SequenceRule
@@ -140,8 +140,7 @@ class _Affine(Rule):
             return r
         # r is the normalization's fresh output, held by nothing else: scaled in place
         # unless γ's dtype would promote it (an autocast step's bf16 r)
-        g = self.along.shaped(self.gamma.detach(), r)
-        return r.mul_(g) if torch.promote_types(r.dtype, g.dtype) == r.dtype else r * g
+        return scale_fresh(r, self.along.shaped(self.gamma.detach(), r))
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if wants_grad(self.gamma):
@@ -161,7 +160,7 @@ def _per_channel(p: Tensor, like: Tensor) -> Tensor:
 
 
 def _channel_sum(t: Tensor, p: Tensor) -> Tensor:
-    return t.sum(dim=[0] + list(range(2, t.dim())))
+    return channel_sum(t)
 
 
 def _channel_dot(bk, a: Tensor, b: Tensor, p: Tensor) -> Tensor:

@@ -24,15 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, wants_grad
+from .base import Rule, channel_sum, wants_grad
 
 
 def _chan(v: Tensor, like: Tensor) -> Tensor:
     return v.view([1, -1] + [1] * (like.dim() - 2))
-
-
-def _csum(t: Tensor) -> Tensor:
-    return t.sum(dim=[0] + list(range(2, t.dim())))
 
 
 def uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -71,7 +67,7 @@ class BatchNormEvalRule(Rule):
 
     def tangent(self, r: Tensor) -> Tensor:
         if wants_grad(self.gamma):
-            self.tan_gamma = _csum(self.d * r) * self.inv
+            self.tan_gamma = channel_sum(self.d * r) * self.inv
             if not self.keep_saved:
                 self.d = None
         return r * _chan(self.scale, r)
@@ -79,10 +75,10 @@ class BatchNormEvalRule(Rule):
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         m = self.module
         if wants_grad(self.gamma):
-            g = _csum(abar * (self.a - _chan(m.running_mean, abar))) * self.inv
+            g = channel_sum(abar * (self.a - _chan(m.running_mean, abar))) * self.inv
             self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
         if wants_grad(self.beta):
-            self.g_beta = _csum(abar)
+            self.g_beta = channel_sum(abar)
         return abar * _chan(self.scale, abar) if need_input_grad else None
 
     def param_grads(self):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Rule, wants_grad
+from .base import Rule, channel_sum, wants_grad
 
 
 class PReLURule(Rule):
@@ -31,7 +31,7 @@ class PReLURule(Rule):
     def _reduce(self, t: Tensor) -> Tensor:
         if self.a.numel() == 1:
             return t.sum().reshape(self.a.shape)
-        return t.sum(dim=[0] + list(range(2, t.dim())))
+        return channel_sum(t)
 
     def _d1(self, t: Tensor) -> Tensor:
         """σ' ⊙ t."""
