@@ -128,7 +128,8 @@ def malloc_mode(exact_rss: bool) -> None:
         libc.malloc_trim(0)
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM), in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -150,8 +151,8 @@ def peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
     step()  # warm-up: one-time caches (e.g. oneDNN primitives) are not a step's memory
     model.zero_grad(set_to_none=True)  # the step starts without gradients, ends holding them
     gc.collect()
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step()
-    return max(0, _status_kib("VmHWM") - base) * 1024
+    return max(0, status_kib("VmHWM") - base) * 1024

@@ -15,18 +15,9 @@ indented below them. Linux only.
 from __future__ import annotations
 
 import argparse
-import gc
 
 import cpu_workloads as cw
 import torch
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("VmRSS not in /proc/self/status")
 
 
 def _shape(a: object) -> str:
@@ -50,13 +41,14 @@ class _Traced:
         shapes = " × ".join(_shape(a) for a in args[:2] if _shape(a))
         slot = len(self.events)
         self.events.append(None)
-        before = _rss_kib()
+        before = cw.status_kib("VmRSS")
         _Traced.depth += 1
         try:
             out = self.fn(*args, **kwargs)
         finally:
             _Traced.depth -= 1
-        self.events[slot] = (before, _rss_kib(), "  " * _Traced.depth + f"{self.name} {shapes}")
+        after = cw.status_kib("VmRSS")
+        self.events[slot] = (before, after, "  " * _Traced.depth + f"{self.name} {shapes}")
         return out
 
 
@@ -69,7 +61,8 @@ class _TracedExtension:
 
 
 def trace(model_name: str, backend: str = "cpu") -> tuple[list[tuple[int, int, str]], int, int]:
-    """(events, RSS at the start of the step, its high-water mark), in KiB."""
+    """(events, RSS at the start of the step, its high-water mark), in KiB: one step measured
+    as ``cpu_workloads.peak_bytes`` measures it, with every call traced."""
     from gradreg_kernels.backends import get_backend
 
     cw.set_threads()
@@ -78,6 +71,13 @@ def trace(model_name: str, backend: str = "cpu") -> tuple[list[tuple[int, int, s
     step = cw.torch_steps(w)[f"fused_{backend}"]
     step()  # warm-up: the build, oneDNN's primitive caches
     events: list[tuple[int, int, str]] = []
+    start = [0]
+
+    def traced_step() -> None:  # peak_bytes runs it twice: the second call's events stay
+        events.clear()
+        start[0] = cw.status_kib("VmRSS")
+        step()
+
     bk = get_backend(backend, w.x.device)
     ext, mm = getattr(bk, "ext", None), getattr(bk, "_mm", None)
     if ext is not None:  # the cpu backend: its kernels and products too
@@ -87,20 +87,13 @@ def trace(model_name: str, backend: str = "cpu") -> tuple[list[tuple[int, int, s
     for n in methods:
         setattr(bk, n, _Traced(getattr(bk, n), n, events))
     try:
-        w.model.zero_grad(set_to_none=True)
-        gc.collect()
-        base = _rss_kib()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        step()
-        with open("/proc/self/status") as f:
-            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        peak = cw.peak_bytes(traced_step, w.model) // 1024
     finally:
         if ext is not None:
             bk.ext, bk._mm = ext, mm
         for n in methods:
             delattr(bk, n)
-    return events, base, hwm
+    return events, start[0], start[0] + peak
 
 
 def main() -> None:
