@@ -100,8 +100,13 @@ def profile_split(w: cw.Workload, steps_n: int = 10) -> str:
             f"{outside / total:.0%}")
 
 
+def _fastest_ordinary(med: dict) -> float:
+    """The faster ordinary step's median: eager PyTorch or JAX jit (when it ran)."""
+    return min(med["ordinary"], med.get("jax_ordinary", float("inf")))
+
+
 def row(name: str, med: dict, mem: dict) -> str:
-    ordinary = min(med["ordinary"], med.get("jax_ordinary", float("inf")))
+    ordinary = _fastest_ordinary(med)
     jg = med.get("jax_gradreg")
     cols = [name] + [f"{med[k]:.2f}" if k in med else "–" for k in
                      ("fused_cpu", "fused_torch", "eager_double", "jax_gradreg", "ordinary",
@@ -116,7 +121,7 @@ def row(name: str, med: dict, mem: dict) -> str:
 
 def ceiling_row(name: str, med: dict) -> str:
     """The products-alone times and the bounds they set (see --ceiling)."""
-    ordinary = min(med["ordinary"], med.get("jax_ordinary", float("inf")))
+    ordinary = _fastest_ordinary(med)
     fp = med["products:fused_cpu"]
 
     def share(k: str) -> str:
