@@ -143,8 +143,9 @@ def gradreg_loss(
     loss = value_weight · mean_n data_n + lam · mean_n ‖mask ⊙ ∇_{x_n} ℓ_n‖²
 
     Args:
-        model: the network; nested nn.Sequential of supported layers runs fused, anything
-            else through plain autograd (one FallbackWarning naming the module). A
+        model: the network; any forward that torch.fx can trace over supported layers and
+            operations runs fused (README, "What runs fused"), anything else through plain
+            autograd (one FallbackWarning naming the node and its line in the forward). A
             ``torch.compile``d model runs as the module it wraps.
         x: (B, ...) floating-point inputs, same device and dtype as the model.
         y: (B,) integer labels in [0, K) (unused for head="output").
@@ -204,9 +205,7 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
                 head: str, mask: Tensor | None, bk, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
-    rules = plan.rules(bk)
-    head_obj = make_head(head, bk)
-    schedule = Schedule(rules, head_obj, keep_saved)
+    schedule = Schedule(plan, bk, make_head(head, bk), keep_saved)
     runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, head, bk)
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),

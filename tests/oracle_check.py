@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
-from reference import oracle_grads
+from reference import oracle_grads, oracle_loss
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 FLOOR = {torch.float64: 1e-3, torch.float32: 1e-2}
@@ -73,3 +73,15 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
     for b1, b2 in zip(model.buffers(), ref_model.buffers()):
         assert rel_err(b1, b2.to(b1.dtype), 1e-12) < tol, "running statistics differ"
     return out
+
+
+def check_matches_autograd(model, x, y, lam, out, head="ce") -> None:
+    """The gradients ``out.loss.backward()`` left in ``model`` equal the oracle's on the same
+    model and inputs (for the autograd fallback: same dtype, 1e-12)."""
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref, *_ = oracle_loss(model, x, y, lam, head)
+    ref.backward()
+    for a, p in zip(got, model.parameters()):
+        assert rel_err(a, p.grad) < 1e-12

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from oracle_check import rel_err
+from oracle_check import check_matches_autograd, rel_err
 from torch import nn
 
 from gradreg_kernels import FallbackWarning, UnsupportedModelError, gradreg_loss
@@ -102,28 +102,25 @@ def test_combines_with_other_losses_in_one_graph():
         assert rel_err(a, p.grad) < 1e-10
 
 
-class Twice(nn.Module):
+class Sine(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(5, 3)
 
     def forward(self, x):
-        return self.lin(x) * 2
+        return self.lin(torch.sin(x))
 
 
 def test_unsupported_module_falls_back_once_and_matches():
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Twice()).double()
+    """A node without a rule: one warning naming the node, the function and the line of the
+    forward it came from; the fallback's gradients are autograd's."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), Sine()).double()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
-    with pytest.warns(FallbackWarning, match=r"'2' \(Twice\)"):
+    with pytest.warns(FallbackWarning, match=r"node 'sin' \(torch\.sin\).*"
+                      r"test_state_and_inputs\.py:\d+: return self\.lin\(torch\.sin\(x\)\)"):
         out = gradreg_loss(model, x, y, 0.9)
     assert out.backend == "autograd"
-    out.loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ref, *_ = oracle_loss(model, x, y, 0.9)
-    ref.backward()
-    for a, p in zip(grads, model.parameters()):
-        assert rel_err(a, p.grad) < 1e-12
+    check_matches_autograd(model, x, y, 0.9, out)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gradreg_loss(model, x, y, 0.9)  # warned once already
@@ -142,14 +139,24 @@ def test_forward_hooks_are_not_silently_skipped():
         gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
 
 
-def test_sequential_subclass_with_own_forward_is_not_flattened():
+def test_sequential_subclass_with_own_forward_runs_its_forward():
+    """Its forward is traced, not Sequential's: the ×3 is in the fused step."""
     class Scaled(nn.Sequential):
         def forward(self, x):
             return super().forward(x) * 3
 
-    model = Scaled(nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match="Scaled"):
-        gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
+    torch.manual_seed(0)
+    model = Scaled(nn.Linear(4, 2)).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    out = gradreg_loss(model, x, y, 1.0, strict=True)
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref, *_ = oracle_loss(model, x, y, 1.0)
+    ref.backward()
+    assert out.backend != "autograd"
+    for a, p in zip(got, model.parameters()):
+        assert rel_err(a, p.grad) < 1e-12
 
 
 def test_loss_parts_under_no_grad_for_logging():
@@ -197,12 +204,10 @@ def test_torch_compiled_model_runs_as_the_module_it_wraps():
 
 def _leaf_rules(rule) -> list:
     """The leaf rules under a rule (its sub-rules, recursively, for the composite ones)."""
-    from gradreg_kernels.rules.residual import ResidualRule, SequenceRule
+    from gradreg_kernels.rules.residual import SequenceRule
 
     if isinstance(rule, SequenceRule):
         return [leaf for sub in rule.rules for leaf in _leaf_rules(sub)]
-    if isinstance(rule, ResidualRule):
-        return _leaf_rules(rule.f) + _leaf_rules(rule.s)
     return [rule]
 
 
@@ -239,15 +244,17 @@ def test_pass4_releases_each_rule_once_its_step_is_done(monkeypatch, model_name,
 
         rule.backward = backward  # holds the rule only weakly
 
-    init = schedule.Schedule.__init__
+    forward = schedule.Schedule.forward
 
-    def init_watching(self, rules, head, keep_saved=False):
-        init(self, rules, head, keep_saved)
+    def forward_watching(self, x):  # the rules are made in pass 1
+        z = forward(self, x)
         for rule in self.rules:
-            for leaf in _leaf_rules(rule):
-                watch(leaf)
+            if rule is not None:
+                for leaf in _leaf_rules(rule):
+                    watch(leaf)
+        return z
 
-    monkeypatch.setattr(schedule.Schedule, "__init__", init_watching)
+    monkeypatch.setattr(schedule.Schedule, "forward", forward_watching)
     gradreg_loss(model, x, y, 1.0, backend="torch", keep_saved=keep_saved).loss.backward()
     assert len(alive_at_start) > 4
     if keep_saved:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import functional as GF
+from ..registry import register_alias
 from ..rules.activation_math import ActivationSpec, activation_spec
 from ..rules.conv import conv_padding
 
@@ -195,3 +196,6 @@ DROP_IN_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.Hardsigmoid: Hardsigmoid, nn.Hardswish: Hardswish, nn.Mish: Mish, nn.SELU: SELU,
     nn.CELU: CELU, nn.LogSigmoid: LogSigmoid, nn.Softsign: Softsign, nn.Tanhshrink: Tanhshrink,
 }
+
+for _base, _dropin in DROP_IN_OF.items():  # each drop-in runs fused as the class it repeats
+    register_alias(_dropin, _base)

@@ -1,4 +1,4 @@
-"""Residual containers the fused schedule understands: y = f(x) + shortcut(x).
+"""Residual blocks: y = f(x) + shortcut(x) (the fused step traces their forwards).
 
 ``Residual(f, shortcut=None)``: any f / shortcut made of supported layers (shortcut None is
 the identity). ``BasicBlock``: the two-convolution block of ResNet-18/34 (torchvision's
@@ -20,10 +20,6 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.f(x) + (x if self.shortcut is None else self.shortcut(x))
-
-    def branches(self) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
-        """(f, shortcut, activation after the sum): how the plan reads this block."""
-        return self.f, self.shortcut, None
 
 
 def conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
@@ -58,7 +54,3 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
-
-    def branches(self) -> tuple[list[nn.Module], nn.Module | None, nn.Module]:
-        """(f as its layers in order, shortcut, activation after the sum)."""
-        return [self.conv1, self.bn1, self.relu, self.conv2, self.bn2], self.downsample, self.relu

@@ -7,10 +7,16 @@ backward: σ'(z) ⊙ ā + s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activation_math import ActivationSpec
+from ..registry import register_function, register_module
+from .activation_math import ActivationSpec, activation_spec
 from .base import Rule
+from .residual import SequenceRule
 
 
 class ActivationRule(Rule):
@@ -37,3 +43,56 @@ class ActivationRule(Rule):
         if not need_input_grad:
             return None
         return self.bk.act_backward(self.spec, self.saved, abar, self.s)
+
+
+def with_act(m: nn.Module, make: Callable[[object], Rule]) -> Callable[[object], Rule]:
+    """The layer's rule, then its fused activation's (a drop-in Linear / Conv2d with ``act``,
+    read when the rules are made: a kept plan follows a changed ``act``)."""
+
+    def made(bk) -> Rule:
+        spec = getattr(m, "act", None)
+        layer = make(bk)
+        return layer if spec is None else SequenceRule([layer, ActivationRule(m, spec, bk)], m)
+
+    return made
+
+
+#: every activation module type (each one's parameters are read when its rule is made)
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU,
+                    nn.SiLU, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid, nn.Hardswish, nn.Mish,
+                    nn.SELU, nn.CELU, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink)
+register_module(*ACTIVATION_TYPES)(lambda m: lambda bk: ActivationRule(m, activation_spec(m), bk))
+
+
+def _no_inplace(ctor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A module constructor that also takes (and ignores) ``inplace``: the plan reads it."""
+
+    def made(*args, inplace: bool = False, **kwargs) -> nn.Module:
+        return ctor(*args, **kwargs)
+
+    return made
+
+
+# the functional and method forms: the call is the module run on its first argument
+register_function(F.relu, F.relu_, torch.relu, torch.relu_, "relu", "relu_",
+                  module=_no_inplace(nn.ReLU))
+register_function(F.leaky_relu, F.leaky_relu_,
+                  module=_no_inplace(lambda negative_slope=0.01: nn.LeakyReLU(negative_slope)))
+register_function(F.softplus, module=lambda beta=1.0, threshold=20.0: nn.Softplus(beta,
+                                                                                   threshold))
+register_function(torch.tanh, F.tanh, "tanh", "tanh_", module=nn.Tanh)
+register_function(torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_", module=nn.Sigmoid)
+register_function(F.gelu, module=lambda approximate="none": nn.GELU(approximate))
+register_function(F.elu, F.elu_, module=_no_inplace(lambda alpha=1.0: nn.ELU(alpha)))
+register_function(F.silu, module=_no_inplace(nn.SiLU))
+register_function(F.mish, module=_no_inplace(nn.Mish))
+register_function(F.relu6, module=_no_inplace(nn.ReLU6))
+register_function(F.hardtanh, F.hardtanh_, module=_no_inplace(
+    lambda min_val=-1.0, max_val=1.0: nn.Hardtanh(min_val, max_val)))
+register_function(F.hardsigmoid, module=_no_inplace(nn.Hardsigmoid))
+register_function(F.hardswish, module=_no_inplace(nn.Hardswish))
+register_function(F.selu, torch.selu, module=_no_inplace(nn.SELU))
+register_function(F.celu, torch.celu, module=_no_inplace(lambda alpha=1.0: nn.CELU(alpha)))
+register_function(F.logsigmoid, module=nn.LogSigmoid)
+register_function(F.softsign, module=nn.Softsign)
+register_function(F.tanhshrink, module=nn.Tanhshrink)

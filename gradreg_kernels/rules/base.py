@@ -34,6 +34,9 @@ def scale_fresh(t: Tensor, factor: Tensor) -> Tensor:
 class Rule:
     """Base class: a parameter-free, identity layer. Subclasses override what they change."""
 
+    #: whether the rule reads several tensors (MultiInputRule)
+    multi: bool = False
+
     #: the module this rule stands for (for messages and parameter bookkeeping)
     module: nn.Module | None = None
     #: keep tangent-only state after pass 3 (so passes 3-4 can run again)
@@ -82,6 +85,18 @@ class Rule:
         if term is None:
             return gw
         return gw.add_(term) if gw.dtype == term.dtype else gw + term
+
+
+class MultiInputRule(Rule):
+    """A rule of k tensor inputs a_1..a_k and one output y = F(a_1, ..., a_k; θ):
+
+    - ``forward(*a)``            y, saving what later passes need;
+    - ``chain(d)``               (J_1ᵀ d, ..., J_kᵀ d);
+    - ``tangent(*r)``            Σ_i J_i r_i;
+    - ``backward(abar, need)``   (J_1ᵀ ā, ..., J_kᵀ ā) (None unless ``need``).
+    """
+
+    multi = True
 
 
 class FixedLinearRule(Rule):

@@ -9,9 +9,17 @@ tangent pass, so d and r (activation-sized) are released there instead of in pas
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import register_function, register_module
+from .activation import with_act
 from .base import Rule, wants_grad
+from .height_one import HeightOneRule
+from .linear import as_param_of
+from .reshape import IndexPadRule
+from .residual import SequenceRule
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
@@ -109,3 +117,47 @@ class Conv1dRule(Conv2dRule):
     def param_grads(self):
         out = [(self.module.weight, self.gw.squeeze(2))] if self.need_w else []
         return out + ([(self.b, self.gb)] if wants_grad(self.b) else [])
+
+
+def _conv2d(m: nn.Conv2d):
+    if m.padding_mode in ("reflect", "replicate"):  # torch pads, then convolves unpadded
+        pad = tuple(m._reversed_padding_repeated_twice)
+        return with_act(m, lambda bk: SequenceRule(
+            [IndexPadRule(m.padding_mode, pad), UnpaddedConv2dRule(m, bk)], m))
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (zeros, reflect and replicate run fused)"
+    if conv_padding(m) is None:
+        return "padding='same' with an even kernel extent needs asymmetric padding"
+    return with_act(m, lambda bk: Conv2dRule(m, bk))
+
+
+def _conv1d(m: nn.Conv1d):
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only 'zeros' runs fused)"
+    if conv1d_padding(m) is None:
+        return "padding='same' with an even kernel extent needs asymmetric padding"
+    return lambda bk: HeightOneRule(Conv1dRule(m, bk), m)
+
+
+def _conv_options(m: nn.Module) -> tuple:
+    return m.padding_mode, m.padding
+
+
+register_module(nn.Conv2d, options=_conv_options)(_conv2d)
+register_module(nn.Conv1d, options=_conv_options)(_conv1d)
+
+
+def conv_of(cls: type, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+            dilation=1, groups: int = 1) -> nn.Module:
+    """An nn.Conv1d / nn.Conv2d computing ``F.conv1d`` / ``F.conv2d`` with these very tensors
+    and this geometry (a traced functional convolution runs as this module)."""
+    m = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
+            padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
+            device="meta")
+    as_param_of(m, "weight", weight)
+    as_param_of(m, "bias", bias)
+    return m
+
+
+register_function(F.conv2d, torch.conv2d, module=lambda *a, **kw: conv_of(nn.Conv2d, *a, **kw))
+register_function(F.conv1d, torch.conv1d, module=lambda *a, **kw: conv_of(nn.Conv1d, *a, **kw))

@@ -9,8 +9,10 @@ fused step consumes the generator as a plain forward would.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import register_function, register_module
 from .base import FixedLinearRule
 
 #: feature-dropout module → the input rank it takes (batched)
@@ -63,3 +65,23 @@ class FeatureDropoutRule(DropoutRule):
 
     def _apply(self, t: Tensor) -> Tensor:
         return t * self.mask if self.active else t
+
+
+register_module(nn.Dropout, aliases=True)(lambda m: lambda bk: DropoutRule(m, bk))
+register_module(*FEATURE_DROPOUT_RANK, aliases=True)(
+    lambda m: lambda bk: FeatureDropoutRule(m, bk))
+
+
+def _functional(cls: type[nn.Module]):
+    """``F.dropout(x, p, training)`` as the module ``cls(p)`` in that mode."""
+
+    def made(p: float = 0.5, training: bool = True, inplace: bool = False) -> nn.Module:
+        return cls(p).train(bool(training))
+
+    return made
+
+
+register_function(F.dropout, torch.dropout, module=_functional(nn.Dropout))
+register_function(F.dropout1d, module=_functional(nn.Dropout1d))
+register_function(F.dropout2d, module=_functional(nn.Dropout2d))
+register_function(F.dropout3d, module=_functional(nn.Dropout3d))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..registry import register_module
 from .base import Rule, channel_sum, scale_fresh, wants_grad
 from .norm import BatchNormTrainRule
 from .reshape import ReshapeRule
@@ -245,3 +246,15 @@ def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
         return math.prod(in_shape) // size
 
     return _normalized(module, _GroupView(groups_of), TRAILING, module.eps, bk)
+
+
+def _instance_norm(m: nn.modules.instancenorm._InstanceNorm):
+    if m.track_running_stats:
+        return "track_running_stats=True (only instance statistics run fused)"
+    return lambda bk: instance_norm_rule(m, bk)
+
+
+register_module(nn.GroupNorm)(lambda m: lambda bk: group_norm_rule(m, bk))
+register_module(nn.LayerNorm)(lambda m: lambda bk: layer_norm_rule(m, bk))
+register_module(nn.InstanceNorm1d, nn.InstanceNorm2d,
+                options=lambda m: m.track_running_stats)(_instance_norm)

@@ -15,8 +15,11 @@ The two ΔW terms cost the same products either way; where they run is a memory 
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import register_function, register_module
+from .activation import with_act
 from .base import Rule, wants_grad
 
 
@@ -89,3 +92,28 @@ class LinearRule(Rule):
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
         return (out + [(self.b, self.gb)]) if self.need_b else out
+
+
+register_module(nn.Linear)(lambda m: with_act(m, lambda bk: LinearRule(m, bk)))
+
+
+def as_param_of(m: nn.Module, name: str, t: Tensor | None) -> None:
+    """Make ``m.<name>`` the very tensor ``t`` (a Parameter stays the same object, so its
+    gradient reaches the user's parameter)."""
+    m._parameters.pop(name, None)
+    if t is None or isinstance(t, nn.Parameter):
+        m.register_parameter(name, t)
+    else:
+        object.__setattr__(m, name, t)
+
+
+def linear_of(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
+    """An nn.Linear computing ``F.linear(x, weight, bias)`` with these very tensors (a traced
+    ``F.linear`` with a module's parameters runs as this module)."""
+    m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    as_param_of(m, "weight", weight)
+    as_param_of(m, "bias", bias)
+    return m
+
+
+register_function(F.linear, module=linear_of)

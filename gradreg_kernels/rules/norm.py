@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..registry import register_module
 from .base import Rule, channel_sum, wants_grad
 
 
@@ -148,3 +149,13 @@ class BatchNormTrainRule(Rule):
     def param_grads(self):
         out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
         return out + ([(self.beta, self.g_beta)] if wants_grad(self.beta) else [])
+
+
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm):
+    if uses_batch_stats(m):
+        return lambda bk: BatchNormTrainRule(m, bk)
+    return lambda bk: BatchNormEvalRule(m, bk)
+
+
+register_module(nn.BatchNorm1d, nn.BatchNorm2d, options=lambda m: (
+    m._buffers.get("running_mean") is None, m._buffers.get("running_var") is None))(_batch_norm)

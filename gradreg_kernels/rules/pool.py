@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import register_function, register_module
 from .base import FixedLinearRule, Rule
 
 
@@ -67,3 +68,19 @@ class AdaptiveAvgPool2dRule(FixedLinearRule):
 
     def _transpose(self, d: Tensor) -> Tensor:
         return torch.ops.aten._adaptive_avg_pool2d_backward(d, self._shape_only_input(d))
+
+
+def _max_pool2d(m: nn.MaxPool2d):
+    if m.return_indices:
+        return "return_indices=True returns a tuple"
+    return lambda bk: MaxPool2dRule(m, bk)
+
+
+register_module(nn.MaxPool2d, options=lambda m: m.return_indices)(_max_pool2d)
+register_module(nn.AvgPool2d)(lambda m: lambda bk: AvgPool2dRule(m, bk))
+register_module(nn.AdaptiveAvgPool2d)(lambda m: lambda bk: AdaptiveAvgPool2dRule(m, bk))
+register_function(F.max_pool2d, module=lambda kernel_size, stride=None, padding=0, dilation=1,
+                  ceil_mode=False, return_indices=False: nn.MaxPool2d(
+                      kernel_size, stride, padding, dilation, return_indices, ceil_mode))
+register_function(F.avg_pool2d, torch._C._nn.avg_pool2d, module=nn.AvgPool2d)
+register_function(F.adaptive_avg_pool2d, module=nn.AdaptiveAvgPool2d)

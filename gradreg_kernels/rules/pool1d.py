@@ -7,8 +7,11 @@ output's height 1 is dropped again.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..registry import register_function, register_module
 from .base import Rule
 from .height_one import HeightOneRule
 from .pool import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
@@ -37,3 +40,18 @@ def pool1d_rule(module: nn.Module, bk) -> Rule:
         size = m.output_size if not isinstance(m.output_size, tuple) else m.output_size[0]
         return HeightOneRule(AdaptiveAvgPool2dRule(nn.AdaptiveAvgPool2d((1, size)), bk), m)
     raise TypeError(f"no 1-D pooling rule for {type(m).__name__}")
+
+
+def _pool1d(m: nn.Module):
+    if getattr(m, "return_indices", False):
+        return "return_indices=True returns a tuple"
+    return lambda bk: pool1d_rule(m, bk)
+
+
+register_module(nn.MaxPool1d, options=lambda m: m.return_indices)(_pool1d)
+register_module(nn.AvgPool1d, nn.AdaptiveAvgPool1d)(_pool1d)
+register_function(F.max_pool1d, module=lambda kernel_size, stride=None, padding=0, dilation=1,
+                  ceil_mode=False, return_indices=False: nn.MaxPool1d(
+                      kernel_size, stride, padding, dilation, return_indices, ceil_mode))
+register_function(F.avg_pool1d, torch.avg_pool1d, module=nn.AvgPool1d)
+register_function(F.adaptive_avg_pool1d, torch.adaptive_avg_pool1d, module=nn.AdaptiveAvgPool1d)

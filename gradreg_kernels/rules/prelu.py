@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..registry import register_module
 from .base import Rule, channel_sum, wants_grad
 
 
@@ -65,3 +66,6 @@ class PReLURule(Rule):
 
     def param_grads(self):
         return [(self.a, self.g_a)] if wants_grad(self.a) else []
+
+
+register_module(nn.PReLU)(lambda m: lambda bk: PReLURule(m, bk))

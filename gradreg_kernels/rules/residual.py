@@ -1,13 +1,8 @@
-"""Rules made of rules: a chain of sub-rules run as one, and a residual sum y = f(x) + s(x).
+"""A rule made of rules: sub-rules run one after another as one layer (a layer with its
+fused activation, a normalization and its affine).
 
 SequenceRule runs its sub-rules in order in passes 1 and 3 and in reverse in passes 2 and 4
-(a sub-schedule). ResidualRule holds two such chains, f and the shortcut s (an empty chain
-is the identity); every pass is linear in the sum, so each pass runs both branches on the
-same input and adds the results:
-    forward:  y = f(x) + s(x)              chain:    Jᵀd = J_fᵀ d + J_sᵀ d
-    tangent:  J r = J_f r + J_s r          backward: ā = (J_f + J_s)ᵀ z̄ + (second-order terms)
-Each branch keeps its own saved state and second-order terms; parameter gradients are the
-branches' lists, concatenated.
+(a sub-schedule); its parameter gradients are the sub-rules' lists, concatenated.
 """
 
 from __future__ import annotations
@@ -59,35 +54,3 @@ class SequenceRule(Rule):
 
     def param_grads(self):
         return list(self.grads)
-
-
-class ResidualRule(Rule):
-    """y = f(x) + s(x) for two chains of rules f and s."""
-
-    def __init__(self, f: Sequence[Rule], shortcut: Sequence[Rule], module=None) -> None:
-        self.f, self.s = SequenceRule(f), SequenceRule(shortcut)
-        self.module = module
-
-    def set_keep_saved(self, keep: bool) -> None:
-        self.f.set_keep_saved(keep)
-        self.s.set_keep_saved(keep)
-
-    def has_trainable_params(self) -> bool:
-        return self.f.has_trainable_params() or self.s.has_trainable_params()
-
-    def forward(self, a: Tensor) -> Tensor:
-        return self.f.forward(a) + self.s.forward(a)
-
-    def chain(self, d: Tensor) -> Tensor:
-        return self.f.chain(d) + self.s.chain(d)
-
-    def tangent(self, r: Tensor) -> Tensor:
-        return self.f.tangent(r) + self.s.tangent(r)
-
-    def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        bf = self.f.backward(abar, need_input_grad)
-        bs = self.s.backward(abar, need_input_grad)
-        return bf + bs if need_input_grad else None
-
-    def param_grads(self):
-        return self.f.param_grads() + self.s.param_grads()
