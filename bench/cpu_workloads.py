@@ -5,6 +5,10 @@ Models (float32): MLP 784-512-512-10 (ReLU) at B = 64 and 256, the paper's MNIST
 dropout 0.5 → FC 10) at B = 64, and MLPs 784-512-512-10 with Softplus and with SiLU at
 B = 256, and a CNN with GroupNorm / LayerNorm / GELU at B = 64 (``norms_cnn``); the last two
 go beyond the CPU issue's four models (SiLU and GELU keep z and recompute σ', σ'').
+Models with their own forward (tests/graph_models.py, traced by the plan): a torchvision-
+style ResNet-18 for 32×32 inputs at B = 32 and a small UNet (width 16, nearest upsampling,
+a transposed convolution, skip concatenations) at B = 16, both in train mode (batch norm
+with batch statistics), 3×32×32 inputs, 10 classes.
 
 Steps: each computes every parameter gradient of one training step.
 - ``fused_cpu`` / ``fused_torch``: gradreg_loss(...).loss.backward() on that backend;
@@ -17,6 +21,7 @@ Steps: each computes every parameter gradient of one training step.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +29,9 @@ from functools import partial
 import torch
 from torch import nn
 from workloads import eager_double_backprop, fused_step, mlp, ordinary_step, paper_cnn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import graph_models  # noqa: E402  (the user-style models of the tests)
 
 THREADS = 2
 LAM = 0.25
@@ -68,6 +76,8 @@ def workloads() -> list[Workload]:
         ("mlp_softplus_b256", mlp(act=nn.Softplus), 256, (784,)),
         ("mlp_silu_b256", mlp(act=nn.SiLU), 256, (784,)),
         ("cnn_norms_b64", norms_cnn(), 64, (1, 28, 28)),
+        ("resnet18_b32", graph_models.resnet18(num_classes=10), 32, (3, 32, 32)),
+        ("unet_b16", graph_models.UNet(num_classes=10, width=16), 16, (3, 32, 32)),
     ]:
         x, y = data(b, shape)
         out.append(Workload(name, model.train(), x, y))
@@ -93,9 +103,10 @@ def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
         import jax
     except ImportError:
         return "jax is not installed (pip install 'gradreg-kernels[bench]')"
-    from jax_port import make_steps, port, to_jax
+    from jax_graph_port import port_any
+    from jax_port import make_steps, to_jax
 
-    params, apply = port(w.model)
+    params, apply = port_any(w.model)
     x, y = to_jax(w.x), to_jax(w.y)
     key = jax.random.PRNGKey(0)  # one dropout draw, the same every step
     _, g1, g2 = make_steps(apply, LAM)

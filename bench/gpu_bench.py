@@ -161,11 +161,12 @@ def jax_methods(model, x, y, lam, device):
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # as TF32 off
-    from jax_port import make_steps, port, to_jax
+    from jax_graph_port import port_any
+    from jax_port import make_steps, to_jax
 
     platform = "gpu" if device.type == "cuda" else "cpu"
     dev = jax.devices(platform)[0]
-    params, apply = port(model)
+    params, apply = port_any(model)
     params = jax.device_put(params, dev)
     xj, yj = jax.device_put(to_jax(x), dev), jax.device_put(to_jax(y), dev)
     key = jax.random.PRNGKey(0)
@@ -182,7 +183,8 @@ def jax_loss_check(model, x, y, lam) -> float:
     """|JAX loss − oracle loss| / |oracle loss| on CPU in float64 semantics of float32 data
     (dropout off in both): shows the JAX peer computes the same loss."""
     import jax
-    from jax_port import make_steps, port, to_jax
+    from jax_graph_port import port_any
+    from jax_port import make_steps, to_jax
 
     m = copy.deepcopy(model).cpu().float()
     for mod in m.modules():
@@ -191,7 +193,7 @@ def jax_loss_check(model, x, y, lam) -> float:
     xs, ys = x[:64].cpu(), y[:64].cpu()
     _, ref_loss, _, _ = oracle_grads(copy.deepcopy(m).double(), xs.double(), ys, lam)
     with jax.default_device(jax.devices("cpu")[0]):
-        params, apply = port(m)
+        params, apply = port_any(m)
         loss, _, _ = make_steps(apply, lam, train_dropout=False)
         val = float(loss(params, to_jax(xs), to_jax(ys), jax.random.PRNGKey(0)))
     return abs(val - ref_loss.item()) / abs(ref_loss.item())

@@ -6,13 +6,23 @@ mnist_cnn:  the paper's MNIST network: conv 5×5×32 (same) → BN → ReLU → 
             ReLU → dropout 0.5 → FC 10                      input (B, 1, 28, 28)
 cifar_cnn:  4 conv 3×3 layers (32, 32, 64, 64) each → BN → ReLU, maxpool 2 after the 2nd
             and 4th → flatten (4096) → FC 10                input (B, 3, 32, 32)
+resnet18:   torchvision-style ResNet-18 for 32×32 inputs, its own forward (traced by the
+            plan; tests/graph_models.py)                     input (B, 3, 32, 32)
+unet:       a small UNet (width 16: nearest upsampling, a transposed convolution, skip
+            concatenations), its own forward                 input (B, 3, 32, 32)
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 from torch import nn
 
 from gradreg_kernels.models import make_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import graph_models  # noqa: E402  (the user-style models of the tests)
 
 
 def mlp(width: int = 1024) -> nn.Sequential:
@@ -38,4 +48,6 @@ MODELS = {
     "mlp": (mlp, (784,), (256, 4096)),
     "mnist_cnn": (mnist_cnn, (1, 28, 28), (256,)),
     "cifar_cnn": (cifar_cnn, (3, 32, 32), (256,)),
+    "resnet18": (lambda: graph_models.resnet18(num_classes=10), (3, 32, 32), (128,)),
+    "unet": (lambda: graph_models.UNet(num_classes=10, width=16), (3, 32, 32), (128,)),
 }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from jax_port import make_steps, to_jax
 from torch import nn
 
-__all__ = ["check_port", "make_steps", "port_resnet18", "port_unet", "to_jax"]
+__all__ = ["check_port", "make_steps", "port_any", "port_resnet18", "port_unet", "to_jax"]
 
 Params = dict[str, jnp.ndarray]
 Apply = Callable[..., jnp.ndarray]
@@ -213,6 +213,15 @@ def port_unet(model: nn.Module) -> tuple[Params, Apply]:
 
 _PORTS: dict[str, Callable[[nn.Module], tuple[Params, Apply]]] = {
     "ResNet": port_resnet18, "UNet": port_unet}
+
+
+def port_any(model: nn.Module) -> tuple[Params | list, Apply]:
+    """The JAX port of any benchmark model: the graph models' ResNet and UNet here, an
+    nn.Sequential through ``jax_port.port``."""
+    from jax_port import port
+
+    ports = {"ResNet": port_resnet18, "UNet": port_unet}
+    return ports.get(type(model).__name__, port)(model)
 
 
 def check_port(model: nn.Module, x: torch.Tensor, lam: float = 0.1, tol: float = 1e-4,

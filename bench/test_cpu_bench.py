@@ -25,7 +25,7 @@ cw.malloc_mode(exact_rss=False)  # timing: glibc keeps freed blocks (memory: fre
 WORKLOADS = {w.name: w for w in cw.workloads()}
 TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
 JAX_METHODS = ("jax_gradreg", "jax_ordinary")
-ROUNDS = {"cnn_paper_b64": 8}
+ROUNDS = {"cnn_paper_b64": 8, "resnet18_b32": 3, "unet_b16": 10}
 _MEMORY: dict[str, dict[str, float]] = {}
 
 

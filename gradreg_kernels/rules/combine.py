@@ -244,7 +244,8 @@ def _cat(call: Call) -> Made | str:
 
 
 def _pieces(how: str):
-    """chunk / split: a tuple of pieces; each ``getitem`` of it is one PieceRule."""
+    """chunk / split: a tuple of pieces; each ``getitem`` of it is one PieceRule (sizes read
+    off tensors, ``x.shape[1] // 2``, are resolved in pass 1)."""
 
     def factory(call: Call) -> Made | str:
         a = call.args[0]
@@ -252,10 +253,11 @@ def _pieces(how: str):
             "chunks" if how == "chunk" else "split_size_or_sections",
             call.kwargs.get("split_size"))
         dim = call.args[2] if len(call.args) > 2 else call.kwargs.get("dim", 0)
-        if any(isinstance(v, (HostArg, TensorArg)) for v in flat_args((spec, dim))):
-            return f"{how} with sizes computed at run time"
+        if any(isinstance(v, TensorArg) for v in flat_args((spec, dim))):
+            return f"{how} with sizes taken from a tensor's values"
         return Made([a], None, pieces=lambda i: Made(
-            [a], lambda bk, resolve: PieceRule(how, spec, dim, i), aliases=True))
+            [a], lambda bk, resolve: PieceRule(how, resolve(spec), resolve(dim), i),
+            aliases=True))
 
     return factory
 
