@@ -308,3 +308,43 @@ def test_fallback_messages_are_one_line():
     with pytest.raises(UnsupportedModelError) as info:
         gradreg_loss(DataDependent(), torch.randn(2, 4), torch.tensor([0, 1]), 1.0, strict=True)
     assert "\n" not in str(info.value) and re.search(r":\d+: ", str(info.value))
+
+
+def test_constant_shifts_and_scalings_inside_the_network():
+    """y = c a + k before a nonlinearity (the shift matters there, not at the logits)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = torch.tanh(1 - h) + torch.sigmoid(h + 2) - torch.tanh(h / 4 - 0.5)
+            return self.b(-h * 3 + torch.rsub(h, 1))  # torch.rsub(h, 1) = 1 - h
+
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    for backend, dtype in BACKENDS:
+        for w in (1.0, 0.0):
+            check_against_oracle(Net(), x, y, dtype=dtype, backend=backend, value_weight=w)
+
+
+def test_a_kept_graph_plan_does_not_keep_the_model_alive():
+    """The plan holds the leaf modules and the parameters F.linear reads, never the model
+    itself: the model goes once the user drops it."""
+    import gc
+    import weakref
+
+    from gradreg_kernels import plan as plan_mod
+
+    refs = []
+    for name in ("resnet_small", "functional_mlp", "unet"):
+        model = tiny(name)
+        x, y = example_batch(name, batch=2)
+        gradreg_loss(model, x, y, 0.5).loss.backward()
+        assert model in plan_mod._PLANS  # kept, under a weak key
+        refs.append(weakref.ref(model))
+        del model
+    gc.collect()
+    assert all(r() is None for r in refs)
