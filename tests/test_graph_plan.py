@@ -348,3 +348,40 @@ def test_a_kept_graph_plan_does_not_keep_the_model_alive():
         del model
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+class FunctionalLayers(nn.Module):
+    """Pools, padding, dropout, upsampling and convolutions in their functional forms."""
+
+    def __init__(self, train_dropout: bool) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3), nn.Conv1d(4, 3, 2)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(3 * 3, 5)
+        self.train_dropout = train_dropout
+
+    def forward(self, x):
+        h = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h = F.conv2d(h, self.c1.weight, self.c1.bias, padding=1)
+        h = F.pad(F.avg_pool2d(torch.tanh(h), 2), (0, 1, 1, 0), value=0.5)
+        h = F.interpolate(F.softplus(self.up(h)), scale_factor=0.5, mode="nearest")
+        h = F.max_pool2d(F.pad(h, (1, 0, 0, 1), mode="replicate"), 2, stride=1)
+        h = F.dropout(h, 0.3, training=self.train_dropout)
+        h = F.adaptive_avg_pool2d(h, (1, 5)).squeeze(2)
+        h = F.conv1d(F.elu(h), self.c2.weight, self.c2.bias)
+        h = F.max_pool1d(F.avg_pool1d(F.silu(h), 2, stride=1), 1)
+        h = F.adaptive_avg_pool1d(h, 3)
+        return F.linear(h.reshape(h.size(0), -1), self.fc.weight, self.fc.bias)
+
+
+@pytest.mark.parametrize("train_dropout", [True, False])
+def test_functional_layers_run_fused(train_dropout):
+    """F.pad (reflect, constant, replicate), F.conv2d / F.conv1d / F.linear with module
+    parameters, the F. pools, F.interpolate, ConvTranspose2d and F.dropout with its
+    training flag (the mask drawn as torch draws it: the oracle sees the same one)."""
+    torch.manual_seed(4)
+    x, y = torch.randn(3, 2, 9, 7), torch.randint(0, 5, (3,))
+    for backend, dtype in BACKENDS:
+        for w in (1.0, 0.0):
+            check_against_oracle(FunctionalLayers(train_dropout), x, y, dtype=dtype,
+                                 backend=backend, value_weight=w, seed=5)
