@@ -13,12 +13,22 @@ class NonFiniteLossError(FloatingPointError):
     """The loss came out NaN or infinite; raised before any gradient reaches the model."""
 
 
+def _real(value: float, name: str) -> float:
+    """value as a float: a Python or NumPy real number, or a one-element tensor (read as its
+    value: a constant weight, not differentiated through); a bool, a string or a tensor of
+    several values is a named error."""
+    if isinstance(value, (bool, str, bytes)) or (isinstance(value, Tensor)
+                                                  and value.numel() != 1):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a real number, got {value!r}") from e
+
+
 def check_nonnegative(value: float, name: str) -> float:
     """value as a float, or a named error unless it is a finite real number >= 0."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a real number, got {value!r}") from e
+    out = _real(value, name)
     if not math.isfinite(out) or out < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {out}")
     return out
@@ -26,6 +36,15 @@ def check_nonnegative(value: float, name: str) -> float:
 
 def check_lam(lam: float) -> float:
     return check_nonnegative(lam, "lam")
+
+
+def check_value_weight(w: float) -> float:
+    """The data term's weight: any finite real number (negative maximises the data term,
+    e.g. a critic's score with head="output"; 0 leaves the penalty alone)."""
+    out = _real(w, "value_weight")
+    if not math.isfinite(out):
+        raise ValueError(f"value_weight must be finite, got {out}")
+    return out
 
 
 def check_model_and_batch(model: nn.Module, x: Tensor) -> None:
@@ -148,9 +167,12 @@ def check_finite_input(x: Tensor, mask: Tensor | None,
         raise ValueError("mask holds non-finite values")
 
 
-def check_finite_loss(data: Tensor, penalty: Tensor) -> None:
-    """data and penalty are 0-dim; each is read back as a Python float and checked there."""
-    if not (math.isfinite(float(data)) and math.isfinite(float(penalty))):
+def check_finite_loss(loss: Tensor, data: Tensor, penalty: Tensor) -> None:
+    """The 0-dim loss w · data + λ · penalty is finite (one read-back): a NaN or inf in
+    either part, or λ · penalty overflowing the dtype, is a NonFiniteLossError naming the
+    parts."""
+    if not math.isfinite(float(loss)):
         raise NonFiniteLossError(
-            f"non-finite loss: data term = {float(data)}, penalty = {float(penalty)}; no "
-            "gradient was produced (lower the learning rate or lam, or check the inputs)")
+            f"non-finite loss {float(loss)}: data term = {float(data)}, penalty = "
+            f"{float(penalty)}; no gradient was produced (lower the learning rate or lam, or "
+            "check the inputs)")

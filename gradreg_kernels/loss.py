@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -59,13 +60,16 @@ class _Runner:
         pen_sum, seed = self.bk.penalty_terms(g, mask)
         self.data = ev.data.mean()
         self.penalty = pen_sum.div_(b)  # a fresh 0-dim sum: divided in place
+        data = self.data if self.w == 1.0 else self.data.mul(self.w)
+        if self.lam <= torch.finfo(self.penalty.dtype).max:
+            loss = data.add(self.penalty, alpha=self.lam)
+        else:  # alpha must fit the dtype; λ · penalty then overflows to inf, and is reported
+            loss = data.add(self.penalty.mul(self.lam))
         if self.check_finite:
-            checks.check_finite_loss(self.data, self.penalty)
+            checks.check_finite_loss(loss, self.data, self.penalty)
         self.logits, self.data_grad = z, ev.data_grad
         self.g = None if self.lam == 0 else seed
-        if self.w == 1.0:
-            return self.data.add(self.penalty, alpha=self.lam)
-        return self.data.mul(self.w).add(self.penalty, alpha=self.lam)
+        return loss
 
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
         if self.data_grad is None:
@@ -175,7 +179,7 @@ def gradreg_loss(
             raise ValueError(f"head={head!r} needs labels y")
         y = checks.check_labels(y, x)
     mask = checks.check_mask(mask, x)
-    value_weight = float(value_weight)
+    value_weight = checks.check_value_weight(value_weight)
 
     plan = plan_of(model)
     fused = not isinstance(plan, Unsupported)
@@ -217,7 +221,7 @@ def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, he
                    ) -> GradRegOutput:
     data, pen, z = autograd_terms(model, x, y, head, mask, check_finite)
     data_mean, pen_mean = data.mean(), pen.mean()
-    if check_finite:
-        checks.check_finite_loss(data_mean.detach(), pen_mean.detach())
     loss = value_weight * data_mean + lam * pen_mean
+    if check_finite:
+        checks.check_finite_loss(loss.detach(), data_mean.detach(), pen_mean.detach())
     return GradRegOutput(loss, data_mean.detach(), pen_mean.detach(), z.detach(), "autograd")

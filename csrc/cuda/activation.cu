@@ -123,11 +123,16 @@ __device__ float act_d2(float z, int act, float p0, float p1) {
 template <typename T>
 __global__ void act_forward_kernel(const T* __restrict__ z, T* __restrict__ y,
                                    uint8_t* __restrict__ mask, int64_t n, int act, float p0,
-                                   float p1) {
+                                   float p1, float v_pos, float v_neg) {
+  // torch's σ(±inf) = (v_pos, v_neg) at the infinities and NaN at a NaN: the formulas'
+  // fminf / fmaxf and 0/1 blends would give finite values or 0 · inf there
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     float v = to_f32(z[i]);
-    y[i] = from_f32<T>(act_value(v, act, p0, p1));
+    float out = act_value(v, act, p0, p1);
+    if (isinf(v)) out = v > 0.0f ? v_pos : v_neg;
+    if (isnan(v)) out = v;
+    y[i] = from_f32<T>(out);
     if (mask != nullptr) mask[i] = v > 0.0f ? 1 : 0;
   }
 }
@@ -178,9 +183,9 @@ constexpr int kThreads = 256;
   }
 
 void launch_act_forward(int dtype, const void* z, void* y, uint8_t* mask, int64_t n, int act,
-                        float p0, float p1, cudaStream_t stream) {
+                        float p0, float p1, float v_pos, float v_neg, cudaStream_t stream) {
   GRADREG_DISPATCH(dtype, act_forward_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-      static_cast<const T*>(z), static_cast<T*>(y), mask, n, act, p0, p1));
+      static_cast<const T*>(z), static_cast<T*>(y), mask, n, act, p0, p1, v_pos, v_neg));
 }
 
 void launch_act_chain(int dtype, const void* saved, bool mask_state, const void* d,

@@ -14,7 +14,7 @@
 namespace gradreg {
 
 void launch_act_forward(int dtype, const void* z, void* y, uint8_t* mask, int64_t n, int act,
-                        float p0, float p1, cudaStream_t stream);
+                        float p0, float p1, float v_pos, float v_neg, cudaStream_t stream);
 void launch_act_chain(int dtype, const void* saved, bool mask_state, const void* d,
                       const void* s, void* out, int64_t n, int act, float p0, float p1,
                       cudaStream_t stream);
@@ -61,16 +61,17 @@ void check_launch() {
 
 }  // namespace
 
-// (y, mask): y = σ(z); mask = (z > 0) as uint8 when save_mask, else an empty tensor.
+// (y, mask): y = σ(z), with σ(±inf) = (v_pos, v_neg) as torch gives them; mask = (z > 0) as
+// uint8 when save_mask, else an empty tensor.
 std::vector<at::Tensor> act_forward(const at::Tensor& z, int64_t act, double p0, double p1,
-                                    bool save_mask, int64_t stream) {
+                                    double v_pos, double v_neg, bool save_mask, int64_t stream) {
   check_cuda(z, "z");
   auto y = at::empty_like(z);
   auto mask = save_mask ? at::empty(z.sizes(), z.options().dtype(at::kByte)) : at::Tensor();
   launch_act_forward(dtype_code(z, "z"), z.data_ptr(), y.data_ptr(),
                      save_mask ? mask.data_ptr<uint8_t>() : nullptr, z.numel(),
                      static_cast<int>(act), static_cast<float>(p0), static_cast<float>(p1),
-                     as_stream(stream));
+                     static_cast<float>(v_pos), static_cast<float>(v_neg), as_stream(stream));
   check_launch();
   return {y, mask};
 }

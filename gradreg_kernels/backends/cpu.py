@@ -271,14 +271,25 @@ class CpuBackend(TorchBackend):
         if spec.name in ("relu", "leaky_relu"):
             lo = 0.0 if spec.name == "relu" else spec.params[0]
             y, bits = self.ext.mask_forward(z, lo)
-            return y, _Masked(bits, 1.0, lo)
+            return self._as_torch_where_not_finite(spec, z, y), _Masked(bits, 1.0, lo)
         kind = _SMOOTH_KINDS.get(spec.name)
         if kind is None:
             return super().act_forward(spec, z)
         p = tuple(spec.params) + (0.0, 0.0)
-        y = self.ext.smooth_value(z, kind, p[0], p[1])
+        y = self._as_torch_where_not_finite(spec, z, self.ext.smooth_value(z, kind, p[0], p[1]))
         from_output = derivs_from_output(spec)
         return y, _Kept(y if from_output else z, kind, p[0], p[1], from_output)
+
+    def _as_torch_where_not_finite(self, spec: ActivationSpec, z: Tensor, y: Tensor) -> Tensor:
+        """y with torch's own σ at every NaN / ±inf of z. The kernels' branch-free forms
+        (selects for min / max, blends by 0/1 factors) are exact for finite z but would turn
+        tanh(NaN) into −1 or ReLU(−inf) into NaN; one read of z (the sweep of
+        ``all_finite``) finds the rare step that has such a value."""
+        if self.ext.all_finite(z):
+            return y
+        bad = ~torch.isfinite(z)
+        y[bad] = spec.value(z[bad])
+        return y
 
     def _mask_apply(self, saved: _Masked, t: Tensor) -> Tensor:
         """t ⊙ (bit ? hi : lo), in float32; a ReLU step keeps t's dtype (an autocast step

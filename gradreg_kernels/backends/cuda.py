@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..rules.activation_math import ActivationSpec
+from ..rules.activation_math import ActivationSpec, values_at_infinity
 from .torch_ops import TorchBackend
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
@@ -94,7 +94,9 @@ class CudaBackend(TorchBackend):
             return super().act_forward(spec, z)
         z = z.contiguous()
         p0, p1 = _params(spec.params)
-        y, mask = self.ext.act_forward(z, code, p0, p1, code in PIECEWISE, _stream(z))
+        v_pos, v_neg = values_at_infinity(spec)
+        y, mask = self.ext.act_forward(z, code, p0, p1, v_pos, v_neg, code in PIECEWISE,
+                                       _stream(z))
         return y, (code, spec.params, mask if code in PIECEWISE else z, z.dtype)
 
     def _run_chain(self, spec, saved, d: Tensor, s: Tensor | None) -> Tensor | None:

@@ -9,6 +9,7 @@ Convolution operands are NCHW; ``geom`` is (stride, padding, dilation, groups).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -155,10 +156,18 @@ class TorchBackend:
     def softmax_head(
         self, z: Tensor, y: Tensor, uniform: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """CE_n (N,), p = softmax(z), ∇CE = p − e_y and ∇ℓ (p − 1/K if uniform, else ∇CE)."""
-        ce, p = self.softmax_ce(z, y)
+        """CE_n (N,), p = softmax(z), ∇CE = p − e_y and ∇ℓ (p − 1/K if uniform, else ∇CE).
+
+        A label outside [0, K) (only with check_finite=False: gradreg_loss checks them
+        otherwise) makes its row's CE and ∇CE NaN: it never indexes another class (a negative
+        label would wrap) and never trips a device-side assert, and the loss is NaN."""
+        yc = y.clamp(0, z.shape[1] - 1)
+        ce, p = self.softmax_ce(z, yc)
         data_grad = p.clone()
-        data_grad[torch.arange(z.shape[0], device=z.device), y] -= 1
+        data_grad[torch.arange(z.shape[0], device=z.device), yc] -= 1
+        bad = yc != y
+        ce = ce.masked_fill(bad, math.nan)
+        data_grad = data_grad.masked_fill(bad[:, None], math.nan)
         pen_grad = p - 1.0 / z.shape[1] if uniform else data_grad
         return ce, p, data_grad, pen_grad
 

@@ -347,3 +347,18 @@ def spec_by_name(name: str, *params: float) -> ActivationSpec:
     if name not in makers:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(makers)}")
     return makers[name](*params)
+
+
+_AT_INFINITY: dict[tuple, tuple[float, float]] = {}
+
+
+def values_at_infinity(spec: ActivationSpec) -> tuple[float, float]:
+    """(σ(+inf), σ(−inf)) as torch's own forward gives them (NaN where torch gives NaN:
+    GELU(+inf), SiLU(−inf), ...), for kernels that map the infinities as torch does while
+    their branch-free formulas serve the finite values (NaN maps to NaN everywhere)."""
+    key = (spec.name, tuple(spec.params))
+    if key not in _AT_INFINITY:
+        with torch.no_grad():
+            v = spec.value(torch.tensor([math.inf, -math.inf], dtype=torch.float32))
+        _AT_INFINITY[key] = (float(v[0]), float(v[1]))
+    return _AT_INFINITY[key]

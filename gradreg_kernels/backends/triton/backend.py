@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...rules.activation_math import ActivationSpec, derivs_from_output, output_derivs
+from ...rules.activation_math import (
+    ActivationSpec,
+    derivs_from_output,
+    output_derivs,
+    values_at_infinity,
+)
 from ..torch_ops import TorchBackend
 from . import batchnorm, elementwise, penalty, pool, softmax_head
 from ._common import supported
@@ -79,7 +84,8 @@ class TritonBackend(TorchBackend):
         # float32 only: in bf16 / fp16 y is too coarse near saturation (1 − y² of a rounded
         # tanh), so z is kept there
         from_y = z.dtype == torch.float32 and derivs_from_output(spec)
-        y, t = elementwise.act_forward(code, spec.params, z, keep_output=from_y)
+        y, t = elementwise.act_forward(code, spec.params, z, keep_output=from_y,
+                                       at_infinity=values_at_infinity(spec))
         return y, ActState(code, spec.params, t, z.dtype, z.shape, from_y=from_y)
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:

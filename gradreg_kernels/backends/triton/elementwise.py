@@ -206,14 +206,19 @@ def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, FROM_Y: tl.constexpr, p0, p
 
 
 @triton.jit(do_not_specialize=["n"])
-def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, ACT: tl.constexpr,
+def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, v_pos, v_neg, ACT: tl.constexpr,
                         SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """y = σ(z); for piecewise-linear σ also the packed mask of z > 0 (BLOCK // 8 bytes per
-    program; bits past n are 0)."""
+    """y = σ(z), torch's σ(±inf) = (v_pos, v_neg) at the infinities and NaN at a NaN (the
+    formulas' selects and blends would give finite values or 0 · inf there); for
+    piecewise-linear σ also the packed mask of z > 0 (BLOCK // 8 bytes per program; bits
+    past n are 0)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, _act_value(z, ACT, p0, p1).to(y_ptr.dtype.element_ty), mask=m)
+    y = _act_value(z, ACT, p0, p1)
+    y = tl.where(z == float("inf"), v_pos, tl.where(z == -float("inf"), v_neg, y))
+    y = tl.where(z != z, z, y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
         bits = tl.reshape((z > 0).to(tl.int32), (BLOCK // 8, 8))
         byte = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
@@ -265,10 +270,12 @@ def _params(params: tuple[float, ...]) -> tuple[float, float]:
     return p[0], p[1]
 
 
-def act_forward(code: int, params: tuple[float, ...], z: Tensor, keep_output: bool = False
+def act_forward(code: int, params: tuple[float, ...], z: Tensor, keep_output: bool = False,
+                at_infinity: tuple[float, float] = (math.nan, math.nan)
                 ) -> tuple[Tensor, Tensor]:
     """y = σ(z) (z's dtype) and the state: the packed bit mask ((n + 7) // 8 uint8,
-    piecewise σ), y itself (smooth σ with ``keep_output``) or z (contiguous)."""
+    piecewise σ), y itself (smooth σ with ``keep_output``) or z (contiguous).
+    ``at_infinity``: torch's (σ(+inf), σ(−inf)) (activation_math.values_at_infinity)."""
     z = z.contiguous()
     y = torch.empty_like(z)
     piecewise = code in PIECEWISE
@@ -278,8 +285,8 @@ def act_forward(code: int, params: tuple[float, ...], z: Tensor, keep_output: bo
         mask = y if keep_output else z
     n = z.numel()
     p0, p1 = _params(params)
-    _act_forward_kernel[flat_grid(n)](z, y, mask, n, p0, p1, ACT=code, SAVE_MASK=piecewise,
-                                      BLOCK=ELEMENT_BLOCK)
+    _act_forward_kernel[flat_grid(n)](z, y, mask, n, p0, p1, at_infinity[0], at_infinity[1],
+                                      ACT=code, SAVE_MASK=piecewise, BLOCK=ELEMENT_BLOCK)
     return y, mask
 
 

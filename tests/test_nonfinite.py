@@ -1,0 +1,158 @@
+"""Non-finite values behave as in torch: every activation's forward maps NaN, ±inf, ±0,
+denormals and ±1e30 as torch's own does, on the C++ ``cpu`` backend (what users get) and
+the portable one; a NaN in the input or born inside the network gives the loss torch
+gives, and ``NonFiniteLossError`` exactly where the plain-autograd loss is non-finite."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradreg_kernels import NonFiniteLossError, get_backend, gradreg_loss
+from gradreg_kernels.rules.activation_math import spec_by_name
+from reference import oracle_loss
+
+SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30, 3.5, -2.25,
+            20.5, -20.5, 88.0, -88.0, 1e-3, -1e-3]
+
+#: every activation kind, with non-default hyper-parameters where it has them
+KINDS = [("relu",), ("leaky_relu", 0.1), ("softplus", 1.0, 20.0), ("softplus", 2.0, 5.0),
+         ("tanh",), ("sigmoid",), ("gelu",), ("gelu_tanh",), ("elu", 1.0), ("elu", 0.5),
+         ("silu",), ("hardtanh", -1.0, 1.0), ("hardtanh", 0.0, 6.0), ("hardsigmoid",),
+         ("hardswish",), ("mish",), ("selu",), ("celu", 0.5), ("logsigmoid",), ("softsign",),
+         ("tanhshrink",)]
+
+
+def _specials(reps: int = 9) -> torch.Tensor:
+    """(reps, len(SPECIALS)) float32, each row shuffled (so every value meets every lane of
+    a vectorized sweep), enough elements for the kernels' parallel split."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor(SPECIALS, dtype=torch.float32)
+    return torch.stack([base[torch.randperm(len(SPECIALS), generator=g)] for _ in range(reps)])
+
+
+def _same_values(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), (y, ref)
+    assert torch.equal(torch.isposinf(y), torch.isposinf(ref)), (y, ref)
+    assert torch.equal(torch.isneginf(y), torch.isneginf(ref)), (y, ref)
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(y[fin], ref[fin], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(map(str, k)))
+def test_activation_forward_maps_special_values_as_torch(kind, backend):
+    spec = spec_by_name(*kind)
+    bk = get_backend(backend, torch.device("cpu"))
+    z = _specials()
+    with torch.no_grad():
+        ref = spec.value(z.clone())  # torch's own function
+    y, _ = bk.act_forward(spec, z.clone())
+    _same_values(y, ref)
+
+
+def _tanh_net(scale: float = 1.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.no_grad():
+        net[0].weight.mul_(scale)
+    return net
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_nan_in_the_input_gives_a_nan_loss_without_the_check(backend):
+    net = _tanh_net()
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    x[1, 2] = math.nan
+    out = gradreg_loss(net, x, y, 0.5, backend=backend, check_finite=False)
+    ref, *_ = oracle_loss(net, x, y, 0.5)
+    assert math.isnan(float(out.loss)) and math.isnan(float(ref))
+    assert torch.equal(torch.isnan(out.logits), torch.isnan(net(x)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("scale,finite", [(1e38, True), (1.0, True)])
+def test_saturated_tanh_after_an_overflow_keeps_the_loss_finite(backend, scale, finite):
+    """x Wᵀ overflows to ±inf, tanh saturates at ±1 and σ' = 0 there: the loss (and the
+    autograd loss) stay finite; no 0 · inf inside the kernels turns them into NaN."""
+    net = _tanh_net(scale)
+    x, y = torch.rand(4, 6) + 0.5, torch.tensor([0, 1, 2, 0])
+    ref, *_ = oracle_loss(net, x, y, 0.5)
+    assert math.isfinite(float(ref)) == finite
+    out = gradreg_loss(net, x, y, 0.5, backend=backend)
+    assert math.isfinite(float(out.loss))
+    assert abs(float(out.loss) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_overflow_inside_the_network_is_a_nonfinite_loss_error(backend):
+    """ReLU passes the overflow on: the logits are ±inf / NaN, autograd's loss is NaN, and
+    the fused step raises NonFiniteLossError before any gradient is written."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        net[0].weight.fill_(1e38)
+    x, y = torch.rand(4, 6) + 0.5, torch.tensor([0, 1, 2, 0])
+    ref, *_ = oracle_loss(net, x, y, 0.5)
+    assert not math.isfinite(float(ref))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        gradreg_loss(net, x, y, 0.5, backend=backend)
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("w", [math.nan, math.inf, -math.inf])
+def test_a_nonfinite_value_weight_is_a_named_error(w):
+    net = _tanh_net()
+    with pytest.raises(ValueError, match="value_weight must be finite"):
+        gradreg_loss(net, torch.randn(2, 6), torch.tensor([0, 1]), 0.5, value_weight=w)
+
+
+@pytest.mark.parametrize("bad", [True, "1", torch.ones(2), None])
+def test_lam_and_value_weight_must_be_real_numbers(bad):
+    net = _tanh_net()
+    x, y = torch.randn(2, 6), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="lam must be a real number"):
+        gradreg_loss(net, x, y, bad)
+    with pytest.raises(TypeError, match="value_weight must be a real number"):
+        gradreg_loss(net, x, y, 0.5, value_weight=bad)
+
+
+def test_one_element_tensors_are_read_as_constant_weights():
+    """lam and value_weight as 0-dim tensors: their values, not differentiated through."""
+    net = _tanh_net().double()
+    x, y = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    a = gradreg_loss(net, x, y, torch.tensor(0.7), value_weight=torch.tensor(-1.0)).loss
+    b = gradreg_loss(net, x, y, float(torch.tensor(0.7)), value_weight=-1.0).loss
+    assert float(a) == float(b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_overflowing_penalty_is_a_nonfinite_loss_error(backend):
+    """Both parts finite, λ · penalty beyond float32 (λ = 1e300): NonFiniteLossError, as the
+    autograd loss of the same λ is inf; no raw error, no gradient."""
+    net = _tanh_net()
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    ref, *_ = oracle_loss(net, x, y, 1e300)
+    assert math.isinf(float(ref))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss inf: data term = "):
+        gradreg_loss(net, x, y, 1e300, backend=backend)
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("label", [-1, 3, 10**6])
+def test_a_label_outside_the_classes_never_wraps(backend, label):
+    """check_finite=False skips the label check: the portable head (and the Triton one,
+    which shares its gradient) gives that row a NaN loss instead of reading another class;
+    the C++ head of the cpu backend checks the labels anyway."""
+    net = _tanh_net()
+    x, y = torch.randn(4, 6), torch.tensor([0, label, 2, 1])
+    if backend == "cpu":
+        with pytest.raises(ValueError, match=r"y must lie in \[0, 3\) .* y\[1\] = "):
+            gradreg_loss(net, x, y, 0.5, backend=backend, check_finite=False)
+        return
+    out = gradreg_loss(net, x, y, 0.5, backend=backend, check_finite=False)
+    assert math.isnan(float(out.ce)) and math.isnan(float(out.loss))
