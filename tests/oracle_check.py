@@ -36,8 +36,11 @@ def randomize_bn(model: nn.Module) -> None:
 
 
 def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=torch.float64,
-                         seed=0, backend="torch", value_weight=1.0):
+                         seed=0, backend="torch", value_weight=1.0, plain=None):
     """Run the fused path in ``dtype`` and the oracle in float64 on upcast copies; compare.
+
+    ``plain``: the torch model the oracle runs instead of a copy of ``model`` (for a model
+    converted to the package's drop-ins: the oracle shares no code with the package).
 
     Returns the fused output. Every parameter's gradient must be within TOL[dtype] relative
     of the oracle's, relative to max(‖ref_p‖, FLOOR[dtype] · max_p ‖ref_p‖): a gradient that
@@ -46,7 +49,7 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
     and running statistics likewise.
     """
     model = model.to(dtype)
-    ref_model = copy.deepcopy(model).double()
+    ref_model = copy.deepcopy(model if plain is None else plain).double()
     x = x.to(dtype)
     mask64 = None if mask is None else mask.double()
     mask_t = None if mask is None else mask.to(dtype)

@@ -70,8 +70,6 @@ def test_models_must_cover_every_defense(tmp_path):
 
 
 def test_cli_trains_and_reports_on_digits(tmp_path):
-    pytest.importorskip("gradreg_kernels.train")
-    pytest.importorskip("gradreg_kernels.data")
     out = tmp_path / "run"
     tiny = ["--set", "n_eval=12", "--set", "pgd_steps=2", "--set", "bb_queries=3",
             "--set", "bb_n=12", "--set", "tgsm_steps=3"]

@@ -22,7 +22,7 @@ def test_gpu_backends_are_registered():
 def test_import_does_not_import_triton_or_build():
     code = ("import sys, gradreg_kernels; "
             "assert 'triton' not in sys.modules; "
-            "assert 'torch.utils.cpp_extension' not in sys.modules or True; "
+            "assert 'torch.utils.cpp_extension' not in sys.modules; "
             "print('ok')")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)

@@ -162,8 +162,9 @@ def test_bad_settings_are_refused(small_digits):
 
 
 def test_cli_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--data", "--model", "--defense", "--lam", "--epochs", "--batch-size",
                  "--lr", "--out", "--resume", "--seed", "--device", "--max-steps"):

@@ -70,7 +70,6 @@ def test_bad_arguments():
 
 
 def test_cli_writes_the_matrix_for_saved_models(tmp_path):
-    pytest.importorskip("gradreg_kernels.data")
     import json
 
     from gradreg_kernels.transfer import load_model, main
