@@ -36,11 +36,13 @@ def randomize_bn(model: nn.Module) -> None:
 
 
 def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=torch.float64,
-                         seed=0, backend="torch", value_weight=1.0, plain=None):
+                         seed=0, backend="torch", value_weight=1.0, plain=None, tol=None):
     """Run the fused path in ``dtype`` and the oracle in float64 on upcast copies; compare.
 
     ``plain``: the torch model the oracle runs instead of a copy of ``model`` (for a model
     converted to the package's drop-ins: the oracle shares no code with the package).
+    ``tol``: the relative tolerance instead of TOL[dtype] (random tiny models whose norms
+    see a handful of values amplify rounding).
 
     Returns the fused output. Every parameter's gradient must be within TOL[dtype] relative
     of the oracle's, relative to max(‖ref_p‖, FLOOR[dtype] · max_p ‖ref_p‖): a gradient that
@@ -61,7 +63,7 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
     out.loss.backward()
     torch.manual_seed(seed)
     ref, loss, ce, pen = oracle_grads(ref_model, x.double(), y, lam, head, mask64, value_weight)
-    tol = TOL[dtype]
+    tol = TOL[dtype] if tol is None else tol
     assert out.backend != "autograd"
     assert rel_err(out.loss.detach(), loss) < tol
     assert rel_err(out.ce, ce) < tol

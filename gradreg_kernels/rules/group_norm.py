@@ -214,6 +214,9 @@ def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
         if len(shape) < 2 or shape[1] != c:
             raise ValueError(f"GroupNorm expects {c} channels in dim 1, got input of shape "
                              f"{shape}")
+        if shape[0] * c // g * math.prod(shape[2:]) == 1:  # as torch's F.group_norm refuses
+            raise ValueError("GroupNorm: expected more than 1 value per channel when "
+                             f"training, got input size {list(shape)}")
         return shape[0] * g
 
     return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, bk)
@@ -229,6 +232,9 @@ def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> Seq
             raise ValueError(f"{type(module).__name__} expects a batch (N, {c}, ...) of "
                              f"{module._get_no_batch_dim() + 1} dimensions, got input of "
                              f"shape {shape}")
+        if math.prod(shape[2:]) == 1:  # as torch's F.instance_norm refuses
+            raise ValueError(f"{type(module).__name__}: expected more than 1 spatial element "
+                             f"when training, got input size {list(shape)}")
         return shape[0] * c
 
     return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, bk)
