@@ -565,11 +565,15 @@ def test_two_processes_building_at_once_build_once(bk, tmp_path):
             out.mkdir(parents=True, exist_ok=True)
             time.sleep(1.5)
             shutil.copy({str(real_so)!r}, out / (name + ".so"))
-            (out / cpu_build._STAMP).write_text(name)
+            (out / cpu_build._STAMP).write_text(cpu_build._stamp_of(out / (name + ".so")))
             return cpu_build._import_so(name, out / (name + ".so"))
 
         cpu_build._build = slow_build
+        with open({str(log)!r}, "a") as f:
+            f.write(f"enter {{time.time()}}\\n")
         m = cpu_build.load_extension()
+        with open({str(log)!r}, "a") as f:
+            f.write(f"loaded {{time.time()}}\\n")
         assert hasattr(m, "mask_forward")
     """
     env = {"GRADREG_KERNELS_CACHE": str(tmp_path / "cache")}
@@ -579,7 +583,44 @@ def test_two_processes_building_at_once_build_once(bk, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    assert log.read_text().count("build") == 1
+    lines = log.read_text().split("\n")
+    assert lines.count("build") == 1
+    # the two first uses overlapped: both had asked for the extension before either had it
+    enters = [float(ln.split()[1]) for ln in lines if ln.startswith("enter")]
+    loads = [float(ln.split()[1]) for ln in lines if ln.startswith("loaded")]
+    assert len(enters) == len(loads) == 2 and max(enters) < min(loads)
+
+
+def test_a_corrupted_cached_library_is_rebuilt(bk, tmp_path):
+    """A cache entry whose library was truncated after its build finished (loading it
+    would crash the process with SIGBUS): the stamp's size and SHA-256 no longer match, and
+    the next first use rebuilds it."""
+    real_so = Path(bk.ext.__file__)
+    cache = tmp_path / "cache"
+    log = tmp_path / "builds.log"
+    code = f"""
+        import shutil
+        from gradreg_kernels.backends import cpu_build
+
+        out = cpu_build.build_dir()
+        name = out.name.replace("cpu-", cpu_build.EXT_PREFIX + "_")
+        out.mkdir(parents=True)
+        so = out / (name + ".so")
+        shutil.copy({str(real_so)!r}, so)  # a finished build, stamped
+        (out / cpu_build._STAMP).write_text(cpu_build._stamp_of(so))
+        so.write_bytes(so.read_bytes()[:4096])  # then truncated on disk
+
+        def build(name, out, verbose):
+            open({str(log)!r}, "a").write("build\\n")
+            shutil.copy({str(real_so)!r}, out / (name + ".so"))
+            return cpu_build._import_so(name, out / (name + ".so"))
+
+        cpu_build._build = build
+        assert hasattr(cpu_build.load_extension(), "mask_forward")
+    """
+    res = _run(code, {"GRADREG_KERNELS_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr
+    assert log.read_text() == "build\n"
 
 
 def test_no_compiler_gives_clear_error_and_portable_backend_works(tmp_path):

@@ -159,13 +159,31 @@ def load_extension(verbose: bool = False) -> ModuleType:
     out = cache_root() / f"cpu-{key}"
     name = f"{EXT_PREFIX}_{key}"
     so = out / f"{name}.so"
-    if (out / _STAMP).is_file() and so.is_file():
-        return _import_so(name, so)
+    module = _import_built(name, out, so)
+    if module is not None:
+        return module
     _check_toolchain()
-    with _locked(cache_root() / f"cpu-{key}.lock"):
-        if not ((out / _STAMP).is_file() and so.is_file()):
-            return _build(name, out, verbose)
-    return _import_so(name, so)
+    with _locked(cache_root() / f"cpu-{key}.lock"):  # flock: a killed holder releases it
+        module = _import_built(name, out, so)  # another process may have built it meanwhile
+        return module if module is not None else _build(name, out, verbose)
+
+
+def _stamp_of(so: Path) -> str:
+    """What the stamp records of a finished build: the library's name, size and SHA-256."""
+    return f"{so.name}\n{so.stat().st_size}\n{hashlib.sha256(so.read_bytes()).hexdigest()}\n"
+
+
+def _import_built(name: str, out: Path, so: Path) -> ModuleType | None:
+    """The cached module, or None when there is none or its library is not the one the
+    build finished with (truncated or corrupted on disk by a crash or a full disk, which
+    would crash the process when loaded): it is rebuilt then."""
+    stamp = out / _STAMP
+    if not (stamp.is_file() and so.is_file()) or stamp.read_text() != _stamp_of(so):
+        return None
+    try:
+        return _import_so(name, so)
+    except (ImportError, OSError):
+        return None
 
 
 def _build(name: str, out: Path, verbose: bool) -> ModuleType:
@@ -180,5 +198,5 @@ def _build(name: str, out: Path, verbose: bool) -> ModuleType:
                       build_directory=str(out), verbose=verbose)
     except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
         raise CpuBuildError(f"building the C++ CPU extension in {out} failed: {e}") from e
-    _write_atomic(out / _STAMP, f"{name}\n")
+    _write_atomic(out / _STAMP, _stamp_of(out / f"{name}.so"))
     return module
