@@ -142,3 +142,13 @@ def test_bn_train_single_value_per_channel():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         gradreg_loss(model, torch.randn(1, 4), torch.tensor([0]), 1.0)
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 2), nn.InstanceNorm2d(2, affine=True)])
+def test_norms_over_single_values_are_refused_as_torch_refuses(norm):
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), norm, nn.Flatten(), nn.Linear(2, 3))
+    x = torch.randn(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="expected more than 1 (value per channel|spatial)"):
+        gradreg_loss(model, x, torch.tensor([0]), 1.0)
+    with pytest.raises(ValueError, match="[Ee]xpected more than 1"):
+        model(x)  # torch's own forward refuses the same input
