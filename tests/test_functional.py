@@ -302,3 +302,53 @@ def test_nested_functions_skip_autograd_bookkeeping_without_a_graph(monkeypatch)
         y = conv2d_act(x, w, None, padding=1, act="tanh", backend="torch")
     assert y.grad_fn is None
     assert torch.equal(y, conv2d_act(x, w, None, padding=1, act="tanh", backend="torch").detach())
+
+
+class _Counting:
+    """The cpu backend's extension with every kernel call counted."""
+
+    def __init__(self, ext) -> None:
+        self.ext, self.calls = ext, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.ext, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "softplus", "tanh", "sigmoid", "gelu",
+                                 "elu", "silu", "mish", "hardswish"])
+def test_second_derivatives_on_the_cpu_kernels_match_float64(act, monkeypatch):
+    """float32 on the C++ kernels (float64 gradcheck runs the portable ones): the first and
+    second derivatives of bias_act / linear_act equal float64 autograd of torch's own ops,
+    and the extension's kernels are what ran (counted)."""
+    from gradreg_kernels.backends.cpu import available
+
+    if available() is not None:
+        pytest.skip(f"cpu backend unavailable: {available()}")
+    bk = get_backend("cpu", torch.device("cpu"))
+    counting = _Counting(bk.ext)
+    monkeypatch.setattr(bk, "ext", counting)
+    args, ref = ACTS[act]
+    g = torch.Generator().manual_seed(len(act))
+    x, w, b = (torch.randn(*s, generator=g) for s in ((7, 9), (6, 9), (6,)))
+    v = torch.randn(7, 9, generator=g)
+
+    def second(fn, x, w, b):
+        x, w, b = (t.detach().requires_grad_(True) for t in (x, w, b))
+        y = fn(x, w, b)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad((gx * v.to(gx.dtype)).sum(), (x, w, b))
+
+    got = second(lambda x, w, b: linear_act(x, w, b, act, args, backend="cpu"), x, w, b)
+    want = second(lambda x, w, b: ref(F.linear(x, w, b)), x.double(), w.double(), b.double())
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+    calls = counting.calls
+    assert calls.get("mask_forward", 0) + calls.get("smooth_value", 0) == 1, calls
+    assert sum(calls.get(k, 0) for k in ("mask_apply", "z_mul_add", "output_mul_add",
+                                         "z_tangent", "output_tangent")) >= 2, calls
