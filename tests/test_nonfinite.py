@@ -156,3 +156,30 @@ def test_a_label_outside_the_classes_never_wraps(backend, label):
         return
     out = gradreg_loss(net, x, y, 0.5, backend=backend, check_finite=False)
     assert math.isnan(float(out.ce)) and math.isnan(float(out.loss))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_special_values_through_every_forward_kernel(backend, where):
+    """NaN / ±inf / 1e30 in the input or a weight, through convolution, batch norm, an
+    activation, max pooling, average pooling, dropout, a Linear and the softmax head: the
+    fused step's logits and loss parts have torch's forward's NaNs and infinities."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ELU(),
+                        nn.MaxPool2d(2), nn.AvgPool2d(1), nn.Dropout(0.3), nn.Flatten(),
+                        nn.Linear(3 * 2 * 2, 4), nn.Softplus(), nn.Linear(4, 3))
+    x = torch.randn(5, 2, 4, 4)
+    if where == "input":
+        x[0, 0, 0, 0], x[1, 1, 2, 3], x[3, 0, 1, 1] = math.nan, math.inf, -1e30
+    else:
+        with torch.no_grad():
+            net[7].weight[1, 2] = math.inf
+    y = torch.tensor([0, 1, 2, 0, 1])
+    torch.manual_seed(1)
+    out = gradreg_loss(net, x, y, 0.5, backend=backend, check_finite=False)
+    torch.manual_seed(1)
+    ref = net(x)
+    _same_values(out.logits, ref.detach())
+    ce = nn.functional.cross_entropy(ref, y)
+    assert math.isnan(float(out.ce)) == math.isnan(float(ce))
+    assert math.isinf(float(out.ce)) == math.isinf(float(ce))
