@@ -563,7 +563,9 @@ def test_two_processes_building_at_once_build_once(bk, tmp_path):
             with open({str(log)!r}, "a") as f:
                 f.write("build\\n")
             out.mkdir(parents=True, exist_ok=True)
-            time.sleep(1.5)
+            t0 = time.time()  # hold the lock until the other process asks too (or 120 s)
+            while open({str(log)!r}).read().count("enter") < 2 and time.time() - t0 < 120:
+                time.sleep(0.05)
             shutil.copy({str(real_so)!r}, out / (name + ".so"))
             (out / cpu_build._STAMP).write_text(cpu_build._stamp_of(out / (name + ".so")))
             return cpu_build._import_so(name, out / (name + ".so"))
