@@ -5,6 +5,7 @@ gives, and ``NonFiniteLossError`` exactly where the plain-autograd loss is non-f
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -183,3 +184,19 @@ def test_special_values_through_every_forward_kernel(backend, where):
     ce = nn.functional.cross_entropy(ref, y)
     assert math.isnan(float(out.ce)) == math.isnan(float(ce))
     assert math.isinf(float(out.ce)) == math.isinf(float(ce))
+
+
+def test_batch_norm_statistics_of_values_near_float_range():
+    """A convolution with weights of 1e38 feeds batch norm values whose squares overflow
+    float: the cpu backend's statistics fall back to double accumulation for that channel
+    and the loss is the float64 oracle's (it was NaN)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 2, 1, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
+    with torch.no_grad():
+        net[0].weight.mul_(1e38)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 2, 3, 3, generator=g), torch.tensor([0, 2])
+    ref = oracle_loss(copy.deepcopy(net).double(), x.double(), y, 0.5)[0]
+    out = gradreg_loss(copy.deepcopy(net), x, y, 0.5, backend="cpu")
+    assert abs(float(out.loss) - float(ref)) <= 1e-4 * abs(float(ref))

@@ -73,6 +73,21 @@ inline float sum_sq_dev(const float* __restrict a, float m, int64_t n) {
   return s;
 }
 
+// The same sums accumulated in double, for a channel whose float row sums overflowed
+// (values near float's range, as torch's own kernel, which accumulates in double, still
+// normalizes): rare, so the fast float loops serve every other channel.
+inline double sum1_double(const float* __restrict a, int64_t n) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += a[j];
+  return s;
+}
+
+inline double sum_sq_dev_double(const float* __restrict a, double m, int64_t n) {
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += (a[j] - m) * (a[j] - m);
+  return s;
+}
+
 inline void sum_and_dot(const float* __restrict v, const float* __restrict x, int64_t n,
                         double& sv, double& sxv) {
   float a = 0.f, b = 0.f;
@@ -167,9 +182,18 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
   per_channel(L, [&](int64_t c) {
     double sum = 0.0;
     rows(L, c, [&](int64_t o) { sum += sum1(ap + o, L.s); });
-    const float m = static_cast<float>(sum / L.count());
+    if (!std::isfinite(sum)) {  // overflowed in float, or a NaN / inf value: redone in double
+      sum = 0.0;
+      rows(L, c, [&](int64_t o) { sum += sum1_double(ap + o, L.s); });
+    }
+    const double md = sum / L.count();
+    const float m = static_cast<float>(md);
     double sq = 0.0;
     rows(L, c, [&](int64_t o) { sq += sum_sq_dev(ap + o, m, L.s); });
+    if (!std::isfinite(sq)) {
+      sq = 0.0;
+      rows(L, c, [&](int64_t o) { sq += sum_sq_dev_double(ap + o, md, L.s); });
+    }
     const double v = sq / L.count();
     const float inv = static_cast<float>(1.0 / std::sqrt(v + eps));
     const float gc = g ? g[c] : 1.f, bc = b ? b[c] : 0.f;
