@@ -26,7 +26,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -87,7 +87,6 @@ class Plan:
     steps: list[Step]
     n_slots: int
     out: int
-    paths: list[str] = field(default_factory=list)
 
 
 # --- what is a leaf, and a module's rule ---------------------------------------------------
@@ -482,7 +481,7 @@ class _Builder:
         for i, st in enumerate(steps):
             st.free_fwd = tuple(s for s in set(st.ins) if last_fwd[s] == i and s != out)
             st.free_tan = tuple(s for s in set(st.ins) if last_tan.get(s) == i and s != out)
-        return Plan(steps, self.n_slots, out, [s.path for s in steps if s.host is None])
+        return Plan(steps, self.n_slots, out)
 
     def check_inplace(self) -> Unsupported | None:
         """An in-place write into v is what eager computes when no view of v, and nothing v
@@ -525,7 +524,7 @@ def _single(model: nn.Module) -> Plan | Unsupported:
     if isinstance(made, str):
         return Unsupported("<model>", type(model).__name__, made)
     step = Step((0,), 1, "<model>", make=lambda bk, env, _m=made: _m(bk), n_tensor_ins=1)
-    return Plan([step], 2, 1, ["<model>"])
+    return Plan([step], 2, 1)
 
 
 def build_plan(model: nn.Module) -> Plan | Unsupported:
