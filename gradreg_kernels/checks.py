@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -165,6 +165,32 @@ def check_finite_input(x: Tensor, mask: Tensor | None,
         raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
     if mask is not None and not finite(mask):
         raise ValueError("mask holds non-finite values")
+
+
+def all_finite_many(ts: Sequence[Tensor]) -> bool:
+    """Whether every value of every tensor is finite: one sum of their sums (one read-back),
+    finite unless a value is not or the sum overflows; only then each tensor is swept."""
+    if not ts:
+        return True
+    total = torch.stack([t.detach().sum().to(torch.float32) for t in ts]).sum()
+    return math.isfinite(float(total)) or all(all_finite(t.detach()) for t in ts)
+
+
+def check_finite_params(model: nn.Module, params: list[nn.Parameter],
+                        finite_many: Callable[[Sequence[Tensor]], bool] = all_finite_many
+                        ) -> None:
+    """Every trainable parameter holds no NaN or ±inf: a diverged model gets an error naming
+    the parameter, where its NaN would otherwise meet kernels (torch's as ours) whose
+    answer at NaN and ±inf is a choice of each formula and could read as finite."""
+    if finite_many(params):
+        return
+    for p in params:
+        if not all_finite(p.detach()):
+            name = next((n for n, q in model.named_parameters() if q is p), "?")
+            bad = int((~torch.isfinite(p.detach())).sum())
+            raise ValueError(f"parameter {name!r} holds {bad} non-finite values (the model "
+                             "has diverged: restore a checkpoint, lower the learning rate or "
+                             "lam)")
 
 
 def check_finite_loss(loss: Tensor, data: Tensor, penalty: Tensor) -> None:

@@ -60,16 +60,25 @@ class _Runner:
         pen_sum, seed = self.bk.penalty_terms(g, mask)
         self.data = ev.data.mean()
         self.penalty = pen_sum.div_(b)  # a fresh 0-dim sum: divided in place
-        data = self.data if self.w == 1.0 else self.data.mul(self.w)
-        if self.lam <= torch.finfo(self.penalty.dtype).max:
-            loss = data.add(self.penalty, alpha=self.lam)
-        else:  # alpha must fit the dtype; λ · penalty then overflows to inf, and is reported
-            loss = data.add(self.penalty.mul(self.lam))
+        loss = self._weighted_sum()
         if self.check_finite:
             checks.check_finite_loss(loss, self.data, self.penalty)
         self.logits, self.data_grad = z, ev.data_grad
         self.g = None if self.lam == 0 else seed
         return loss
+
+    def _weighted_sum(self) -> Tensor:
+        """w · data + λ · penalty, where a weight of exactly 0 removes its term (a non-finite
+        term under a zero weight is absent, not 0 · inf = NaN)."""
+        if self.w == 0.0:  # λ > 0 then (both 0 is refused)
+            return self.penalty.mul(self.lam)
+        data = self.data if self.w == 1.0 else self.data.mul(self.w)
+        if self.lam == 0.0:
+            return data.clone() if data is self.data else data
+        if self.lam <= torch.finfo(self.penalty.dtype).max:
+            return data.add(self.penalty, alpha=self.lam)
+        # alpha must fit the dtype; λ · penalty then overflows to inf, and is reported
+        return data.add(self.penalty.mul(self.lam))
 
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
         if self.data_grad is None:
@@ -159,7 +168,10 @@ def gradreg_loss(
         backend: "auto", "torch" or a registered fast backend.
         strict: raise UnsupportedModelError instead of falling back.
         value_weight: weight w of the data term (0 gives the penalty alone, e.g. for R1).
-        check_finite: check x, mask and labels, and raise NonFiniteLossError on a NaN/inf
+            A weight of exactly 0 (``lam`` or ``value_weight``) removes its term: a
+            non-finite term under it is absent, not 0 · inf = NaN. Both 0 is an error.
+        check_finite: check x, mask, labels and the trainable parameters (a ValueError
+            naming the first non-finite one), and raise NonFiniteLossError on a NaN/inf
             loss before any gradient is produced (each check syncs with the device).
         keep_saved: keep every saved tensor until the graph is freed, so that backward can
             run more than once (retain_graph=True, gradcheck); by default what the passes
@@ -180,6 +192,9 @@ def gradreg_loss(
         y = checks.check_labels(y, x)
     mask = checks.check_mask(mask, x)
     value_weight = checks.check_value_weight(value_weight)
+    if lam == 0.0 and value_weight == 0.0:
+        raise ValueError("lam and value_weight are both 0: the loss would be identically 0 "
+                         "(a zero weight removes its term); give at least one a weight")
 
     plan = plan_of(model)
     fused = not isinstance(plan, Unsupported)
@@ -187,6 +202,8 @@ def gradreg_loss(
     bk = get_backend(backend, x.device) if fused else None
     if check_finite:
         checks.check_finite_input(x, mask, bk.all_finite if fused else checks.all_finite)
+        checks.check_finite_params(model, params,
+                                   bk.all_finite_many if fused else checks.all_finite_many)
     if not fused:
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
@@ -221,7 +238,12 @@ def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, he
                    ) -> GradRegOutput:
     data, pen, z = autograd_terms(model, x, y, head, mask, check_finite)
     data_mean, pen_mean = data.mean(), pen.mean()
-    loss = value_weight * data_mean + lam * pen_mean
+    if value_weight == 0.0:  # a zero weight removes its term, as in the fused step
+        loss = lam * pen_mean
+    elif lam == 0.0:
+        loss = value_weight * data_mean
+    else:
+        loss = value_weight * data_mean + lam * pen_mean
     if check_finite:
         checks.check_finite_loss(loss.detach(), data_mean.detach(), pen_mean.detach())
     return GradRegOutput(loss, data_mean.detach(), pen_mean.detach(), z.detach(), "autograd")

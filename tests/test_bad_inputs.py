@@ -113,10 +113,20 @@ def test_large_finite_x_whose_sum_overflows_is_accepted():
 
 def test_non_finite_loss_is_reported_before_any_gradient(model):
     with torch.no_grad():
-        model[0].weight[0, 0] = math.inf
+        model[2].weight.fill_(1e38)  # finite weights whose logits overflow
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         gradreg_loss(model, X, Y, 1.0)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_non_finite_parameter_is_named(model, bad):
+    with torch.no_grad():
+        model[2].bias[1] = bad
+    with pytest.raises(ValueError, match=r"parameter '2.bias' holds 1 non-finite values"):
+        gradreg_loss(model, X, Y, 1.0)
+    assert all(p.grad is None for p in model.parameters())
+    gradreg_loss(model, X, Y, 1.0, check_finite=False)  # unchecked: runs
 
 
 def test_unknown_head_and_backend(model):

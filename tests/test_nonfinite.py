@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradreg_kernels import NonFiniteLossError, get_backend, gradreg_loss
-from gradreg_kernels.rules.activation_math import spec_by_name
+from gradreg_kernels.rules.activation_math import autograd_derivatives, spec_by_name
 from reference import oracle_loss
 
 SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30, 3.5, -2.25,
@@ -53,6 +53,35 @@ def test_activation_forward_maps_special_values_as_torch(kind, backend):
         ref = spec.value(z.clone())  # torch's own function
     y, _ = bk.act_forward(spec, z.clone())
     _same_values(y, ref)
+
+
+#: finite values where the kernels' clamps and saturations meet torch's formulas
+HUGE = [1e30, -1e30, 1e25, -1e25, 1e10, -1e10, 100.0, -100.0, 30.0, -30.0, 20.5, -20.5, 15.0,
+        -15.0, 88.0, -88.0, 1e-40, -1e-40, 3.5, -2.25]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(map(str, k)))
+def test_activation_derivatives_at_huge_values_are_torch_autograds(kind, backend):
+    """σ' ⊙ d (chain) and σ'' ⊙ u ⊙ r (tangent) at large finite z equal torch autograd's
+    σ', σ'' there (NaN where torch's formula gives NaN): a clamped exp or tanh that leaves
+    1 − t² at 2e-17 instead of 0 makes z (1 − t²) huge at z = 1e10. Where torch's own double
+    backward breaks down (Mish's σ'' is NaN above z = 100), σ'' is its limit 0."""
+    spec = spec_by_name(*kind)
+    bk = get_backend(backend, torch.device("cpu"))
+    z = torch.tensor(HUGE * 3, dtype=torch.float32)
+    d1, d2 = autograd_derivatives(spec, z)
+    _, saved = bk.act_forward(spec, z.clone())
+    ones = torch.ones_like(z)
+    chain = bk.act_chain(spec, saved, ones.clone())
+    _same_values(chain, d1)
+    if spec.smooth:
+        _, s = bk.act_tangent(spec, saved, ones.clone(), ones.clone())
+        if spec.name == "mish":
+            broken = torch.isnan(d2) & (z >= 100)
+            assert (s[broken] == 0).all()
+            s, d2 = s[~broken], d2[~broken]
+        _same_values(s, d2)
 
 
 def _tanh_net(scale: float = 1.0) -> nn.Sequential:
@@ -102,6 +131,32 @@ def test_an_overflow_inside_the_network_is_a_nonfinite_loss_error(backend):
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         gradreg_loss(net, x, y, 0.5, backend=backend)
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_zero_weight_removes_its_term_even_where_the_term_is_infinite(backend):
+    """A critic whose score overflows to +inf while its input gradient is exactly 0 (tanh
+    saturated): with value_weight=0 the loss is λ · penalty = 0, not 0 · inf = NaN, and the
+    step runs; with lam=0 and the score's weight, the loss is the score (+inf), reported."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(1e38)
+        net[2].weight.fill_(1e38)
+    x = torch.rand(4, 6) + 0.5
+    out = gradreg_loss(net, x, None, 0.5, head="output", backend=backend, value_weight=0.0)
+    assert math.isinf(float(out.ce)) and float(out.penalty) == 0.0
+    assert float(out.loss) == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    with pytest.raises(NonFiniteLossError):
+        gradreg_loss(net, x, None, 0.0, head="output", backend=backend)
+
+
+def test_both_weights_zero_is_a_named_error():
+    net = _tanh_net()
+    with pytest.raises(ValueError, match="lam and value_weight are both 0"):
+        gradreg_loss(net, torch.randn(2, 6), torch.tensor([0, 1]), 0.0, value_weight=0.0)
 
 
 @pytest.mark.parametrize("w", [math.nan, math.inf, -math.inf])

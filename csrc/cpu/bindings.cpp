@@ -31,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("s") = pybind11::none());
   m.def("sum_squares", &gradreg::sum_squares, "Σ t² as a 0-dim tensor (double accumulation)");
   m.def("all_finite", &gradreg::all_finite, "whether every value of t is finite");
+  m.def("all_finite_many", &gradreg::all_finite_many,
+        "whether every value of every tensor is finite (one thread)");
   m.def("channel_dot", &gradreg::channel_dot, "Σ a ⊙ b per channel of (N, C, S) operands");
   m.def("thin_linear", &gradreg::thin_linear, "a Wᵀ (+ b) for a few outputs",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());

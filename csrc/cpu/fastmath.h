@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace gradreg {
 
@@ -38,7 +39,9 @@ GRADREG_ELEMENT int32_t float_to_bits(float f) {
   return i;
 }
 
-// e^x for x in [−87.3, 88.3], saturating outside (no branches, no subnormals, no inf).
+// e^x for x in [−87.3, 88.3]; 0 below (where e^x is at most subnormal) and +inf above, as
+// the true value rounds, so that z · σ(z)-style products vanish at huge |z| as torch's do.
+// No branches (the two ends are selects), no subnormals.
 GRADREG_ELEMENT float fast_exp(float x) {
   const float xc = min_f(max_f(x, -87.3f), 88.3f);
   // round to nearest by the 1.5·2^23 trick (|k| ≤ 128)
@@ -53,7 +56,8 @@ GRADREG_ELEMENT float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  return p * bits_to_float((static_cast<int32_t>(k) + 127) << 23);
+  const float v = p * bits_to_float((static_cast<int32_t>(k) + 127) << 23);
+  return x < -87.3f ? 0.f : (x > 88.3f ? std::numeric_limits<float>::infinity() : v);
 }
 
 // log(1 + e) for e ≥ 0 (what softplus needs).

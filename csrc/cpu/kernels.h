@@ -75,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> transpose_cat_sum(const std::vector<at::Tenso
 // ---- whole-tensor reductions ---------------------------------------------------------
 at::Tensor sum_squares(const at::Tensor& t);
 bool all_finite(const at::Tensor& t);
+bool all_finite_many(const std::vector<at::Tensor>& ts);
 
 // ---- shared checks -------------------------------------------------------------------
 void check_f32(const at::Tensor& t, const char* what);

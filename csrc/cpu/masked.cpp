@@ -1,6 +1,9 @@
 // Piecewise-linear steps with a packed bit mask: ReLU / LeakyReLU (σ' ∈ {1, slope}) and
 // Dropout (m ∈ {0, 1/(1-p)}). Forward saves 1 bit per element (bit i%8 of byte i/8); every
-// later pass is out = t ⊙ (bit ? hi : lo) in one sweep. With AVX-512 a 16-lane compare gives
+// later pass is out = bit ? t·hi : t·lo in one sweep, a select as torch's backward is: with
+// lo = 0 an off element is exactly 0 even where t is NaN or ±inf. The bit at a NaN z is
+// torch's choice: ReLU's backward reads its output (NaN <= 0 is false: on), LeakyReLU's
+// reads z > 0 (false: the slope). With AVX-512 a 16-lane compare gives
 // 16 mask bits at once and a masked blend applies them; elsewhere the selects are arithmetic,
 // not branches (the bits are random: a mispredicted branch per element would cost more
 // than the whole sweep).
@@ -24,16 +27,19 @@ at::Tensor empty_bits(int64_t n, const at::Tensor& like) {
   return at::empty({(n + 7) / 8}, like.options().dtype(at::kByte));
 }
 
-// Elements [16 g0, min(16 g1, n)) of y = max(z, 0) + lo·min(z, 0) and their bits.
+// Elements [16 g0, min(16 g1, n)) of y = max(z, 0) + lo·min(z, 0) and their bits: !(z <= 0)
+// for ReLU (lo = 0), z > 0 for LeakyReLU. y at a non-finite z is fixed up by the caller.
 void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t* __restrict bits,
                         float lo, int64_t g0, int64_t g1, int64_t n) {
   int64_t i = g0 * 16;
   const int64_t end = std::min(g1 * 16, n);
 #if defined(__AVX512F__)
   const __m512 zero = _mm512_setzero_ps(), l = _mm512_set1_ps(lo);
+  const bool relu = lo == 0.f;
   for (; i + 16 <= end; i += 16) {
     const __m512 v = _mm512_loadu_ps(z + i);
-    const __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+    const __mmask16 m = relu ? _mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ)
+                             : _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
     _mm512_storeu_ps(y + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), v));
     const uint16_t mb = static_cast<uint16_t>(m);
     std::memcpy(bits + i / 8, &mb, 2);
@@ -45,7 +51,8 @@ void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t*
     for (int64_t k = 0; k < m; ++k) {
       const float v = z[i + k];
       y[i + k] = std::fmax(v, 0.f) + lo * std::fmin(v, 0.f);
-      byte |= static_cast<uint8_t>(v > 0.f) << k;
+      const bool on = lo == 0.f ? !(v <= 0.f) : v > 0.f;
+      byte |= static_cast<uint8_t>(on) << k;
     }
     bits[i / 8] = byte;
   }
@@ -63,12 +70,14 @@ void mask_apply_range(const uint8_t* __restrict bits, const float* __restrict t,
     std::memcpy(&mb, bits + i / 8, 2);
     const __m512 v = _mm512_loadu_ps(t + i);
     const __mmask16 m = static_cast<__mmask16>(mb);
-    _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), _mm512_mul_ps(v, h)));
+    const __m512 off = lo == 0.f ? _mm512_setzero_ps() : _mm512_mul_ps(v, l);
+    _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(m, off, _mm512_mul_ps(v, h)));
   }
 #endif
   for (; i < end; ++i) {
-    const float on = static_cast<float>((bits[i >> 3] >> (i & 7)) & 1);
-    out[i] = t[i] * (lo + (hi - lo) * on);
+    const bool on = (bits[i >> 3] >> (i & 7)) & 1;
+    const float off = lo == 0.f ? 0.f : t[i] * lo;
+    out[i] = on ? t[i] * hi : off;
   }
 }
 

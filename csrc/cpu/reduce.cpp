@@ -1,7 +1,9 @@
 // Whole-tensor reductions of the step's scalars, in one sweep each with no temporary:
 //   sum_squares: Σ t² (the penalty ‖g‖² summed over the batch), accumulated in double;
 //   all_finite:  whether no value is NaN or ±inf (the input check), as Σ (t − t), which is
-//                0 for finite values and NaN as soon as one value is not.
+//                0 for finite values and NaN as soon as one value is not;
+//   all_finite_many: the same over a list of small tensors (the parameters) in one call and
+//                one thread (a task per tensor would cost more than its sweep).
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 
@@ -54,6 +56,18 @@ bool all_finite(const at::Tensor& t) {
     return static_cast<double>(s);
   });
   return !std::isnan(total);
+}
+
+bool all_finite_many(const std::vector<at::Tensor>& ts) {
+  float s = 0.f;
+  for (const auto& t : ts) {
+    check_f32(t, "t");
+    const float* p = t.data_ptr<float>();
+    const int64_t n = t.numel();
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += p[i] - p[i];
+  }
+  return !std::isnan(s);
 }
 
 }  // namespace gradreg

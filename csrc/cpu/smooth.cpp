@@ -41,7 +41,8 @@ GRADREG_ELEMENT Derivs softplus(float z, float beta, float threshold) {
 }
 
 // tanh x and 1 − tanh² x from E = e^{2x}: t = (E − 1)/(E + 1), 1 − t² = 4E/(E + 1)²
-// (no cancellation where |t| → 1); |2x| is clamped at 40, where t = ±1 in float.
+// (no cancellation where |t| → 1); |2x| is clamped at 40, where t = ±1 in float and
+// 1 − t² is 0 as torch computes it (so that z (1 − t²) vanishes at huge z, as torch's).
 struct TanhPair {
   float t, g;
 };
@@ -49,7 +50,8 @@ struct TanhPair {
 GRADREG_ELEMENT TanhPair tanh_pair(float x) {
   const float e = fast_exp(min_f(max_f(2.f * x, -40.f), 40.f));
   const float inv = 1.f / (e + 1.f);
-  return {(e - 1.f) * inv, 4.f * e * inv * inv};
+  const float g = std::fabs(x) >= 20.f ? 0.f : 4.f * e * inv * inv;
+  return {(e - 1.f) * inv, g};
 }
 
 GRADREG_ELEMENT Derivs tanh_(float z) {
@@ -73,8 +75,10 @@ GRADREG_ELEMENT Derivs gelu_tanh(float z) {
   const float t = p.t, g = p.g;
   const float du = kSqrt2OverPi * (1.f + 3.f * kGeluC * z * z);
   const float ddu = 6.f * kSqrt2OverPi * kGeluC * z;
-  return {0.5f * z * (1.f + t), 0.5f * (1.f + t) + 0.5f * z * g * du,
-          g * (du + 0.5f * z * (ddu - 2.f * t * du * du))};
+  // g (z ...) first: where g = 0 the products stay 0 until du itself overflows (torch: NaN)
+  const float gz = g * z;
+  return {0.5f * z * (1.f + t), 0.5f * (1.f + t) + 0.5f * gz * du,
+          g * du + 0.5f * gz * ddu - gz * t * du * du};
 }
 
 GRADREG_ELEMENT Derivs elu(float z, float alpha) {
@@ -94,13 +98,14 @@ GRADREG_ELEMENT Derivs silu(float z) {
 // σ' = t + z s g, σ'' = s g (2 + z (1 − s − 2 t s)).
 // All from w = e^z, with no log and no cancellation: (1 + w)² = n + 1 for n = w (w + 2), so
 // t = n/(n + 2), g = 4 (n + 1)/(n + 2)², s = w/(1 + w); for z above 20, t = s = 1 in float and
-// g ≈ 4 e^{−2z} is below 2e-17 (w is clamped there so that n stays finite).
+// g ≈ 4 e^{−2z} is below 2e-17 and taken as 0, as torch's 1 − t² is (w is clamped there so
+// that n stays finite).
 GRADREG_ELEMENT Derivs mish(float z) {
   const float w = fast_exp(min_f(z, 20.f));
   const float n = w * (w + 2.f);
   const float inv = 1.f / (n + 2.f);
   const float t = n * inv;
-  const float g = 4.f * (n + 1.f) * inv * inv;
+  const float g = z > 20.f ? 0.f : 4.f * (n + 1.f) * inv * inv;
   const float s = w / (1.f + w);
   const float sg = s * g;
   return {z * t, t + z * sg, sg * (2.f + z * (1.f - s - 2.f * t * s))};

@@ -18,7 +18,8 @@ constexpr float kGeluC = 0.044715f;
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Mish from w = e^z alone (no log, no cancellation): n = w (w + 2), t = tanh(softplus z) =
-// n/(n + 2), 1 − t² = 4 (n + 1)/(n + 2)², s = sigmoid z = w/(1 + w); w clamped at e^20.
+// n/(n + 2), 1 − t² = 4 (n + 1)/(n + 2)², s = sigmoid z = w/(1 + w); w clamped at e^20,
+// above which 1 − t² is 0, as torch's is (so that z (1 − t²) vanishes at huge z).
 struct MishParts {
   float t, g, s;
 };
@@ -27,7 +28,7 @@ __device__ __forceinline__ MishParts mish_parts(float z) {
   float w = expf(fminf(z, 20.0f));
   float n = w * (w + 2.0f);
   float inv = 1.0f / (n + 2.0f);
-  return {n * inv, 4.0f * (n + 1.0f) * inv * inv, w / (1.0f + w)};
+  return {n * inv, z > 20.0f ? 0.0f : 4.0f * (n + 1.0f) * inv * inv, w / (1.0f + w)};
 }
 
 __device__ float act_value(float z, int act, float p0, float p1) {
@@ -104,7 +105,9 @@ __device__ float act_d2(float z, int act, float p0, float p1) {
       float t = tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z));
       float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluC * z * z);
       float ddu = 6.0f * kSqrt2OverPi * kGeluC * z;
-      return (1.0f - t * t) * (du + 0.5f * z * (ddu - 2.0f * t * du * du));
+      float g = 1.0f - t * t;
+      float gz = g * z;  // first: where t = ±1 the products stay 0 until u' overflows
+      return g * du + 0.5f * gz * ddu - gz * t * du * du;
     }
     case 7: return z > 0.0f ? 0.0f : p0 * expf(fminf(z, 0.0f));
     case 8: {
@@ -133,7 +136,9 @@ __global__ void act_forward_kernel(const T* __restrict__ z, T* __restrict__ y,
     if (isinf(v)) out = v > 0.0f ? v_pos : v_neg;
     if (isnan(v)) out = v;
     y[i] = from_f32<T>(out);
-    if (mask != nullptr) mask[i] = v > 0.0f ? 1 : 0;
+    // torch's bit at a NaN: ReLU's backward reads its output (NaN <= 0 is false: on),
+    // LeakyReLU's reads z > 0 (false: the slope)
+    if (mask != nullptr) mask[i] = (act == 0 ? !(v <= 0.0f) : v > 0.0f) ? 1 : 0;
   }
 }
 
@@ -146,13 +151,13 @@ __global__ void act_chain_kernel(const void* __restrict__ saved, bool mask_state
   const T* z = static_cast<const T*>(saved);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
-    float g;
-    if (mask_state) {
-      g = m[i] ? 1.0f : (act == 1 ? p0 : 0.0f);
+    float v;
+    if (mask_state) {  // a select, as torch's: an off ReLU element is 0 even at a NaN d
+      const float dv = to_f32(d[i]);
+      v = m[i] ? dv : (act == 1 ? p0 * dv : 0.0f);
     } else {
-      g = act_d1(to_f32(z[i]), act, p0, p1);
+      v = act_d1(to_f32(z[i]), act, p0, p1) * to_f32(d[i]);
     }
-    float v = g * to_f32(d[i]);
     if (s != nullptr) v += to_f32(s[i]);
     out[i] = from_f32<T>(v);
   }

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rules.activation_math import ActivationSpec, derivs_from_output
+from ..rules.activation_math import ActivationSpec, autograd_derivatives, derivs_from_output
 from .cpu_build import CpuBuildError, load_extension
 from .torch_ops import ConvGeom, TorchBackend, _chan
 
@@ -124,16 +124,33 @@ class _Kept:
     p0: float
     p1: float
     from_output: bool
+    #: (flat indices of the non-finite z, torch's σ' there, torch's σ'' there), or None:
+    #: the sweeps' formulas are exact for finite z only, and these few are set after them
+    special: tuple[Tensor, Tensor, Tensor] | None = None
 
     def mul_add(self, ext, t: Tensor, s: Tensor | None) -> Tensor:
         """σ' ⊙ t (+ s)."""
         f = ext.output_mul_add if self.from_output else ext.z_mul_add
-        return f(self.tensor, t, s, self.kind, self.p0, self.p1)
+        if self.special is None:
+            return f(self.tensor, t, s, self.kind, self.p0, self.p1)
+        idx, d1, _ = self.special
+        fix = d1 * t.reshape(-1)[idx]
+        if s is not None:
+            fix = fix + s.reshape(-1)[idx]
+        out = f(self.tensor, t, s, self.kind, self.p0, self.p1)
+        out.view(-1)[idx] = fix
+        return out
 
     def tangent(self, ext, r: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """(σ' ⊙ r, σ'' ⊙ u ⊙ r)."""
         f = ext.output_tangent if self.from_output else ext.z_tangent
-        return f(self.tensor, r, u, self.kind, self.p0, self.p1)
+        out, s = f(self.tensor, r, u, self.kind, self.p0, self.p1)
+        if self.special is not None:
+            idx, d1, d2 = self.special
+            rv = r.reshape(-1)[idx]
+            out.view(-1)[idx] = d1 * rv
+            s.view(-1)[idx] = d2 * u.reshape(-1)[idx] * rv
+        return out, s
 
 
 def _pair(v) -> tuple[int, int]:
@@ -276,9 +293,14 @@ class CpuBackend(TorchBackend):
         if kind is None:
             return super().act_forward(spec, z)
         p = tuple(spec.params) + (0.0, 0.0)
-        y = self._as_torch_where_not_finite(spec, z, self.ext.smooth_value(z, kind, p[0], p[1]))
+        y = self.ext.smooth_value(z, kind, p[0], p[1])
+        special = None
+        if not self.ext.all_finite(z):
+            idx = torch.nonzero(~torch.isfinite(z.reshape(-1))).squeeze(1)
+            y.view(-1)[idx] = spec.value(z.reshape(-1)[idx])
+            special = (idx, *autograd_derivatives(spec, z.reshape(-1)[idx]))
         from_output = derivs_from_output(spec)
-        return y, _Kept(y if from_output else z, kind, p[0], p[1], from_output)
+        return y, _Kept(y if from_output else z, kind, p[0], p[1], from_output, special)
 
     def _as_torch_where_not_finite(self, spec: ActivationSpec, z: Tensor, y: Tensor) -> Tensor:
         """y with torch's own σ at every NaN / ±inf of z. The kernels' branch-free forms
@@ -345,6 +367,13 @@ class CpuBackend(TorchBackend):
         if not _fast(t):
             return super().all_finite(t)
         return self.ext.all_finite(t)
+
+    def all_finite_many(self, ts: Sequence[Tensor]) -> bool:
+        """All of the tensors finite, in one call and one thread (the parameters)."""
+        ts = [t.detach() for t in ts]
+        if not all(_fast(t) for t in ts):
+            return super().all_finite_many(ts)
+        return self.ext.all_finite_many(ts)
 
     def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Without a mask: Σ g² in one sweep (double accumulation) and g itself as the seed."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
-from ..rules.activation_math import ActivationSpec
+from ..rules.activation_math import ActivationSpec, autograd_derivatives
 from ..rules.base import channel_sum, scale_fresh
 
 ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
@@ -115,10 +116,19 @@ class TorchBackend:
 
     # ---- elementwise activation steps -------------------------------------------------
     def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
-        """y = σ(z) and what later passes need (here z itself, or y for ReLU: σ'(z) = [y > 0])."""
+        """y = σ(z) and what later passes need (here z itself, or y for ReLU: σ'(z) = [y > 0]).
+
+        On the CPU, a z with NaN / ±inf (rare; one read finds it) keeps torch autograd's σ'
+        and σ'' there too (``_NonFinite``): the formulas of activation_math are exact for
+        finite z, and at ±inf give 0 where torch's backward gives NaN (Softsign)."""
         if spec.name == "relu":
             y = torch.relu(z)
             return y, y
+        if (spec.name != "leaky_relu" and z.device.type == "cpu"
+                and not bool(torch.isfinite(z).all())):
+            idx = torch.nonzero(~torch.isfinite(z.reshape(-1))).squeeze(1)
+            return spec.value(z), _NonFinite(z, idx, *autograd_derivatives(spec,
+                                                                            z.reshape(-1)[idx]))
         return spec.value(z), z
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
@@ -131,6 +141,12 @@ class TorchBackend:
         """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
         if spec.name == "relu":
             return _d1_times(spec, saved, r), None
+        if isinstance(saved, _NonFinite):
+            out = _d1_times(spec, saved, r)
+            if not spec.smooth:
+                return out, None
+            s = spec.d2(saved.z) * u * r
+            return out, saved.fix(s, saved.d2 * saved.at(u) * saved.at(r))
         z = saved
         s = spec.d2(z) * u * r if spec.smooth else None
         return _d1_times(spec, z, r), s
@@ -179,6 +195,10 @@ class TorchBackend:
     def all_finite(self, t: Tensor) -> bool:
         """Whether every value of t is finite (gradreg_loss's input check)."""
         return checks.all_finite(t)
+
+    def all_finite_many(self, ts: Sequence[Tensor]) -> bool:
+        """Whether every value of every tensor is finite (the parameter check)."""
+        return checks.all_finite_many(ts)
 
     def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(Σ (M ⊙ g)², M² ⊙ g): the penalty's sum over the batch and, up to the factor
@@ -238,6 +258,15 @@ class TorchBackend:
         xc = a - mean
         var = self._cmean(xc * xc)
         inv_std = torch.rsqrt(var + eps)
+        if (a.device.type == "cpu" and a.dtype != torch.float64
+                and not bool(torch.isfinite(var).all()) and bool(torch.isfinite(a).all())):
+            # finite values whose squares overflow (|a| near √max): 1/σ is representable,
+            # var is not; the statistics in double, as torch's own norms accumulate
+            a64 = a.double()
+            xc64 = a64 - self._cmean(a64)
+            var64 = self._cmean(xc64 * xc64)
+            inv_std, var = torch.rsqrt(var64 + eps).to(a.dtype), var64.to(a.dtype)
+            xc = xc64.to(a.dtype)
         xhat = xc * inv_std
         y = xhat if gamma is None else xhat * _chan(gamma, a) + _chan(beta, a)
         return y, xhat, inv_std, mean.flatten(), var.flatten()
@@ -321,8 +350,30 @@ class TorchBackend:
         return s.mul_(coef)
 
 
+@dataclass
+class _NonFinite:
+    """An activation's z that holds NaN / ±inf, with torch autograd's σ', σ'' at those
+    elements (flat indices ``idx``), set over the formulas' values after each step."""
+
+    z: Tensor
+    idx: Tensor
+    d1: Tensor
+    d2: Tensor
+
+    def at(self, t: Tensor) -> Tensor:
+        """t's values at the non-finite elements of z (t has z's shape)."""
+        return t.reshape(-1)[self.idx]
+
+    def fix(self, out: Tensor, values: Tensor) -> Tensor:
+        out.view(-1)[self.idx] = values.to(out.dtype)
+        return out
+
+
 def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
-    """σ'(z) ⊙ t from what act_forward saved (y for ReLU, z otherwise), in one pass."""
+    """σ'(z) ⊙ t from what act_forward saved (y for ReLU, z otherwise), in one pass; torch
+    autograd's σ' at the non-finite elements of a ``_NonFinite`` z."""
+    if isinstance(saved, _NonFinite):
+        return saved.fix(_d1_times(spec, saved.z, t), saved.d1 * saved.at(t))
     if spec.name == "relu":
         return torch.ops.aten.threshold_backward(t, saved, 0)
     if spec.name == "leaky_relu":

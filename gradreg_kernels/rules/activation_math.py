@@ -125,8 +125,11 @@ def _gelu_tanh() -> ActivationSpec:
         return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
 
     def d2(z: Tensor) -> Tensor:
+        # g z first: where t = ±1 (g = 0) the products stay 0 until u' itself overflows
         t, du, ddu = parts(z)
-        return (1 - t * t) * (du + 0.5 * z * (ddu - 2 * t * du * du))
+        g = 1 - t * t
+        gz = g * z
+        return g * du + 0.5 * gz * ddu - gz * t * du * du
 
     return ActivationSpec(
         "gelu_tanh", (), True, lambda z: F.gelu(z, approximate="tanh"), d1, d2
@@ -362,3 +365,24 @@ def values_at_infinity(spec: ActivationSpec) -> tuple[float, float]:
             v = spec.value(torch.tensor([math.inf, -math.inf], dtype=torch.float32))
         _AT_INFINITY[key] = (float(v[0]), float(v[1]))
     return _AT_INFINITY[key]
+
+
+def autograd_derivatives(spec: ActivationSpec, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ'(z), σ''(z)) as torch's own autograd gives them through ``spec.value``, for the
+    few non-finite z a kernel's branch-free formulas would get wrong. z: any shape; both
+    results in z's shape.
+
+    At a NaN torch's CPU backward formulas choose per kind, and for some per code path:
+    ELU, SELU, CELU and Hardswish give NaN in their vectorized loop but the positive
+    branch in its scalar tail, Hardtanh 0 against 1. Each value is evaluated inside a row
+    of 64 copies, so the answer is the vectorized loop's, which a layer's tensor (all but
+    its last few elements) gets."""
+    row = z.detach().reshape(-1, 1).expand(-1, 64).contiguous()
+    with torch.enable_grad():
+        v = row.requires_grad_(True)
+        (d1,) = torch.autograd.grad(spec.value(v).sum(), v, create_graph=spec.smooth)
+        d2 = None
+        if spec.smooth and d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), v, allow_unused=True)
+    first = d1.detach()[:, 0].reshape(z.shape)
+    return first, torch.zeros_like(z) if d2 is None else d2.detach()[:, 0].reshape(z.shape)

@@ -1,5 +1,6 @@
 """The Triton activation kernels map NaN, ±inf, ±0, denormals and ±1e30 as torch's forward
-does (and, on a CUDA device, the CUDA C++ kernels too)."""
+does, and their σ' and σ'' at huge finite values (±1e10 … ±1e30) are torch autograd's (and,
+on a CUDA device, the CUDA C++ kernels' too)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from kernel_check import DEVICE
 
 from gradreg_kernels.backends.triton.elementwise import ACT_CODES
-from gradreg_kernels.rules.activation_math import spec_by_name
+from gradreg_kernels.rules.activation_math import autograd_derivatives, spec_by_name
 
 SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30, 3.5, -2.25,
             20.5, -20.5, 88.0, -88.0, 1e-3, -1e-3]
@@ -46,3 +47,47 @@ def test_triton_activation_forward_maps_special_values_as_torch(name, device):
                                   "elu", "silu", "mish", "hardswish"])
 def test_cuda_activation_forward_maps_special_values_as_torch(name, device):
     _check("cuda", name, device)
+
+
+HUGE = [1e30, -1e30, 1e25, -1e25, 1e10, -1e10, 100.0, -100.0, 30.0, -30.0, 20.5, -20.5, 15.0,
+        -15.0, 88.0, -88.0, 3.5, -2.25]
+
+
+def _same(y: torch.Tensor, ref: torch.Tensor, what: str, tol: float = 1e-4) -> None:
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), (what, y, ref)
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(y[fin], ref[fin], rtol=tol, atol=tol / 10)
+
+
+def _check_derivatives(bk_name: str, name: str, device) -> None:
+    from gradreg_kernels import get_backend
+
+    spec = spec_by_name(name, *PARAMS.get(name, ()))
+    z = torch.tensor(HUGE * 9, dtype=torch.float32)
+    d1, d2 = autograd_derivatives(spec, z)
+    bk = get_backend(bk_name, torch.device(device))
+    zd = z.to(device)
+    _, saved = bk.act_forward(spec, zd.clone())
+    ones = torch.ones_like(zd)
+    _same(bk.act_chain(spec, saved, ones.clone()).cpu(), d1, f"{name} σ'")
+    if spec.smooth:
+        _, s = bk.act_tangent(spec, saved, ones.clone(), ones.clone())
+        s = s.cpu()
+        if name == "mish":  # torch's own double backward is NaN above z = 100: its limit 0
+            broken = torch.isnan(d2) & (z >= 100)
+            assert (s[broken] == 0).all()
+            s, d2 = s[~broken], d2[~broken]
+        _same(s, d2, f"{name} σ''", tol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ACT_CODES))
+def test_triton_activation_derivatives_at_huge_values_are_torch_autograds(name, device):
+    _check_derivatives("triton", name, device)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or os.environ.get("GRADREG_TEST_CUDA_BACKEND", "1") != "1",
+                    reason="the CUDA C++ backend runs on a CUDA device")
+@pytest.mark.parametrize("name", ["softplus", "tanh", "sigmoid", "gelu", "elu", "silu", "mish",
+                                  "hardswish"])
+def test_cuda_activation_derivatives_at_huge_values_are_torch_autograds(name, device):
+    _check_derivatives("cuda", name, device)

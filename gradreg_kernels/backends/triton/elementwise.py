@@ -40,11 +40,13 @@ def _tanh(x):
 @triton.jit
 def _mish_parts(z):
     """(t, 1 − t², s) of Mish from w = e^z alone: n = w (w + 2), t = tanh(softplus z) =
-    n/(n + 2), 1 − t² = 4 (n + 1)/(n + 2)², s = sigmoid z (w clamped at e^20)."""
+    n/(n + 2), 1 − t² = 4 (n + 1)/(n + 2)², s = sigmoid z (w clamped at e^20, above which
+    1 − t² is taken as 0, as torch's is, so that z (1 − t²) vanishes at huge z)."""
     w = tl.exp(tl.minimum(z, 20.0))
     n = w * (w + 2.0)
     inv = 1.0 / (n + 2.0)
-    return n * inv, 4.0 * (n + 1.0) * inv * inv, w / (1.0 + w)
+    g = tl.where(z > 20.0, 0.0, 4.0 * (n + 1.0) * inv * inv)
+    return n * inv, g, w / (1.0 + w)
 
 
 @triton.jit
@@ -130,7 +132,9 @@ def _act_d2(z, ACT: tl.constexpr, p0, p1):
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         ddu = 6.0 * 0.7978845608028654 * 0.044715 * z
-        out = (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du))
+        g = 1.0 - t * t
+        gz = g * z  # first: where t = ±1 the products stay 0 until u' itself overflows
+        out = g * du + 0.5 * gz * ddu - gz * t * du * du
     elif ACT == 7:
         out = tl.where(z > 0, 0.0, p0 * tl.exp(tl.minimum(z, 0.0)))
     elif ACT == 8:
@@ -210,8 +214,9 @@ def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, v_pos, v_neg, ACT: tl
                         SAVE_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """y = σ(z), torch's σ(±inf) = (v_pos, v_neg) at the infinities and NaN at a NaN (the
     formulas' selects and blends would give finite values or 0 · inf there); for
-    piecewise-linear σ also the packed mask of z > 0 (BLOCK // 8 bytes per program; bits
-    past n are 0)."""
+    piecewise-linear σ also the packed mask (BLOCK // 8 bytes per program; bits past n are
+    0): !(z <= 0) for ReLU, whose torch backward reads its output (on at a NaN), z > 0 for
+    LeakyReLU, whose backward reads z (the slope at a NaN)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     z = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -220,7 +225,8 @@ def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, v_pos, v_neg, ACT: tl
     y = tl.where(z != z, z, y)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
-        bits = tl.reshape((z > 0).to(tl.int32), (BLOCK // 8, 8))
+        on = (z <= 0) == 0 if ACT == 0 else z > 0  # torch's bit at a NaN (see below)
+        bits = tl.reshape(on.to(tl.int32), (BLOCK // 8, 8))
         byte = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
         boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(mask_ptr + boffs, byte.to(tl.uint8), mask=boffs < (n + 7) // 8)
@@ -233,7 +239,10 @@ def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.const
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    out = _saved_d1(saved_ptr, offs, m, ACT, FROM_Y, p0, p1) * d
+    if ACT == 0:  # a select, as torch's: an off element is 0 even where d is NaN or ±inf
+        out = tl.where(_mask_bit(saved_ptr, offs, m) != 0, d, 0.0)
+    else:
+        out = _saved_d1(saved_ptr, offs, m, ACT, FROM_Y, p0, p1) * d
     if HAS_S:
         out += tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
