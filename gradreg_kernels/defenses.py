@@ -132,9 +132,23 @@ def loss_none(model: nn.Module, x: Tensor, y: Tensor) -> StepLoss:
     return StepLoss(ce, z.detach(), {"ce": ce.detach()})
 
 
-def loss_gradreg(model: nn.Module, x: Tensor, y: Tensor, lam: float, head: str = "ce"
-                 ) -> StepLoss:
-    out = gradreg_loss(model, x, y, lam, head=head)
+#: the heads the trainer offers for defense "gradreg": the paper's softmax cross-entropy,
+#: and squared error or binary cross-entropy on the one-hot labels
+TRAIN_HEADS = ("ce", "mse", "bce")
+
+
+def loss_gradreg(model: nn.Module, x: Tensor, y: Tensor, lam: float, head: str = "ce",
+                 label_smoothing: float = 0.0, num_classes: int | None = None) -> StepLoss:
+    """The fused gradreg_loss with ``head``; "mse" / "bce" read the labels as one-hot
+    targets over ``num_classes``; ``label_smoothing`` smooths the cross-entropy's labels
+    (its data term, for head "logprob_sum")."""
+    target = y
+    if head in ("mse", "bce"):
+        if num_classes is None:
+            raise ValueError(f"head {head!r} needs num_classes for its one-hot targets")
+        target = F.one_hot(y, num_classes).to(x.dtype)
+    opts = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    out = gradreg_loss(model, x, target, lam, head=head, **opts)
     return StepLoss(out.loss, out.logits, {"ce": out.ce, "penalty": out.penalty}, out.backend)
 
 
@@ -209,14 +223,17 @@ def soft_labels(teacher: nn.Module, x: Tensor, t: float = DISTILL_T, batch: int 
 
 
 def step_loss(defense: str, phase: str, model: nn.Module, x: Tensor, y: Tensor, lam: float,
-              soft: Tensor | None = None) -> StepLoss:
-    """The objective of ``defense`` (in its ``phase``) on one batch."""
+              soft: Tensor | None = None, head: str = "ce", label_smoothing: float = 0.0,
+              num_classes: int | None = None) -> StepLoss:
+    """The objective of ``defense`` (in its ``phase``) on one batch; ``head`` and
+    ``label_smoothing`` for the gradreg defenses (TRAIN_HEADS; "insensitive" penalises
+    logprob_sum and smooths its CE data term)."""
     if defense == "none":
         return loss_none(model, x, y)
     if defense == "gradreg":
-        return loss_gradreg(model, x, y, lam, "ce")
+        return loss_gradreg(model, x, y, lam, head, label_smoothing, num_classes)
     if defense == "insensitive":
-        return loss_gradreg(model, x, y, lam, "logprob_sum")
+        return loss_gradreg(model, x, y, lam, "logprob_sum", label_smoothing)
     if defense == "gradreg-fd":
         return loss_gradreg_fd(model, x, y, lam)
     if defense == "advtrain":

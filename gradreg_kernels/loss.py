@@ -10,6 +10,7 @@ passes 1-2, its backward passes 3-4, seeded with r = (2λ/B) M² ⊙ g and z̄ =
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from .autocast import Function
 from .backends import get_backend
 from .fallback import autograd_terms
 from .plan import Plan, Unsupported, UnsupportedModelError, plan_of
-from .rules.heads import HEADS, make_head
+from .rules.heads import check_head_targets, make_head, validate_head
 from .schedule import Schedule
 
 
@@ -44,18 +45,20 @@ class _Runner:
     """State of one fused call, shared by the Function's forward and backward."""
 
     def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
-                 lam: float, value_weight: float, check_finite: bool, head: str, bk) -> None:
+                 lam: float, value_weight: float, check_finite: bool, bk) -> None:
         self.schedule, self.x, self.y, self.mask = schedule, x, y, mask
-        self.lam, self.w, self.check_finite, self.head = lam, value_weight, check_finite, head
+        self.lam, self.w, self.check_finite = lam, value_weight, check_finite
         self.bk = bk
 
     def forward(self) -> Tensor:
         x, mask = self.x, self.mask
         b = x.shape[0]
         z = self.schedule.forward(x)
-        if self.head != "output" and self.check_finite and not self.bk.head_checks_labels(z):
+        head = self.schedule.head
+        if (self.check_finite and head.uses_labels and not self.y.is_floating_point()
+                and not head.checks_own_labels(z)):
             checks.check_label_range(self.y, z)
-        ev = self.schedule.head.evaluate(z, self.y)
+        ev = head.evaluate(z, self.y)
         g = self.schedule.chain(ev.pen_grad)
         pen_sum, seed = self.bk.penalty_terms(g, mask)
         self.data = ev.data.mean()
@@ -143,13 +146,16 @@ def gradreg_loss(
     y: Tensor | None = None,
     lam: float = 1.0,
     *,
-    head: str = "ce",
+    head: str | Callable[[Tensor, Tensor | None], Tensor] = "ce",
     mask: Tensor | None = None,
     backend: str = "auto",
     strict: bool = False,
     value_weight: float = 1.0,
     check_finite: bool = True,
     keep_saved: bool = False,
+    data: str | Callable[[Tensor, Tensor | None], Tensor] | None = None,
+    label_smoothing: float = 0.0,
+    class_weight: Tensor | None = None,
 ) -> GradRegOutput:
     """Input-gradient-regularized loss of ``model`` on the batch (x, y).
 
@@ -161,9 +167,19 @@ def gradreg_loss(
             autograd (one FallbackWarning naming the node and its line in the forward). A
             ``torch.compile``d model runs as the module it wraps.
         x: (B, ...) floating-point inputs, same device and dtype as the model.
-        y: (B,) integer labels in [0, K) (unused for head="output").
+        y: what the head reads: (B,) integer labels in [0, K) or (B, K) probability targets
+            for "ce" / "logprob_sum", targets of the logits' shape for "mse" / "bce",
+            anything (or None) for a callable; unused for "output".
         lam: penalty weight λ >= 0 (λ = λ_paper / (2B) in the paper code's convention).
-        head: "ce" (ℓ = CE), "logprob_sum" (ℓ = −mean_k log p_k), "output" (ℓ = Σ output).
+        head: the penalised per-example objective ℓ_n at the logits z: "ce" (CE),
+            "logprob_sum" (−mean_k log p_k, data term CE), "output" (Σ output), "mse"
+            (mean_k (z − y)²), "bce" (mean_k of BCE with logits), or a callable
+            ``head(z, y) -> (B,)``, any twice-differentiable per-example loss (its
+            derivatives come from autograd on the logits alone; README, "Heads").
+        data: the data term when it is not the head's own: a name or a callable as above.
+        label_smoothing, class_weight: cross-entropy's options for "ce" / "logprob_sum" as
+            in ``F.cross_entropy(..., reduction="none")`` (the batch mean divides by B, not
+            by the summed weights).
         mask: annotation mask broadcastable to x; penalises ‖mask ⊙ ∇ℓ‖².
         backend: "auto", "torch" or a registered fast backend.
         strict: raise UnsupportedModelError instead of falling back.
@@ -183,13 +199,11 @@ def gradreg_loss(
     """
     lam = checks.check_lam(lam)
     model = _uncompiled(model)
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    validate_head(head)
+    if data is not None:
+        validate_head(data, "data")
     params = checks.check_model_and_x(model, x)
-    if head != "output":
-        if y is None:
-            raise ValueError(f"head={head!r} needs labels y")
-        y = checks.check_labels(y, x)
+    y, soft = check_head_targets(head, data, y, x, label_smoothing, class_weight)
     mask = checks.check_mask(mask, x)
     value_weight = checks.check_value_weight(value_weight)
     if lam == 0.0 and value_weight == 0.0:
@@ -208,8 +222,11 @@ def gradreg_loss(
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
-        return _autograd_loss(model, x, y, lam, head, mask, value_weight, check_finite)
-    return _fused_loss(plan, params, x, y, lam, head, mask, bk, value_weight, check_finite,
+        return _autograd_loss(model, x, y, lam, make_head(head, None, data, label_smoothing,
+                                                          class_weight, soft),
+                              mask, value_weight, check_finite)
+    head_obj = make_head(head, bk, data, label_smoothing, class_weight, soft)
+    return _fused_loss(plan, params, x, y, lam, head_obj, mask, bk, value_weight, check_finite,
                        keep_saved)
 
 
@@ -224,16 +241,16 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
-                head: str, mask: Tensor | None, bk, value_weight: float,
+                head, mask: Tensor | None, bk, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
-    schedule = Schedule(plan, bk, make_head(head, bk), keep_saved)
-    runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, head, bk)
+    schedule = Schedule(plan, bk, head, keep_saved)
+    runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, bk)
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
                          runner.logits.detach(), bk.name)
 
 
-def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, head: str,
+def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, head,
                    mask: Tensor | None, value_weight: float, check_finite: bool
                    ) -> GradRegOutput:
     data, pen, z = autograd_terms(model, x, y, head, mask, check_finite)

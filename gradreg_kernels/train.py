@@ -50,6 +50,7 @@ from .checkpoint import (
 from .data import Dataset, load_dataset
 from .defenses import (
     DEFENSES,
+    TRAIN_HEADS,
     StepLoss,
     check_defense,
     default_lam,
@@ -84,6 +85,8 @@ class TrainConfig:
     max_steps: int | None = None    # stop after this many optimizer steps in all
     width: int | None = None        # hidden width of the model (None: its default)
     adam_eps: float = 1e-4
+    head: str = "ce"                # defense "gradreg": one of defenses.TRAIN_HEADS
+    label_smoothing: float = 0.0    # the cross-entropy's (defenses gradreg, insensitive)
 
     def resolved_lam(self, in_shape: tuple[int, int, int] = (1, 28, 28)) -> float:
         """λ in the package's convention; when ``lam`` is None, λ_paper/(2B) scaled by
@@ -112,7 +115,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 # Settings that must match for a checkpoint to be resumed.
 _RUN_KEYS = ("data", "dataset", "model", "width", "defense", "lam", "batch_size", "lr",
-             "adam_eps", "seed")
+             "adam_eps", "seed", "head", "label_smoothing")
 
 
 def _validate(cfg: TrainConfig) -> torch.device:
@@ -132,6 +135,17 @@ def _validate(cfg: TrainConfig) -> torch.device:
                              f"({cfg.lam}) would have no effect")
         if not cfg.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {cfg.lam}")
+    if cfg.head not in TRAIN_HEADS:
+        raise ValueError(f"unknown head {cfg.head!r}; choose one of {TRAIN_HEADS}")
+    if cfg.head != "ce" and cfg.defense != "gradreg":
+        raise ValueError(f"head {cfg.head!r} applies to defense 'gradreg', not "
+                         f"{cfg.defense!r}")
+    if not 0.0 <= cfg.label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {cfg.label_smoothing}")
+    if cfg.label_smoothing and (cfg.defense not in ("gradreg", "insensitive")
+                                or cfg.head != "ce"):
+        raise ValueError("label_smoothing applies to the cross-entropy of defenses 'gradreg' "
+                         "(head 'ce') and 'insensitive'")
     phase_epochs(cfg.defense, cfg.epochs)
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -283,6 +297,7 @@ class _Trainer:
                  state: _State) -> None:
         self.cfg, self.ds, self.device, self.out, self.state = cfg, ds, device, out, state
         self.lam = cfg.resolved_lam(ds.in_shape)
+        self.num_classes = ds.num_classes
         self.train_x, self.train_y = ds.train_x.to(device), ds.train_y.to(device)
         self.test_x, self.test_y = ds.test_x.to(device), ds.test_y.to(device)
         n, b = self.train_x.shape[0], cfg.batch_size
@@ -340,7 +355,8 @@ class _Trainer:
                 st.model.train()
                 st.opt.zero_grad(set_to_none=True)
                 sl = step_loss(cfg.defense, st.phase, st.model, x, y, self.lam,
-                               None if self.soft is None else self.soft[idx])
+                               None if self.soft is None else self.soft[idx], cfg.head,
+                               cfg.label_smoothing, self.num_classes)
                 sl.loss.backward()
                 st.opt.step()
                 _add_step(st.sums, sl, y)
@@ -494,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many optimizer steps in all (unset: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
+    p.add_argument("--head", default=d.head, choices=TRAIN_HEADS,
+                   help="defense gradreg: the penalised loss at the logits (ce; mse or bce "
+                        "on one-hot labels)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="label smoothing of the cross-entropy (defenses gradreg, insensitive)")
     return p
 
 
@@ -503,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       out=args.out, resume=args.resume, seed=args.seed, device=args.device,
                       progress=not args.no_progress, max_steps=args.max_steps,
-                      width=args.width, adam_eps=args.adam_eps)
+                      width=args.width, adam_eps=args.adam_eps, head=args.head,
+                      label_smoothing=args.label_smoothing)
     t0 = time.perf_counter()
     try:
         result = fit(cfg)

@@ -36,13 +36,16 @@ def randomize_bn(model: nn.Module) -> None:
 
 
 def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=torch.float64,
-                         seed=0, backend="torch", value_weight=1.0, plain=None, tol=None):
+                         seed=0, backend="torch", value_weight=1.0, plain=None, tol=None,
+                         **head_options):
     """Run the fused path in ``dtype`` and the oracle in float64 on upcast copies; compare.
 
     ``plain``: the torch model the oracle runs instead of a copy of ``model`` (for a model
     converted to the package's drop-ins: the oracle shares no code with the package).
     ``tol``: the relative tolerance instead of TOL[dtype] (random tiny models whose norms
-    see a handful of values amplify rounding).
+    see a handful of values amplify rounding). ``head_options``: gradreg_loss's data,
+    label_smoothing and class_weight, given to the oracle too (floating targets y and the
+    class weights in each side's dtype).
 
     Returns the fused output. Every parameter's gradient must be within TOL[dtype] relative
     of the oracle's, relative to max(‖ref_p‖, FLOOR[dtype] · max_p ‖ref_p‖): a gradient that
@@ -57,12 +60,19 @@ def check_against_oracle(model, x, y, *, lam=0.7, head="ce", mask=None, dtype=to
     mask_t = None if mask is None else mask.to(dtype)
     for p in model.parameters():
         p.grad = None
+    def cast(v, dt):
+        return v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
     torch.manual_seed(seed)
-    out = gradreg_loss(model, x, y, lam, head=head, mask=mask_t, backend=backend,
-                       value_weight=value_weight)
+    out = gradreg_loss(model, x, cast(y, dtype), lam, head=head, mask=mask_t, backend=backend,
+                       value_weight=value_weight,
+                       **{k: cast(v, dtype) for k, v in head_options.items()})
     out.loss.backward()
     torch.manual_seed(seed)
-    ref, loss, ce, pen = oracle_grads(ref_model, x.double(), y, lam, head, mask64, value_weight)
+    ref, loss, ce, pen = oracle_grads(ref_model, x.double(), cast(y, torch.float64), lam, head,
+                                      mask64, value_weight,
+                                      **{k: cast(v, torch.float64)
+                                         for k, v in head_options.items()})
     tol = TOL[dtype] if tol is None else tol
     assert out.backend != "autograd"
     assert rel_err(out.loss.detach(), loss) < tol

@@ -131,7 +131,7 @@ def test_a_non_finite_parameter_is_named(model, bad):
 
 def test_unknown_head_and_backend(model):
     with pytest.raises(ValueError, match="head must be one of"):
-        gradreg_loss(model, X, Y, 1.0, head="mse")
+        gradreg_loss(model, X, Y, 1.0, head="huber")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         gradreg_loss(model, X, Y, 1.0, backend="nope")
 

@@ -150,7 +150,28 @@ def test_distilled_student_is_a_fresh_model_read_at_t1(small_digits):
     assert acc == pytest.approx(result.metrics[-1]["test_acc"])
 
 
+@pytest.mark.parametrize("head,smoothing", [("mse", 0.0), ("bce", 0.0), ("ce", 0.1)])
+def test_gradreg_trains_with_other_heads(head, smoothing, small_digits):
+    """--head mse / bce (one-hot targets) and --label-smoothing run fused and learn (bce
+    first pushes every logit of its one-hot targets down: its accuracy rises later, with or
+    without the penalty, so only its loss is judged in 24 steps)."""
+    cfg = TrainConfig(model="mlp", width=32, defense="gradreg", lam=0.5, epochs=6,
+                      batch_size=64, lr=1e-2, progress=False, seed=1, head=head,
+                      label_smoothing=smoothing)
+    m = fit(cfg, small_digits).metrics
+    assert m[-1]["train_loss"] < 0.9 * m[0]["train_loss"], [r["train_loss"] for r in m]
+    assert m[-1]["backend"] != "autograd"
+    if head != "bce":
+        assert m[-1]["test_acc"] > 0.3, m[-1]
+
+
 def test_bad_settings_are_refused(small_digits):
+    with pytest.raises(ValueError, match="unknown head 'huber'"):
+        fit(TrainConfig(head="huber"), small_digits)
+    with pytest.raises(ValueError, match="applies to defense 'gradreg'"):
+        fit(TrainConfig(defense="insensitive", head="mse"), small_digits)
+    with pytest.raises(ValueError, match="label_smoothing applies"):
+        fit(TrainConfig(head="mse", label_smoothing=0.1), small_digits)
     with pytest.raises(ValueError, match="unknown defense"):
         fit(TrainConfig(defense="magic"), small_digits)
     with pytest.raises(ValueError, match="no input-gradient penalty"):
@@ -167,7 +188,8 @@ def test_cli_help_explains_every_flag(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--data", "--model", "--defense", "--lam", "--epochs", "--batch-size",
-                 "--lr", "--out", "--resume", "--seed", "--device", "--max-steps"):
+                 "--lr", "--out", "--resume", "--seed", "--device", "--max-steps", "--head",
+                 "--label-smoothing"):
         assert flag in text
     assert "runs/default" in text and "default: 256" in text
 
