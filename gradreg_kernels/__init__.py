@@ -8,10 +8,12 @@
 from .backends import backend_names, get_backend, register_backend
 from .checks import NonFiniteLossError
 from .loss import FallbackWarning, GradRegOutput, gradreg_loss
+from .loss_module import GradRegLoss
 from .plan import UnsupportedModelError, build_plan
 
 __all__ = [
     "FallbackWarning",
+    "GradRegLoss",
     "GradRegOutput",
     "NonFiniteLossError",
     "UnsupportedModelError",

@@ -59,6 +59,28 @@ def check_model_and_batch(model: nn.Module, x: Tensor) -> None:
         raise ValueError(f"x must be a batch of shape (B, ...) with B >= 1, got {tuple(x.shape)}")
 
 
+def check_not_sharded(model: nn.Module) -> None:
+    """FSDP shards each layer's parameters and gathers them in its own forward hooks, which
+    the fused step (reading every layer's full parameters itself) and double
+    backpropagation through FSDP's hooks cannot follow: a clear error instead of a wrong
+    read of a sharded storage."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch without distributed support
+        return
+    for m in model.modules():
+        if isinstance(m, (FSDPModule, FullyShardedDataParallel)):
+            raise UnsupportedShardingError(
+                f"gradreg_loss cannot run a model sharded by FSDP ({type(m).__name__}): the "
+                "input-gradient penalty needs every layer's full parameters in all four "
+                "passes. Replicate the model instead: DistributedDataParallel("
+                "GradRegLoss(model)) (docs/distributed.md)")
+
+
+class UnsupportedShardingError(TypeError):
+    """The model's parameters are sharded (FSDP), which the fused step cannot read."""
+
+
 def check_model_and_x(model: nn.Module, x: Tensor) -> list[nn.Parameter]:
     """check_model_and_batch, and every parameter on x's device with x's dtype.
 

@@ -202,6 +202,7 @@ def gradreg_loss(
     validate_head(head)
     if data is not None:
         validate_head(data, "data")
+    checks.check_not_sharded(model)
     params = checks.check_model_and_x(model, x)
     y, soft = check_head_targets(head, data, y, x, label_smoothing, class_weight)
     mask = checks.check_mask(mask, x)

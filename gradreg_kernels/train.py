@@ -12,6 +12,14 @@ CPU with the same thread count): the batch order of each epoch is drawn from a g
 seeded by (seed, epoch), and the global generator (dropout masks) is restored.
 The trained model is written to DIR/model.pt (see ``load_trained_model``).
 
+Under torchrun (``torchrun --nproc-per-node N -m gradreg_kernels.train ...``) each process
+takes an equal contiguous shard of every global batch of B (B divisible by N), the
+gradients are averaged over the processes after each backward (one all-reduce), the step
+sums behind the metrics are added over them, and rank 0 writes the metrics, checkpoints
+and model; ``--resume`` restarts every process from rank 0's checkpoint. The result is the
+one-process run's up to the order of floating-point sums (distributed.py; models with
+batch norm see their shard's statistics unless converted to SyncBatchNorm).
+
 Each epoch takes ⌊N/B⌋ batches of B shuffled training examples (the last partial batch is
 dropped, so every step sees B examples and λ = λ_paper/(2B) holds; with N < B one batch of
 all N). Optimizer: Adam(lr, eps = 1e-4 as in the paper).
@@ -59,6 +67,7 @@ from .defenses import (
     step_loss,
     uses_penalty,
 )
+from .distributed import Processes
 from .models import MODEL_NAMES, make_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -294,8 +303,10 @@ class _Trainer:
     """One run of ``fit``: the epoch loop over a _State, its files and its progress bar."""
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, out: Path | None,
-                 state: _State) -> None:
-        self.cfg, self.ds, self.device, self.out, self.state = cfg, ds, device, out, state
+                 state: _State, procs: Processes | None = None) -> None:
+        self.cfg, self.ds, self.device, self.state = cfg, ds, device, state
+        self.procs = procs or Processes()
+        self.out = out if self.procs.leader else None  # rank 0 writes the files
         self.lam = cfg.resolved_lam(ds.in_shape)
         self.num_classes = ds.num_classes
         self.train_x, self.train_y = ds.train_x.to(device), ds.train_y.to(device)
@@ -350,7 +361,7 @@ class _Trainer:
         with bar:
             while st.step_in_epoch < self.batches and self._steps_left():
                 i = st.step_in_epoch * self.batch
-                idx = order[i:i + self.batch]
+                idx = self.procs.shard(order[i:i + self.batch])
                 x, y = self.train_x[idx], self.train_y[idx]
                 st.model.train()
                 st.opt.zero_grad(set_to_none=True)
@@ -358,8 +369,12 @@ class _Trainer:
                                None if self.soft is None else self.soft[idx], cfg.head,
                                cfg.label_smoothing, self.num_classes)
                 sl.loss.backward()
+                self.procs.average_gradients(st.model)
                 st.opt.step()
-                _add_step(st.sums, sl, y)
+                step_sums: dict[str, float] = {}
+                _add_step(step_sums, sl, y)
+                for k, v in self.procs.add_up(step_sums).items():
+                    st.sums[k] = st.sums.get(k, 0.0) + v
                 st.step, st.step_in_epoch, steps = st.step + 1, st.step_in_epoch + 1, steps + 1
                 self.backend = sl.backend
                 bar.update(1)
@@ -439,19 +454,38 @@ def fit(cfg: TrainConfig, dataset: Dataset | None = None) -> FitResult:
     """
     device = _validate(cfg)
     ds = dataset if dataset is not None else load_dataset(cfg.data)
-    out, ckpt = _prepare_out(cfg)
+    procs = Processes.from_env(device)
+    try:
+        return _fit(cfg, ds, device, procs)
+    finally:
+        procs.close()
+
+
+def _fit(cfg: TrainConfig, ds: Dataset, device: torch.device, procs: Processes) -> FitResult:
+    if cfg.batch_size % procs.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the "
+                         f"{procs.world} processes (each takes an equal shard)")
+    if procs.leader:
+        out, ckpt = _prepare_out(cfg)
+    procs.barrier()
+    if not procs.leader:  # the leader prepared the folder; the others read its checkpoint
+        out = None if cfg.out is None else Path(cfg.out)
+        path = None if out is None else out / CHECKPOINT_NAME
+        ckpt = load_checkpoint(path) if cfg.resume and path is not None and path.exists() \
+            else None
     if ckpt is not None:
         state = _restore(ckpt, cfg, ds, device, out / CHECKPOINT_NAME)
-        atomic_write_jsonl(state.metrics, out / METRICS_NAME)
+        if procs.leader:
+            atomic_write_jsonl(state.metrics, out / METRICS_NAME)
     else:
         state = _fresh_state(cfg, ds, device)
-        if out is not None:
+        if out is not None and procs.leader:
             atomic_write_jsonl([], out / METRICS_NAME)
-    trainer = _Trainer(cfg, ds, device, out, state)
+    trainer = _Trainer(cfg, ds, device, out, state, procs)
     with _StopOnSignal().installed(out is not None) as stop:
         trainer.run(stop)
     state.model.eval()
-    if out is not None:
+    if out is not None and procs.leader:
         atomic_torch_save(_model_file(state.model, cfg, ds), out / MODEL_NAME)
     metrics = state.metrics + ([trainer.partial] if trainer.partial else [])
     return FitResult(state.model, metrics, out)

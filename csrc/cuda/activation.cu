@@ -155,8 +155,9 @@ __global__ void act_chain_kernel(const void* __restrict__ saved, bool mask_state
     if (mask_state) {  // a select, as torch's: an off ReLU element is 0 even at a NaN d
       const float dv = to_f32(d[i]);
       v = m[i] ? dv : (act == 1 ? p0 * dv : 0.0f);
-    } else {
-      v = act_d1(to_f32(z[i]), act, p0, p1) * to_f32(d[i]);
+    } else {  // σ'(NaN) = NaN, as torch's vectorized backward loops give for these kinds
+      const float zv = to_f32(z[i]);
+      v = (isnan(zv) ? zv : act_d1(zv, act, p0, p1)) * to_f32(d[i]);
     }
     if (s != nullptr) v += to_f32(s[i]);
     out[i] = from_f32<T>(v);
@@ -171,8 +172,10 @@ __global__ void act_tangent_kernel(const T* __restrict__ z, const T* __restrict_
        i += (int64_t)gridDim.x * blockDim.x) {
     float zv = to_f32(z[i]);
     float rv = to_f32(r[i]);
-    out[i] = from_f32<T>(act_d1(zv, act, p0, p1) * rv);
-    s[i] = from_f32<T>(act_d2(zv, act, p0, p1) * to_f32(u[i]) * rv);
+    const float d1 = isnan(zv) ? zv : act_d1(zv, act, p0, p1);
+    const float d2 = isnan(zv) ? zv : act_d2(zv, act, p0, p1);
+    out[i] = from_f32<T>(d1 * rv);
+    s[i] = from_f32<T>(d2 * to_f32(u[i]) * rv);
   }
 }
 

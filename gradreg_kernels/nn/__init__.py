@@ -30,9 +30,10 @@ from .modules import (
     Tanhshrink,
 )
 from .residual import BasicBlock, Residual
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["CELU", "ELU", "GELU", "SELU", "Hardsigmoid", "Hardswish", "Hardtanh", "Mish",
            "ReLU6", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "LeakyReLU",
            "Linear", "LogSigmoid", "MaxPool2d", "ReLU", "Residual", "Sigmoid", "SiLU", "Softplus",
-           "Softsign", "Tanh", "Tanhshrink",
+           "Softsign", "SyncBatchNorm", "Tanh", "Tanhshrink", "convert_sync_batchnorm",
            "cifar_resnet", "convert", "dcgan_critic"]

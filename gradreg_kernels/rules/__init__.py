@@ -15,5 +15,6 @@ from . import (  # noqa: F401
     pool1d,
     prelu,
     reshape,
+    sync_norm,
     upsample,
 )

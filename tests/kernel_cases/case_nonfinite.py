@@ -91,3 +91,17 @@ def test_triton_activation_derivatives_at_huge_values_are_torch_autograds(name, 
                                   "hardswish"])
 def test_cuda_activation_derivatives_at_huge_values_are_torch_autograds(name, device):
     _check_derivatives("cuda", name, device)
+
+
+@pytest.mark.parametrize("name", sorted(set(ACT_CODES) - {"relu", "leaky_relu"}))
+def test_triton_activation_derivative_at_nan_is_torch_autograds(name, device):
+    """σ' ⊙ d at a NaN pre-activation: NaN where torch's vectorized backward gives NaN."""
+    from gradreg_kernels import get_backend
+
+    spec = spec_by_name(name, *PARAMS.get(name, ()))
+    z = torch.tensor([math.nan, 0.5, -1.5, math.nan] * 16, dtype=torch.float32)
+    d1, _ = autograd_derivatives(spec, z)
+    bk = get_backend("triton", torch.device(device))
+    _, saved = bk.act_forward(spec, z.to(device))
+    got = bk.act_chain(spec, saved, torch.ones_like(z).to(device)).cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(d1)), (name, got[:4], d1[:4])

@@ -202,10 +202,10 @@ def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, FROM_Y: tl.constexpr, p0, p
         out = tl.where(_mask_bit(saved_ptr, offs, m) != 0, 1.0, p0)
     elif FROM_Y:
         y = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        out = _act_d1_from_y(y, ACT, p0, p1)
-    else:
+        out = tl.where(y != y, y, _act_d1_from_y(y, ACT, p0, p1))
+    else:  # σ'(NaN) = NaN, as torch's vectorized backward loops give for these kinds
         z = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        out = _act_d1(z, ACT, p0, p1)
+        out = tl.where(z != z, z, _act_d1(z, ACT, p0, p1))
     return out
 
 
@@ -263,6 +263,8 @@ def _act_tangent_kernel(z_ptr, r_ptr, u_ptr, out_ptr, s_ptr, n, p0, p1, ACT: tl.
     else:
         d1 = _act_d1(v, ACT, p0, p1)
         d2 = _act_d2(v, ACT, p0, p1)
+    d1 = tl.where(v != v, v, d1)  # NaN at a NaN state, as torch's vectorized loops give
+    d2 = tl.where(v != v, v, d2)
     tl.store(out_ptr + offs, (d1 * r).to(out_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + offs, (d2 * u * r).to(s_ptr.dtype.element_ty), mask=m)
 

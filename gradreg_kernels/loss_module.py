@@ -1,0 +1,60 @@
+"""The module form of the loss, for wrappers that need a module to run: DistributedDataParallel.
+
+    loss_fn = GradRegLoss(model, lam=100.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(loss_fn)
+    out = ddp(x, y)            # the fused step, with DDP's forward around it
+    out.loss.backward()        # DDP all-reduces each gradient as the backward produces it
+
+DDP needs its own forward to run around the model's (its hooks prepare the reducer), so
+``gradreg_loss(DDP(model), ...)`` cannot reach the model; ``DDP(GradRegLoss(model))`` can:
+the fused step runs inside DDP's forward on the wrapped model, its parameters are DDP's
+parameters, and their gradients arrive at DDP's hooks as pass 4 produces them
+(docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from .loss import GradRegOutput, gradreg_loss
+
+Head = str | Callable[[Tensor, Tensor | None], Tensor]
+
+
+class GradRegLoss(nn.Module):
+    """``forward(x, y=None, mask=None)`` returns ``gradreg_loss(model, x, y, lam, ...)``.
+
+    The model is a submodule (``self.model``): ``.to()``, ``state_dict()`` and the
+    parameters are the model's, and ``class_weight`` is a buffer, moved with it. Every
+    keyword is gradreg_loss's; ``lam`` and ``value_weight`` may be changed between steps
+    (a warm-up schedule)."""
+
+    def __init__(self, model: nn.Module, lam: float = 1.0, *, head: Head = "ce",
+                 data: Head | None = None, value_weight: float = 1.0,
+                 label_smoothing: float = 0.0, class_weight: Tensor | None = None,
+                 backend: str = "auto", strict: bool = False, check_finite: bool = True,
+                 keep_saved: bool = False) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.lam, self.value_weight = lam, value_weight
+        self.head, self.data, self.label_smoothing = head, data, label_smoothing
+        self.backend, self.strict = backend, strict
+        self.check_finite, self.keep_saved = check_finite, keep_saved
+        self.register_buffer("class_weight", class_weight)
+
+    def forward(self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None
+                ) -> GradRegOutput:
+        return gradreg_loss(self.model, x, y, self.lam, head=self.head, mask=mask,
+                            backend=self.backend, strict=self.strict,
+                            value_weight=self.value_weight, check_finite=self.check_finite,
+                            keep_saved=self.keep_saved, data=self.data,
+                            label_smoothing=self.label_smoothing,
+                            class_weight=self.class_weight)
+
+    def extra_repr(self) -> str:
+        head = self.head if isinstance(self.head, str) else getattr(self.head, "__name__", "fn")
+        return f"lam={self.lam}, head={head!r}, value_weight={self.value_weight}"
