@@ -1,7 +1,7 @@
 """Steps per second of DDP(GradRegLoss(model)) with 1 and 2 processes on this machine: the
 MLP 784-512-512-10 (ReLU) on a global batch of 256 (each of N processes takes 256/N), gloo
 on the CPU, threads split evenly (2 cores: one process with 2 threads, or two with 1). The
-fused step runs in every process; DDP all-reduces the gradients as pass 4 produces them.
+fused step runs in every process; DDP all-reduces the gradients when its backward returns.
 
     python bench/distributed_bench.py [--steps 30] [--procs 1,2]
 """

@@ -3,12 +3,12 @@
     loss_fn = GradRegLoss(model, lam=100.0)
     ddp = torch.nn.parallel.DistributedDataParallel(loss_fn)
     out = ddp(x, y)            # the fused step, with DDP's forward around it
-    out.loss.backward()        # DDP all-reduces each gradient as the backward produces it
+    out.loss.backward()        # DDP all-reduces the gradients (bucketed) when they arrive
 
 DDP needs its own forward to run around the model's (its hooks prepare the reducer), so
 ``gradreg_loss(DDP(model), ...)`` cannot reach the model; ``DDP(GradRegLoss(model))`` can:
 the fused step runs inside DDP's forward on the wrapped model, its parameters are DDP's
-parameters, and their gradients arrive at DDP's hooks as pass 4 produces them
+parameters, and their gradients arrive at DDP's hooks when the fused backward returns
 (docs/distributed.md).
 """
 
