@@ -184,7 +184,9 @@ def check_finite_input(x: Tensor, mask: Tensor | None,
                        finite: Callable[[Tensor], bool] = all_finite) -> None:
     """x and mask hold no NaN or ±inf; ``finite`` is the test (a backend's faster one)."""
     if not finite(x):
-        raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values")
+        raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values "
+                         "(NaN or ±inf): clean the batch, or pass check_finite=False to let "
+                         "them reach the loss as in plain PyTorch")
     if mask is not None and not finite(mask):
         raise ValueError("mask holds non-finite values")
 

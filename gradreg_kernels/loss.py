@@ -54,10 +54,10 @@ class _Runner:
         x, mask = self.x, self.mask
         b = x.shape[0]
         z = self.schedule.forward(x)
-        head = self.schedule.head
-        if (self.check_finite and head.uses_labels and not self.y.is_floating_point()
-                and not head.checks_own_labels(z)):
-            checks.check_label_range(self.y, z)
+        head, y = self.schedule.head, self.y
+        if (self.check_finite and head.uses_labels and y is not None
+                and not y.is_floating_point() and not head.checks_own_labels(z)):
+            checks.check_label_range(y, z)
         ev = head.evaluate(z, self.y)
         g = self.schedule.chain(ev.pen_grad)
         pen_sum, seed = self.bk.penalty_terms(g, mask)
@@ -83,6 +83,7 @@ class _Runner:
         # alpha must fit the dtype; λ · penalty then overflows to inf, and is reported
         return data.add(self.penalty.mul(self.lam))
 
+    @torch._disable_dynamo  # passes 3-4 run eagerly inside a compiled step's backward
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
         if self.data_grad is None:
             raise RuntimeError("gradreg_loss: trying to backward through the fused step a "
@@ -140,6 +141,10 @@ def _warn_fallback(model: nn.Module, why: Unsupported) -> None:
                       FallbackWarning, stacklevel=3)
 
 
+# excluded from dynamo: a torch.compile'd step runs the fused step as one opaque call
+# (torch._disable_dynamo is torch.compiler.disable applied at the first call, so importing
+# the package does not import dynamo)
+@torch._disable_dynamo
 def gradreg_loss(
     model: nn.Module,
     x: Tensor,
@@ -202,8 +207,8 @@ def gradreg_loss(
     validate_head(head)
     if data is not None:
         validate_head(data, "data")
-    checks.check_not_sharded(model)
     params = checks.check_model_and_x(model, x)
+    checks.check_not_sharded(model)
     y, soft = check_head_targets(head, data, y, x, label_smoothing, class_weight)
     mask = checks.check_mask(mask, x)
     value_weight = checks.check_value_weight(value_weight)
@@ -212,20 +217,21 @@ def gradreg_loss(
                          "(a zero weight removes its term); give at least one a weight")
 
     plan = plan_of(model)
-    fused = not isinstance(plan, Unsupported)
-    # the backend only for a fused step: a model that falls back never builds an extension
-    bk = get_backend(backend, x.device) if fused else None
-    if check_finite:
-        checks.check_finite_input(x, mask, bk.all_finite if fused else checks.all_finite)
-        checks.check_finite_params(model, params,
-                                   bk.all_finite_many if fused else checks.all_finite_many)
-    if not fused:
+    if isinstance(plan, Unsupported):
+        if check_finite:
+            checks.check_finite_input(x, mask, checks.all_finite)
+            checks.check_finite_params(model, params, checks.all_finite_many)
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
         return _autograd_loss(model, x, y, lam, make_head(head, None, data, label_smoothing,
                                                           class_weight, soft),
                               mask, value_weight, check_finite)
+    # the backend only for a fused step: a model that falls back never builds an extension
+    bk = get_backend(backend, x.device)
+    if check_finite:
+        checks.check_finite_input(x, mask, bk.all_finite)
+        checks.check_finite_params(model, params, bk.all_finite_many)
     head_obj = make_head(head, bk, data, label_smoothing, class_weight, soft)
     return _fused_loss(plan, params, x, y, lam, head_obj, mask, bk, value_weight, check_finite,
                        keep_saved)

@@ -53,7 +53,11 @@ class GradRegLoss(nn.Module):
                             value_weight=self.value_weight, check_finite=self.check_finite,
                             keep_saved=self.keep_saved, data=self.data,
                             label_smoothing=self.label_smoothing,
-                            class_weight=self.class_weight)
+                            class_weight=self._class_weight())
+
+    def _class_weight(self) -> Tensor | None:
+        w = self._buffers.get("class_weight")
+        return w if isinstance(w, Tensor) else None
 
     def extra_repr(self) -> str:
         head = self.head if isinstance(self.head, str) else getattr(self.head, "__name__", "fn")

@@ -27,6 +27,7 @@ import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -118,6 +119,13 @@ def _is_leaf(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.")
 
 
+def _without_resolver(made: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    """A module rule's maker ``made(bk)`` as a step's ``make(bk, resolve)``."""
+    def make(bk, resolve):
+        return made(bk)
+    return make
+
+
 def _module_maker(m: nn.Module) -> Callable | str:
     """The rule maker ``bk -> Rule`` of a leaf module, or why it has none."""
     if _has_hooks(m):
@@ -128,7 +136,7 @@ def _module_maker(m: nn.Module) -> Callable | str:
     if found is None:
         return "no fused rule for this module type"
     kind, entry = found
-    if type(m).forward is not kind.forward:
+    if type(m).forward is not getattr(kind, "forward", None):
         return f"a subclass of {kind.__name__} with its own forward"
     return entry.factory(m)
 
@@ -285,7 +293,7 @@ class _Builder:
 
     def fail(self, node: fx.Node, reason: str) -> Unsupported:
         kind = "module" if node.op == "call_module" else "node"
-        what = (type(self.model.get_submodule(node.target)).__name__
+        what = (type(self.model.get_submodule(str(node.target))).__name__
                 if node.op == "call_module" else _target_name(node))
         return Unsupported(str(node.target) if kind == "module" else node.name, what,
                            reason + _node_line(node), kind)
@@ -320,12 +328,15 @@ class _Builder:
         ins = tuple(tensors[t.index] for t in made.inputs)
         host_slots = tuple(hosts)
         user_make = made.make
+        make: Callable[..., Any]
         if host_slots:
-            def make(bk, env, _m=user_make, _s=host_slots):
+            def make_with_hosts(bk, env, _m=user_make, _s=host_slots):
                 return _m(bk, _resolver((), _s, env))
+            make = make_with_hosts
         else:
-            def make(bk, env, _m=user_make):
+            def make_plain(bk, env, _m=user_make):
                 return _m(bk, _no_resolve)
+            make = make_plain
         out = self.new_slot()
         self.steps.append(Step(ins + host_slots, out, node.name, make=make,
                                multi=len(ins) != 1, n_tensor_ins=len(ins)))
@@ -352,7 +363,7 @@ class _Builder:
         self.kind[node] = ("host", out)
 
     def module_node(self, node: fx.Node) -> Unsupported | None:
-        m = self.model.get_submodule(node.target)
+        m = self.model.get_submodule(str(node.target))
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node) \
                 or self.kind[node.args[0]][0] != "tensor":
             return self.fail(node, "called with other than one tensor computed from the input")
@@ -361,7 +372,8 @@ class _Builder:
             return self.fail(node, made)
         slot = self.kind[node.args[0]][1]
         entry = module_entry(type(m))
-        self.add_rule(node, Made([TensorArg(0)], lambda bk, resolve, _m=made: _m(bk),
+        assert entry is not None  # module_maker found it
+        self.add_rule(node, Made([TensorArg(0)], _without_resolver(made),
                                  aliases=entry[1].aliases), [slot], [], _is_inplace(node, m))
         return None
 
@@ -380,9 +392,9 @@ class _Builder:
         target = node.target
         first_is_tensor = bool(call.args) and isinstance(call.args[0], TensorArg)
         if not tensors:
-            fn = target if node.op == "call_function" else None
+            fn = cast(Callable[..., Any], target) if node.op == "call_function" else None
             if node.op == "call_method" and hosts:
-                fn = _method_caller(target)
+                fn = _method_caller(str(target))
             if fn is None or (node.op == "call_function" and fn not in _HOST_FUNCTIONS):
                 return self.fail(node, "makes a tensor that is not computed from the input")
             self.add_host(node, fn, call, tensors, hosts)
@@ -390,7 +402,7 @@ class _Builder:
         if first_is_tensor and (
                 (node.op == "call_method" and target in _METADATA_METHODS)
                 or (target is getattr and call.args[1] in _METADATA_ATTRS)):
-            fn = getattr if target is getattr else _method_caller(target)
+            fn = getattr if target is getattr else _method_caller(str(target))
             self.add_host(node, fn, call, tensors, hosts)
             return None
         if target is operator.getitem:
@@ -411,10 +423,12 @@ class _Builder:
             made = _module_maker(shim)
             if isinstance(made, str):
                 return self.fail(node, made)
-            aliases = module_entry(type(shim))[1].aliases
-            self.add_rule(node, Made([TensorArg(0)], lambda bk, resolve, _m=made: _m(bk),
-                                     aliases=aliases), tensors, [], inplace)
+            found = module_entry(type(shim))
+            assert found is not None  # module_maker found it
+            self.add_rule(node, Made([TensorArg(0)], _without_resolver(made),
+                                     aliases=found[1].aliases), tensors, [], inplace)
             return None
+        assert entry.factory is not None  # an entry has a module or a factory
         made = entry.factory(call)
         if isinstance(made, str):
             return self.fail(node, made)
@@ -454,6 +468,8 @@ class _Builder:
                     return Unsupported("output", type(res).__name__, "the forward must return "
                                        "one tensor computed from the input", "node")
                 out_slot = self.kind[res][1]
+        if out_slot is None:
+            return Unsupported("output", "-", "the forward returns nothing", "node")
         return self.finish(out_slot)
 
     def finish(self, out: int) -> Plan | Unsupported:
@@ -529,6 +545,8 @@ def _single(model: nn.Module) -> Plan | Unsupported:
 
 def build_plan(model: nn.Module) -> Plan | Unsupported:
     """The plan of ``model``, or the first node it cannot run and why."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"build_plan needs a torch.nn.Module, got {type(model).__name__}")
     if _global_hooks():
         return Unsupported("<model>", type(model).__name__, "module hooks are registered for "
                            "every module (register_module_forward_hook and the like), which "

@@ -245,9 +245,9 @@ def _start_student(state: _State, cfg: TrainConfig, ds: Dataset, device: torch.d
 
 def _teacher_soft_labels(state: _State, cfg: TrainConfig, ds: Dataset, train_x: Tensor,
                          device: torch.device) -> Tensor:
-    teacher = _new_model(cfg, ds, device) if state.teacher_state is not None else None
-    if teacher is None:
+    if state.teacher_state is None:
         raise CheckpointError("the distillation student phase has no stored teacher")
+    teacher = _new_model(cfg, ds, device)
     teacher.load_state_dict(state.teacher_state)
     return soft_labels(teacher, train_x)
 
@@ -473,7 +473,7 @@ def _fit(cfg: TrainConfig, ds: Dataset, device: torch.device, procs: Processes) 
         path = None if out is None else out / CHECKPOINT_NAME
         ckpt = load_checkpoint(path) if cfg.resume and path is not None and path.exists() \
             else None
-    if ckpt is not None:
+    if ckpt is not None and out is not None:
         state = _restore(ckpt, cfg, ds, device, out / CHECKPOINT_NAME)
         if procs.leader:
             atomic_write_jsonl(state.metrics, out / METRICS_NAME)
@@ -573,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     last = result.metrics[-1] if result.metrics else {}
     print(f"done in {time.perf_counter() - t0:.1f} s: held-out accuracy "
           f"{last.get('test_acc', float('nan')):.4f} after {last.get('step', 0)} steps "
-          f"({cfg.defense}, {last.get('backend', '-')}); model: {result.out / MODEL_NAME}")
+          f"({cfg.defense}, {last.get('backend', '-')}); model: "
+          f"{'-' if result.out is None else result.out / MODEL_NAME}")
     return 0
 
 

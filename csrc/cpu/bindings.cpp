@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("output_tangent", &gradreg::output_tangent, "(σ'(y) ⊙ r, σ''(y) ⊙ u ⊙ r) from y");
   m.def("softmax_head", &gradreg::softmax_head, "CE, p, ∇CE, ∇ℓ of the softmax heads");
   m.def("softmax_hvp", &gradreg::softmax_hvp, "p ⊙ (t − pᵀt)");
+  m.def("target_head", &gradreg::target_head,
+        "ℓ, ∇ℓ and the Hessian's diagonal of the mse (0) / bce (1) head, row by row");
   m.def("max_pool2d", &gradreg::max_pool2d, "max pooling and the flat argmax per plane");
   m.def("pool_gather", &gradreg::pool_gather, "r[idx] per plane");
   m.def("pool_scatter", &gradreg::pool_scatter, "scatter-add of d into idx per plane");

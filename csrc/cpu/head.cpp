@@ -1,6 +1,9 @@
 // Softmax heads, row by row in one sweep: CE_n = logsumexp(z_n) − z_{n,y_n}, p = softmax(z),
 // ∇CE = p − e_y, and for the uniform head ∇ℓ = p − 1/K. Hessian-vector product of
 // −log softmax: H t = p ⊙ (t − pᵀt).
+// Target heads (mse, bce), row by row in one sweep: ℓ_n = (1/K) Σ_k e(z_k, y_k) with
+//   mse: e = (z − y)²,                        e′ = 2 (z − y),  e″ = 2
+//   bce: e = max(z, 0) − z y + log(1 + e^−|z|), e′ = σ(z) − y,  e″ = σ(z)(1 − σ(z)).
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -51,6 +54,43 @@ std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, b
     }
   });
   return {ce, p, dg, pg};
+}
+
+std::vector<at::Tensor> target_head(const at::Tensor& z, const at::Tensor& y, int64_t kind) {
+  check_f32(z, "z");
+  check_f32(y, "y");
+  TORCH_CHECK(z.dim() == 2 && y.sizes() == z.sizes(), "target_head: z and y must be (N, K)");
+  TORCH_CHECK(kind == 0 || kind == 1, "target_head: kind must be 0 (mse) or 1 (bce)");
+  const int64_t n = z.size(0), k = z.size(1);
+  auto data = at::empty({n}, z.options());
+  auto grad = at::empty_like(z);
+  auto d2 = kind == 1 ? at::empty_like(z) : at::empty({0}, z.options());
+  const float *zp = z.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *lp = data.data_ptr<float>(), *gp = grad.data_ptr<float>();
+  float* hp = kind == 1 ? d2.data_ptr<float>() : nullptr;
+  const float inv_k = 1.f / static_cast<float>(k);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double sum = 0.0;
+      for (int64_t j = r * k; j < (r + 1) * k; ++j) {
+        const float zj = zp[j], yj = yp[j];
+        if (kind == 0) {
+          const float diff = zj - yj;
+          sum += static_cast<double>(diff) * diff;
+          gp[j] = 2.f * diff * inv_k;
+        } else {
+          const float e = std::exp(-std::fabs(zj));
+          const float sig = zj >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+          sum += std::fmax(zj, 0.f) - zj * yj + std::log1p(e);
+          gp[j] = (sig - yj) * inv_k;
+          hp[j] = sig * (1.f - sig) * inv_k;
+        }
+      }
+      lp[r] = static_cast<float>(sum * inv_k);
+    }
+  });
+  return {data, grad, d2};
 }
 
 at::Tensor softmax_hvp(const at::Tensor& p, const at::Tensor& t) {

@@ -38,6 +38,8 @@ std::tuple<at::Tensor, at::Tensor> output_tangent(const at::Tensor& y, const at:
 // ---- softmax heads -------------------------------------------------------------------
 std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, bool uniform);
 at::Tensor softmax_hvp(const at::Tensor& p, const at::Tensor& t);
+// the target heads: (ℓ (N,), ∇ℓ (N, K), ∇²ℓ diagonal (N, K), empty for mse); kind 0 mse, 1 bce
+std::vector<at::Tensor> target_head(const at::Tensor& z, const at::Tensor& y, int64_t kind);
 
 // ---- max pooling (indices are flat per plane, int64) ----------------------------------
 std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& a, int64_t kh, int64_t kw,

@@ -115,7 +115,8 @@ def _resolve(name: str, device: torch.device) -> BackendEntry:
         raise ValueError(f"unknown backend {name!r}; known: {backend_names()} or 'auto'")
     e = _REGISTRY[name]
     if device.type not in e.device_types:
-        raise ValueError(f"backend {name!r} runs on {e.device_types}, not on {device.type}")
+        raise ValueError(f"backend {name!r} runs on {e.device_types}, not on {device.type}: "
+                         f"move the model and tensors there, or use backend='auto'")
     why = e.available()
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")

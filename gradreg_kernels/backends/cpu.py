@@ -400,6 +400,14 @@ class CpuBackend(TorchBackend):
         ce, p, data_grad, pen_grad = self.ext.softmax_head(z, y, uniform)
         return ce, p, data_grad, pen_grad
 
+    def target_head(self, kind: str, z: Tensor, y: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The mse / bce head in one C++ sweep per row (head.cpp)."""
+        if not _fast(z, y) or z.dim() != 2 or y.shape != z.shape:
+            return super().target_head(kind, z, y)
+        data, grad, d2 = self.ext.target_head(z, y, 0 if kind == "mse" else 1)
+        return data, grad, (None if kind == "mse" else d2)
+
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
         if not _fast(p) or p.dim() != 2 or t.shape != p.shape:
             return super().softmax_hvp(p, t)

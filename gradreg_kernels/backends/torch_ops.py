@@ -187,6 +187,19 @@ class TorchBackend:
         pen_grad = p - 1.0 / z.shape[1] if uniform else data_grad
         return ce, p, data_grad, pen_grad
 
+    def target_head(self, kind: str, z: Tensor, y: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A target head on (N, K) logits, y of z's shape: (ℓ_n = (1/K) Σ_k e (N,),
+        ∇ℓ = e′/K, the Hessian's diagonal e″/K or None where it is the constant 2/K (mse)).
+        mse: e = (z − y)²; bce: e = BCE with logits, e′ = σ(z) − y, e″ = σ(1 − σ)."""
+        k = z.shape[1]
+        if kind == "mse":
+            diff = z - y
+            return (diff * diff).sum(1) / k, diff * (2.0 / k), None
+        sig = torch.sigmoid(z)
+        e = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+        return e.sum(1) / k, (sig - y) / k, sig * (1.0 - sig) / k
+
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
         """Hessian of −log softmax times t: p ⊙ t − p (pᵀt), row by row (N, K)."""
         return p * (t - (p * t).sum(1, keepdim=True))

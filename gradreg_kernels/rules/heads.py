@@ -180,69 +180,60 @@ class OutputHead:
         return data, data
 
 
-class _ElementwiseTargetHead:
+class _TargetHead:
     """A loss averaged over the K outputs of each example against targets of the logits'
-    shape: ℓ_n = (1/K) Σ_k e(z_k, y_k), with ∇ℓ = e'(z, y)/K and H t = e''(z, y) ⊙ t / K
-    (``_terms`` gives e, e', e'' in float32 at least)."""
+    shape: ℓ_n = (1/K) Σ_k e(z_k, y_k), ∇ℓ = e′(z, y)/K, H t = e″(z, y) ⊙ t / K, from the
+    backend's ``target_head`` (one C++ / Triton sweep per row, torch ops elsewhere), on the
+    logits viewed as (B, K), in float32 at least."""
 
     name = ""
     uses_labels = False
 
     def __init__(self, bk=None) -> None:
-        pass
+        self.bk = bk
 
     def _targets(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if y.shape != z.shape:
             raise ValueError(f"head={self.name!r} needs targets y of the logits' shape "
                              f"{tuple(z.shape)}, got {tuple(y.shape)}")
-        zf = _f32(z)
-        return zf, y.to(zf.dtype)
-
-    def _terms(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
+        zf = _per_row(_f32(z)).contiguous()
+        return zf, _per_row(y).to(zf.dtype).contiguous()
 
     def evaluate(self, z: Tensor, y: Tensor) -> HeadEval:
         zf, yf = self._targets(z, y)
-        k = zf[0].numel()
-        e, d1, self.d2 = self._terms(zf, yf)
-        self.k = k
-        grad = d1 / k
-        return HeadEval(_per_row(e).sum(1) / k, grad, grad)
+        self.k = zf.shape[1]
+        data, grad, self.d2 = self.bk.target_head(self.name, zf, yf)
+        grad = grad.view(z.shape)
+        return HeadEval(data, grad, grad)
 
     def hvp(self, t: Tensor) -> Tensor | None:
-        return self.d2 * t / self.k
+        if self.d2 is None:  # mse: e″/K = 2/K
+            return t * (2.0 / self.k)
+        return (_per_row(t) * self.d2).view(t.shape)
 
     def per_example(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         zf, yf = self._targets(z, y)
-        data = _per_row(self._value(zf, yf)).mean(1)
+        data = self._value(zf, yf).mean(1)
         return data, data
 
     def _value(self, z: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
 
-class MSEHead(_ElementwiseTargetHead):
-    """Mean squared error per example: e = (z − y)², e' = 2 (z − y), e'' = 2."""
+class MSEHead(_TargetHead):
+    """Mean squared error per example: e = (z − y)², e′ = 2 (z − y), e″ = 2."""
 
     name = "mse"
-
-    def _terms(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        diff = z - y
-        return diff * diff, 2.0 * diff, torch.full_like(z, 2.0)
 
     def _value(self, z: Tensor, y: Tensor) -> Tensor:
         return (z - y) ** 2
 
 
-class BCEHead(_ElementwiseTargetHead):
+class BCEHead(_TargetHead):
     """Binary cross-entropy on logits per example (multi-label, targets in [0, 1]):
-    e = log(1 + e^z) − y z, e' = σ(z) − y, e'' = σ(z)(1 − σ(z))."""
+    e = log(1 + e^z) − y z, e′ = σ(z) − y, e″ = σ(z)(1 − σ(z))."""
 
     name = "bce"
-
-    def _terms(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sig = torch.sigmoid(z)
-        return self._value(z, y), sig - y, sig * (1.0 - sig)
 
     def _value(self, z: Tensor, y: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(z, y, reduction="none")

@@ -49,3 +49,22 @@ def test_softmax_ce_out_of_range_label_gives_nan(device):
     z = torch.randn(3, 5, device=device)
     ce, _ = _triton().softmax_ce(z, torch.tensor([0, 5, -1], device=device))
     assert torch.isfinite(ce[0]) and torch.isnan(ce[1:]).all()
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce"])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 37), (129, 10), (70, 1000)])
+def test_target_heads(kind, n, k, device):
+    """mse / bce: ℓ, ∇ℓ and the Hessian's diagonal against the portable float64 forms."""
+    bk = _triton()
+    g = torch.Generator().manual_seed(n * k + 1)
+    z = (4 * torch.randn(n, k, generator=g)).to(device)
+    y = (torch.rand(n, k, generator=g) if kind == "bce" else torch.randn(n, k, generator=g))
+    y = y.to(device)
+    data, grad, d2 = bk.target_head(kind, z, y)
+    ref = REF.target_head(kind, z.double(), y.double())
+    assert rel_err(data, ref[0]) < TOL[torch.float32]
+    assert rel_err(grad, ref[1]) < TOL[torch.float32]
+    if kind == "mse":
+        assert d2 is None and ref[2] is None
+    else:
+        assert rel_err(d2, ref[2]) < TOL[torch.float32]

@@ -133,6 +133,13 @@ class TritonBackend(TorchBackend):
             return super().softmax_ce(z, y)
         return softmax_head.softmax_ce(z, y)
 
+    def target_head(self, kind: str, z: Tensor, y: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        if z.dim() != 2 or not supported(z, y) or y.shape != z.shape \
+                or z.shape[1] > softmax_head.MAX_K or z.dtype != torch.float32:
+            return super().target_head(kind, z, y)
+        return softmax_head.target_head(kind, z, y)
+
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
         if p.dim() != 2 or not supported(p, t) or p.shape != t.shape \
                 or p.shape[1] > softmax_head.MAX_K:

@@ -1,8 +1,12 @@
-"""The softmax cross-entropy head: value and probabilities in one pass, and its HVP.
+"""The heads' kernels: softmax cross-entropy (value and probabilities in one pass, and its
+HVP) and the target heads mse / bce.
 
 For logits z (N, K) and labels y (N,):
     CE_n = logsumexp(z_n) − z_{n, y_n},   p = softmax(z)        (_softmax_ce_kernel)
     H t  = p ⊙ t − p (pᵀ t) row by row                          (_softmax_hvp_kernel)
+For targets y (N, K): ℓ_n = (1/K) Σ_k e, ∇ℓ = e′/K and the Hessian's diagonal e″/K with
+    mse: e = (z − y)²,  e′ = 2 (z − y)     bce: e = BCE with logits, e′ = σ − y, e″ = σ(1 − σ)
+                                                                 (_target_head_kernel)
 Each program holds BLOCK_M whole rows (BLOCK_K ≥ K) in registers; float32 math.
 """
 
@@ -83,3 +87,40 @@ def softmax_hvp(p: Tensor, t: Tensor) -> Tensor:
     _softmax_hvp_kernel[(triton.cdiv(n, bm),)](p, t, out, n, k, t.stride(0),
                                                BLOCK_M=bm, BLOCK_K=bk)
     return out
+
+
+@triton.jit(do_not_specialize=["n"])
+def _target_head_kernel(z_ptr, y_ptr, data_ptr, grad_ptr, d2_ptr, n, k,
+                        BCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    m2 = (rows[:, None] < n) & (cols[None, :] < k)
+    offs = rows[:, None] * k + cols[None, :]
+    z = tl.load(z_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    inv_k = 1.0 / k
+    if BCE:
+        ez = tl.exp(-tl.abs(z))
+        sig = tl.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez))
+        e = tl.maximum(z, 0.0) - z * y + tl.log(1.0 + ez)
+        grad = (sig - y) * inv_k
+        tl.store(d2_ptr + offs, sig * (1.0 - sig) * inv_k, mask=m2)
+    else:
+        diff = z - y
+        e = diff * diff
+        grad = 2.0 * diff * inv_k
+    tl.store(grad_ptr + offs, grad, mask=m2)
+    tl.store(data_ptr + rows, tl.sum(tl.where(m2, e, 0.0), axis=1) * inv_k, mask=rows < n)
+
+
+def target_head(kind: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(ℓ (N,), ∇ℓ (N, K), e″/K (N, K) for bce, None for mse) in float32."""
+    z, y = z.contiguous(), y.contiguous()
+    n, k = z.shape
+    data = torch.empty(n, dtype=torch.float32, device=z.device)
+    grad = torch.empty((n, k), dtype=torch.float32, device=z.device)
+    d2 = torch.empty_like(grad) if kind == "bce" else grad  # mse stores no d2
+    bk, bm = triton.next_power_of_2(k), _block_m(k)
+    _target_head_kernel[(triton.cdiv(n, bm),)](z, y, data, grad, d2, n, k, BCE=kind == "bce",
+                                               BLOCK_M=bm, BLOCK_K=bk)
+    return data, grad, (d2 if kind == "bce" else None)
