@@ -41,6 +41,21 @@ class GradRegOutput:
     backend: str      # which path ran: "torch", "cpu", "triton", "cuda" or "autograd"
 
 
+def _weighted_sum(data: Tensor, penalty: Tensor, w: float, lam: float) -> Tensor:
+    """w · data + λ · penalty as a fresh tensor (the fused step's and the fallback's loss),
+    where a weight of exactly 0 removes its term (a non-finite term under a zero weight is
+    absent, not 0 · inf = NaN)."""
+    if w == 0.0:  # λ > 0 then (both 0 is refused)
+        return penalty.mul(lam)
+    scaled = data.clone() if w == 1.0 else data.mul(w)
+    if lam == 0.0:
+        return scaled
+    if lam <= torch.finfo(penalty.dtype).max:
+        return scaled.add_(penalty, alpha=lam)
+    # alpha must fit the dtype; λ · penalty then overflows to inf, and is reported
+    return scaled.add_(penalty.mul(lam))
+
+
 class _Runner:
     """State of one fused call, shared by the Function's forward and backward."""
 
@@ -58,30 +73,17 @@ class _Runner:
         if (self.check_finite and head.uses_labels and y is not None
                 and not y.is_floating_point() and not head.checks_own_labels(z)):
             checks.check_label_range(y, z)
-        ev = head.evaluate(z, self.y)
+        ev = head.evaluate(z, y)
         g = self.schedule.chain(ev.pen_grad)
         pen_sum, seed = self.bk.penalty_terms(g, mask)
         self.data = ev.data.mean()
         self.penalty = pen_sum.div_(b)  # a fresh 0-dim sum: divided in place
-        loss = self._weighted_sum()
+        loss = _weighted_sum(self.data, self.penalty, self.w, self.lam)
         if self.check_finite:
             checks.check_finite_loss(loss, self.data, self.penalty)
         self.logits, self.data_grad = z, ev.data_grad
         self.g = None if self.lam == 0 else seed
         return loss
-
-    def _weighted_sum(self) -> Tensor:
-        """w · data + λ · penalty, where a weight of exactly 0 removes its term (a non-finite
-        term under a zero weight is absent, not 0 · inf = NaN)."""
-        if self.w == 0.0:  # λ > 0 then (both 0 is refused)
-            return self.penalty.mul(self.lam)
-        data = self.data if self.w == 1.0 else self.data.mul(self.w)
-        if self.lam == 0.0:
-            return data.clone() if data is self.data else data
-        if self.lam <= torch.finfo(self.penalty.dtype).max:
-            return data.add(self.penalty, alpha=self.lam)
-        # alpha must fit the dtype; λ · penalty then overflows to inf, and is reported
-        return data.add(self.penalty.mul(self.lam))
 
     @torch._disable_dynamo  # passes 3-4 run eagerly inside a compiled step's backward
     def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
@@ -217,22 +219,19 @@ def gradreg_loss(
                          "(a zero weight removes its term); give at least one a weight")
 
     plan = plan_of(model)
+    # the backend only for a fused step: a model that falls back never builds an extension
+    bk = None if isinstance(plan, Unsupported) else get_backend(backend, x.device)
+    if check_finite:
+        checks.check_finite_input(x, mask, checks.all_finite if bk is None else bk.all_finite)
+        checks.check_finite_params(model, params, checks.all_finite_many if bk is None
+                                   else bk.all_finite_many)
+    head_obj = make_head(head, bk, data, label_smoothing, class_weight, soft)
     if isinstance(plan, Unsupported):
-        if check_finite:
-            checks.check_finite_input(x, mask, checks.all_finite)
-            checks.check_finite_params(model, params, checks.all_finite_many)
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
-        return _autograd_loss(model, x, y, lam, make_head(head, None, data, label_smoothing,
-                                                          class_weight, soft),
-                              mask, value_weight, check_finite)
-    # the backend only for a fused step: a model that falls back never builds an extension
-    bk = get_backend(backend, x.device)
-    if check_finite:
-        checks.check_finite_input(x, mask, bk.all_finite)
-        checks.check_finite_params(model, params, bk.all_finite_many)
-    head_obj = make_head(head, bk, data, label_smoothing, class_weight, soft)
+        return _autograd_loss(model, x, y, lam, head_obj, mask, value_weight, check_finite)
+    assert bk is not None
     return _fused_loss(plan, params, x, y, lam, head_obj, mask, bk, value_weight, check_finite,
                        keep_saved)
 
@@ -262,12 +261,7 @@ def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, he
                    ) -> GradRegOutput:
     data, pen, z = autograd_terms(model, x, y, head, mask, check_finite)
     data_mean, pen_mean = data.mean(), pen.mean()
-    if value_weight == 0.0:  # a zero weight removes its term, as in the fused step
-        loss = lam * pen_mean
-    elif lam == 0.0:
-        loss = value_weight * data_mean
-    else:
-        loss = value_weight * data_mean + lam * pen_mean
+    loss = _weighted_sum(data_mean, pen_mean, value_weight, lam)
     if check_finite:
         checks.check_finite_loss(loss.detach(), data_mean.detach(), pen_mean.detach())
     return GradRegOutput(loss, data_mean.detach(), pen_mean.detach(), z.detach(), "autograd")

@@ -437,11 +437,16 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Path | None, dict | None]:
         return None, None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_NAME
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    ckpt = _resume_checkpoint(cfg, out)
     for name in (CHECKPOINT_NAME, MODEL_NAME, METRICS_NAME):
         remove_stale_temp_files(out, name)
     return out, ckpt
+
+
+def _resume_checkpoint(cfg: TrainConfig, out: Path) -> dict | None:
+    """OUT/checkpoint.pt when resuming and it exists, else None (start afresh)."""
+    path = out / CHECKPOINT_NAME
+    return load_checkpoint(path) if cfg.resume and path.exists() else None
 
 
 def fit(cfg: TrainConfig, dataset: Dataset | None = None) -> FitResult:
@@ -470,9 +475,7 @@ def _fit(cfg: TrainConfig, ds: Dataset, device: torch.device, procs: Processes) 
     procs.barrier()
     if not procs.leader:  # the leader prepared the folder; the others read its checkpoint
         out = None if cfg.out is None else Path(cfg.out)
-        path = None if out is None else out / CHECKPOINT_NAME
-        ckpt = load_checkpoint(path) if cfg.resume and path is not None and path.exists() \
-            else None
+        ckpt = None if out is None else _resume_checkpoint(cfg, out)
     if ckpt is not None and out is not None:
         state = _restore(ckpt, cfg, ds, device, out / CHECKPOINT_NAME)
         if procs.leader:

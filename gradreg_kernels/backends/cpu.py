@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rules.activation_math import ActivationSpec, autograd_derivatives, derivs_from_output
+from ..rules.activation_math import ActivationSpec, derivs_from_output
 from .cpu_build import CpuBuildError, load_extension
-from .torch_ops import ConvGeom, TorchBackend, _chan
+from .torch_ops import ConvGeom, NonFinite, TorchBackend, _chan
 
 # Below this many multiply-adds a product runs on MKL: a oneDNN call costs 5-6 µs more
 # (AVX-512 CPU, 2 threads; a 512 → 10 classifier layer's products cross over at ~128 rows).
@@ -124,32 +124,27 @@ class _Kept:
     p0: float
     p1: float
     from_output: bool
-    #: (flat indices of the non-finite z, torch's σ' there, torch's σ'' there), or None:
-    #: the sweeps' formulas are exact for finite z only, and these few are set after them
-    special: tuple[Tensor, Tensor, Tensor] | None = None
+    #: torch autograd's σ', σ'' at the non-finite elements of z, or None: the sweeps'
+    #: formulas are exact for finite z only, and these few are set after them
+    special: NonFinite | None = None
 
     def mul_add(self, ext, t: Tensor, s: Tensor | None) -> Tensor:
         """σ' ⊙ t (+ s)."""
         f = ext.output_mul_add if self.from_output else ext.z_mul_add
-        if self.special is None:
+        nf = self.special
+        if nf is None:
             return f(self.tensor, t, s, self.kind, self.p0, self.p1)
-        idx, d1, _ = self.special
-        fix = d1 * t.reshape(-1)[idx]
-        if s is not None:
-            fix = fix + s.reshape(-1)[idx]
-        out = f(self.tensor, t, s, self.kind, self.p0, self.p1)
-        out.view(-1)[idx] = fix
-        return out
+        fix = nf.d1 * nf.at(t) if s is None else nf.d1 * nf.at(t) + nf.at(s)
+        return nf.fix(f(self.tensor, t, s, self.kind, self.p0, self.p1), fix)
 
     def tangent(self, ext, r: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """(σ' ⊙ r, σ'' ⊙ u ⊙ r)."""
         f = ext.output_tangent if self.from_output else ext.z_tangent
         out, s = f(self.tensor, r, u, self.kind, self.p0, self.p1)
-        if self.special is not None:
-            idx, d1, d2 = self.special
-            rv = r.reshape(-1)[idx]
-            out.view(-1)[idx] = d1 * rv
-            s.view(-1)[idx] = d2 * u.reshape(-1)[idx] * rv
+        nf = self.special
+        if nf is not None:
+            nf.fix(out, nf.d1 * nf.at(r))
+            nf.fix(s, nf.d2 * nf.at(u) * nf.at(r))
         return out, s
 
 
@@ -294,11 +289,9 @@ class CpuBackend(TorchBackend):
             return super().act_forward(spec, z)
         p = tuple(spec.params) + (0.0, 0.0)
         y = self.ext.smooth_value(z, kind, p[0], p[1])
-        special = None
-        if not self.ext.all_finite(z):
-            idx = torch.nonzero(~torch.isfinite(z.reshape(-1))).squeeze(1)
-            y.view(-1)[idx] = spec.value(z.reshape(-1)[idx])
-            special = (idx, *autograd_derivatives(spec, z.reshape(-1)[idx]))
+        special = None if self.ext.all_finite(z) else NonFinite.of(spec, z)
+        if special is not None:  # torch's σ there too (the kernel's selects are not)
+            special.fix(y, spec.value(special.at(z)))
         from_output = derivs_from_output(spec)
         return y, _Kept(y if from_output else z, kind, p[0], p[1], from_output, special)
 

@@ -119,16 +119,14 @@ class TorchBackend:
         """y = σ(z) and what later passes need (here z itself, or y for ReLU: σ'(z) = [y > 0]).
 
         On the CPU, a z with NaN / ±inf (rare; one read finds it) keeps torch autograd's σ'
-        and σ'' there too (``_NonFinite``): the formulas of activation_math are exact for
+        and σ'' there too (``NonFinite``): the formulas of activation_math are exact for
         finite z, and at ±inf give 0 where torch's backward gives NaN (Softsign)."""
         if spec.name == "relu":
             y = torch.relu(z)
             return y, y
         if (spec.name != "leaky_relu" and z.device.type == "cpu"
                 and not bool(torch.isfinite(z).all())):
-            idx = torch.nonzero(~torch.isfinite(z.reshape(-1))).squeeze(1)
-            return spec.value(z), _NonFinite(z, idx, *autograd_derivatives(spec,
-                                                                            z.reshape(-1)[idx]))
+            return spec.value(z), NonFinite.of(spec, z)
         return spec.value(z), z
 
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
@@ -141,7 +139,7 @@ class TorchBackend:
         """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
         if spec.name == "relu":
             return _d1_times(spec, saved, r), None
-        if isinstance(saved, _NonFinite):
+        if isinstance(saved, NonFinite):
             out = _d1_times(spec, saved, r)
             if not spec.smooth:
                 return out, None
@@ -364,14 +362,21 @@ class TorchBackend:
 
 
 @dataclass
-class _NonFinite:
+class NonFinite:
     """An activation's z that holds NaN / ±inf, with torch autograd's σ', σ'' at those
-    elements (flat indices ``idx``), set over the formulas' values after each step."""
+    elements (flat indices ``idx``), set over the formulas' values after each step (the
+    portable and the C++ backends' state for such a z)."""
 
     z: Tensor
     idx: Tensor
     d1: Tensor
     d2: Tensor
+
+    @classmethod
+    def of(cls, spec: ActivationSpec, z: Tensor) -> NonFinite:
+        """The state of a z known to hold non-finite values."""
+        idx = torch.nonzero(~torch.isfinite(z.reshape(-1))).squeeze(1)
+        return cls(z, idx, *autograd_derivatives(spec, z.reshape(-1)[idx]))
 
     def at(self, t: Tensor) -> Tensor:
         """t's values at the non-finite elements of z (t has z's shape)."""
@@ -384,8 +389,8 @@ class _NonFinite:
 
 def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
     """σ'(z) ⊙ t from what act_forward saved (y for ReLU, z otherwise), in one pass; torch
-    autograd's σ' at the non-finite elements of a ``_NonFinite`` z."""
-    if isinstance(saved, _NonFinite):
+    autograd's σ' at the non-finite elements of a ``NonFinite`` z."""
+    if isinstance(saved, NonFinite):
         return saved.fix(_d1_times(spec, saved.z, t), saved.d1 * saved.at(t))
     if spec.name == "relu":
         return torch.ops.aten.threshold_backward(t, saved, 0)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..registry import register_alias
+from ..rules.norm import update_running_stats
 from ..rules.sync_norm import sync_group
 
 
@@ -57,12 +58,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                     else self.momentum)
-                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
-                self.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1)), alpha=f)
+            update_running_stats(self, mean, var, int(n))
         return y
 
 

@@ -62,6 +62,12 @@ def _per_row(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _check_matrix_logits(name: str, z: Tensor) -> None:
+    if z.dim() != 2:
+        raise ValueError(f"head={name!r} needs (B, K) logits from the model, "
+                         f"got shape {tuple(z.shape)}")
+
+
 class SoftmaxHead:
     """The two softmax heads over plain class labels: the backend's fused softmax head (CE
     data term, p, both gradients) and the softmax Hessian."""
@@ -78,9 +84,7 @@ class SoftmaxHead:
         return self.bk.head_checks_labels(z)
 
     def evaluate(self, z: Tensor, y: Tensor) -> HeadEval:
-        if z.dim() != 2:
-            raise ValueError(f"head={self.name!r} needs (B, K) logits from the model, "
-                             f"got shape {tuple(z.shape)}")
+        _check_matrix_logits(self.name, z)
         ce, self.p, data_grad, pen_grad = self.bk.softmax_head(z, y, self.uniform)
         return HeadEval(ce, data_grad, pen_grad)
 
@@ -129,9 +133,7 @@ class WeightedSoftmaxHead:
         return a
 
     def evaluate(self, z: Tensor, y: Tensor) -> HeadEval:
-        if z.dim() != 2:
-            raise ValueError(f"head={self.name!r} needs (B, K) logits from the model, "
-                             f"got shape {tuple(z.shape)}")
+        _check_matrix_logits(self.name, z)
         if y.is_floating_point() and y.shape != z.shape:
             raise ValueError(f"head={self.name!r} needs probability targets y of the logits' "
                              f"shape {tuple(z.shape)}, got {tuple(y.shape)}")
@@ -150,8 +152,7 @@ class WeightedSoftmaxHead:
         return HeadEval(data, data_grad, pen_grad)
 
     def hvp(self, t: Tensor) -> Tensor | None:
-        p = self.p
-        ht = p * (t - (p * t).sum(1, keepdim=True))
+        ht = self.bk.softmax_hvp(self.p, t)
         return ht if self.s is None else ht * self.s
 
     def per_example(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,19 @@ def uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
     return m.training or (m.running_mean is None and m.running_var is None)
 
 
+@torch.no_grad()
+def update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
+                         n: int) -> None:
+    """m's running statistics after a batch of n values per channel with mean μ and biased
+    variance var (C,), as nn.BatchNorm's forward updates them: num_batches_tracked + 1,
+    momentum (or the cumulative average when momentum is None), the unbiased variance."""
+    m.num_batches_tracked.add_(1)
+    f = (1.0 / float(m.num_batches_tracked)) if m.momentum is None else m.momentum
+    m.running_mean.mul_(1 - f).add_(mean.detach().to(m.running_mean.dtype), alpha=f)
+    m.running_var.mul_(1 - f).add_((var.detach() * (n / (n - 1))).to(m.running_var.dtype),
+                                   alpha=f)
+
+
 class BatchNormEvalRule(Rule):
     def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk=None) -> None:
         self.module = module
@@ -104,7 +117,7 @@ class BatchNormTrainRule(Rule):
                              f"channel, got input of shape {tuple(a.shape)}")
         y, mean, var = self._normalize(a, m.eps)
         if m.training and m.track_running_stats:
-            self._update_running_stats(mean, var, n)
+            update_running_stats(m, mean, var, n)
         return y
 
     def _normalize(self, a: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,14 +128,6 @@ class BatchNormTrainRule(Rule):
         self.gamma_c = (_chan(gamma, a) if gamma is not None else a.new_ones(()))
         self.k = self.gamma_c * self.inv_std
         return y, mean, var
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
-        m = self.module
-        m.num_batches_tracked.add_(1)
-        f = (1.0 / float(m.num_batches_tracked)) if m.momentum is None else m.momentum
-        m.running_mean.mul_(1 - f).add_(mean.to(m.running_mean.dtype), alpha=f)
-        m.running_var.mul_(1 - f).add_((var * (n / (n - 1))).to(m.running_var.dtype), alpha=f)
 
     def chain(self, d: Tensor) -> Tensor:
         out, self.chain_saved, _ = self.bk.bn_chain(d, self.xhat, self.k.flatten())

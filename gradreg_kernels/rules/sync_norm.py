@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from ..registry import register_module
 from .base import channel_sum, wants_grad
-from .norm import BatchNormEvalRule, BatchNormTrainRule, _chan, uses_batch_stats
+from .norm import (
+    BatchNormEvalRule,
+    BatchNormTrainRule,
+    _chan,
+    update_running_stats,
+    uses_batch_stats,
+)
 
 
 def sync_group(m: nn.SyncBatchNorm):
@@ -78,7 +84,7 @@ class SyncBatchNormTrainRule(BatchNormTrainRule):
         y = self.xhat if gamma is None else self.xhat * self.gamma_c + _chan(
             self.beta.detach(), a)
         if m.training and m.track_running_stats:
-            self._update_running_stats(mean.flatten(), var, int(n))
+            update_running_stats(m, mean.flatten(), var, int(n))
         return y
 
     def chain(self, d: Tensor) -> Tensor:
