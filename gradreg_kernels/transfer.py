@@ -42,7 +42,9 @@ ATTACKS: dict[str, tuple[AttackFn, bool]] = {
 @dataclass
 class TransferResult:
     """accuracy: (S, T, E) float; target_rate: (S, T, E) or None (untargeted attacks).
-    Rows are source models (where examples were crafted), columns defended models."""
+    Rows are source models (where examples were crafted), columns defended models.
+    correct / hit: the per-image outcomes (S, T, E, N) bool behind accuracy / target_rate
+    (None when read back from a dict: ``to_dict`` keeps the means only)."""
 
     names: list[str]
     eps: list[float]
@@ -50,6 +52,8 @@ class TransferResult:
     accuracy: Tensor
     target_rate: Tensor | None
     n: int
+    correct: Tensor | None = None
+    hit: Tensor | None = None
 
     def white_box(self) -> Tensor:
         """(M, E): accuracy of each model on examples crafted on itself."""
@@ -97,8 +101,9 @@ def transfer_matrix(models: Mapping[str, nn.Module], x: Tensor, y: Tensor,
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
     names = list(models)
     s_count, e_count = len(names), len(eps)
-    acc = torch.zeros(s_count, s_count, e_count)
-    rate = torch.zeros(s_count, s_count, e_count) if is_targeted else None
+    n = x.shape[0]
+    correct = torch.zeros(s_count, s_count, e_count, n, dtype=torch.bool)
+    hit = torch.zeros(s_count, s_count, e_count, n, dtype=torch.bool) if is_targeted else None
     num_classes = None
     for si, src in enumerate(names):
         for ei, e in enumerate(eps):
@@ -107,18 +112,20 @@ def transfer_matrix(models: Mapping[str, nn.Module], x: Tensor, y: Tensor,
             x_adv = torch.cat(parts)
             for ti, dst in enumerate(names):
                 pred = _predict(models[dst], x_adv, batch_size)
-                acc[si, ti, ei] = float((pred == y).float().mean())
-                if rate is not None:
+                correct[si, ti, ei] = (pred == y).cpu()
+                if hit is not None:
                     if num_classes is None:
                         with eval_mode(models[dst]), torch.no_grad():
                             num_classes = int(models[dst](x[:1]).shape[1])
                     t = next_class_target(y, num_classes)
-                    rate[si, ti, ei] = float((pred == t).float().mean())
+                    hit[si, ti, ei] = (pred == t).cpu()
             if progress is not None:
                 progress(f"{name}: crafted on {src} at eps={e:g}: white-box acc "
-                         f"{float(acc[si, si, ei]):.3f}")
-    return TransferResult(names=names, eps=eps, attack=name, accuracy=acc, target_rate=rate,
-                          n=int(x.shape[0]))
+                         f"{float(correct[si, si, ei].float().mean()):.3f}")
+    return TransferResult(names=names, eps=eps, attack=name,
+                          accuracy=correct.float().mean(-1),
+                          target_rate=None if hit is None else hit.float().mean(-1),
+                          n=int(n), correct=correct, hit=hit)
 
 
 def format_table(result: TransferResult, eps: Sequence[float] | None = None) -> str:

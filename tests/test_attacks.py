@@ -148,6 +148,55 @@ def test_pgd_stays_in_eps_ball_and_unit_box(device, loss):
     assert not torch.equal(adv, x)
 
 
+def naive_cosine_pgd(model, x, y, eps, steps, alpha0):
+    """One example at a time, no random start, α_i = α0·½(1 + cos(π i/steps))."""
+    import math
+
+    model = tiny_copy_eval(model)
+    out = []
+    for n in range(x.shape[0]):
+        x0, xa = x[n:n + 1], x[n:n + 1].clone()
+        for i in range(steps + 1):
+            if model(xa).argmax(1).item() != y[n].item() or i == steps:
+                break
+            a = alpha0 * 0.5 * (1 + math.cos(math.pi * i / steps))
+            g = naive_grad(model, xa, y[n:n + 1])
+            xa = torch.min(torch.max(xa + a * g.sign(), x0 - eps), x0 + eps).clamp(0, 1)
+        out.append(xa)
+    return torch.cat(out)
+
+
+def test_pgd_cosine_schedule_matches_naive_reference():
+    model = tiny_cnn(seed=8)
+    x = images(13, seed=9)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)  # correctly classified: most need several steps
+    adv = pgd(model, x, y, 0.15, steps=7, step_size=0.03, random_start=False,
+              schedule="cosine")
+    ref = naive_cosine_pgd(model, x, y, 0.15, 7, 0.03)
+    assert torch.allclose(adv, ref, atol=1e-12, rtol=0)
+    assert not torch.allclose(adv, pgd(model, x, y, 0.15, steps=7, step_size=0.03,
+                                       random_start=False))
+
+
+def test_pgd_restarts_only_add_successes_and_search_the_survivors():
+    model = tiny_cnn(seed=12)
+    x = images(64, seed=13)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    eps = 0.3  # tiny steps: success rests on the random start, which restarts redraw
+
+    def fooled(restarts):
+        adv = pgd(model, x, y, eps, steps=1, step_size=1e-3, restarts=restarts,
+                  generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return model(adv).argmax(1) != y
+
+    one, many = fooled(1), fooled(6)
+    assert bool((one <= many).all())  # the first start is the same; restarts add only
+    assert int(many.sum()) > int(one.sum()) and not bool(many.all())
+
+
 def test_pgd_is_at_least_as_strong_as_fgsm_here():
     model = tiny_cnn(seed=12)
     x, y = images(64, seed=13), torch.arange(64) % 5
@@ -221,6 +270,8 @@ def test_random_search_stays_in_ball_raises_margin_and_queries_only_outputs():
     (lambda m, x, y: tgsm(m, x, y, 0.1, target=y + 9), r"target must lie in \[0, 5\)"),
     (lambda m, x, y: pgd(m, x, y, 0.1, steps=0), "steps must be a positive int"),
     (lambda m, x, y: pgd(m, x, y, 0.1, loss="hinge"), "loss must be 'ce' or 'margin'"),
+    (lambda m, x, y: pgd(m, x, y, 0.1, schedule="linear"),
+     "schedule must be 'constant' or 'cosine'"),
     (lambda m, x, y: fgsm(m, x.long(), y, 0.1), "floating-point"),
     (lambda m, x, y: fgsm(m, x.float(), y, 0.1), "float64 but x is torch.float32"),
 ])

@@ -3,7 +3,8 @@
 - accuracy_vs_eps_{fgsm,tgsm}.png: one panel per defended model, one line per source model
   (solid: white-box, dashed: transferred), accuracy against ε;
 - white_vs_black_box.png: per model, accuracy under FGSM, PGD (an example counts as robust
-  only if it survives both the CE and the margin loss) and the black-box random search,
+  only if it survives both the CE and the margin loss), PGD with restarts and a cosine
+  step-size schedule on the survivors, and the black-box random search,
   at ε ∈ {0.1, 0.2, 0.3};
 - saliency.png: the test inputs, then each model's input gradient ∇_x log p_y (red raises
   the true class, blue lowers it; each map scaled to its own largest magnitude);
@@ -67,6 +68,8 @@ def white_vs_black(results: dict, path: Path) -> str:
         cols = [results["fgsm"]["eps"].index(e) for e in eps]
         ax.plot(eps, fgsm[i, i, cols].tolist(), marker="o", label="FGSM (white-box)")
         ax.plot(eps, wb["pgd"], marker="s", label="PGD (white-box)")
+        if "pgd_strong" in wb:
+            ax.plot(eps, wb["pgd_strong"], marker="D", label="PGD with restarts (white-box)")
         ax.plot(eps, wb["black_box"], marker="^", label="random search (black-box)")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("ε")

@@ -4,14 +4,22 @@ Stages (each timed; results land in DIR/results.json, figures and DIR/report.md)
 1. train normal, distilled, adv-trained, insensitive and gradreg models (train.fit);
 2. FGSM and TGSM transfer matrices over ε ∈ {0, 0.1, …, 0.7} on the first n_eval test images
    (model × model × ε; diagonal white-box);
-3. white-box PGD (cross-entropy and logit-margin losses, random start) and a black-box
-   random-search attack at ε ∈ {0.1, 0.2, 0.3}; zero / vanishing input-gradient rates;
+3. white-box PGD at ε ∈ {0.1, 0.2, 0.3}: cross-entropy and logit-margin losses from one
+   random start at a constant step, then, on the examples that survive, both losses again
+   with a cosine step-size schedule and ``pgd_restarts`` random restarts (an example is
+   robust only if it survives all four); a black-box random-search attack; zero /
+   vanishing input-gradient rates;
 4. JSMA (θ = 1, γ = 0.25) towards every other class on k images per class: success rate
    and mean L0;
 5. interpretability: input-gradient saliency maps with their stroke-energy share and
    spatial coherence; iterated-TGSM and JSMA examples with the share of the perturbation on
    the strokes, its alignment with the class-mean difference and how often they fool the
-   other models (see saliency.py for why these measures).
+   other models (see saliency.py for why these measures);
+6. for each further training seed (``seeds``): the five defenses trained again and the
+   measures the claims rest on (FGSM matrix, iterated TGSM, saliency) recomputed.
+
+Every per-image outcome is kept in results.json ("per_image"), and every verdict rests on
+bootstrap intervals over the attacked images for each seed (claims.py).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from ..saliency import (
     stroke_mask,
 )
 from ..transfer import transfer_matrix, write_json
+from .claims import ClaimData, part_intervals
+from .per_image import floats, pack_bits
 
 # report name -> trainer defense
 DEFENSES: dict[str, str] = {
@@ -48,10 +58,15 @@ DEFENSES: dict[str, str] = {
     "insensitive": "insensitive",
     "gradreg": "gradreg",
 }
-# λ (per-example convention, λ_paper/(2B)) used unless PaperConfig.lam says otherwise. At the
-# few hundred steps these runs afford, the paper's λ_paper = 10^4.75 (λ ≈ 110) collapses the
-# MLP to near-uniform outputs (docs/paper_reproduction/README.md); λ_paper = 10^3 trains.
-DEFAULT_LAM = {"gradreg": 1e3 / (2 * 256)}
+CHOSEN_LAM_PAPER_CNN = 10 ** 3.0 / (2 * 256)  # λ_paper chosen by the grid, see below
+#: the gradreg λ (per-example convention, λ_paper/(2B)) of each model unless PaperConfig.lam
+#: or --lam-from says otherwise. paper-cnn: the λ chosen by the paper's grid on adversarial
+#: validation accuracy (``python -m gradreg_kernels.experiments lambda --model paper-cnn``,
+#: docs/paper_reproduction/lambda/). mlp and lenet: λ_paper = 10^3, which trains the MLP
+#: to the normal model's accuracy at these budgets (the paper's 10^4.75 collapses it,
+#: docs/paper_reproduction/README.md).
+GRADREG_LAM = {"paper-cnn": CHOSEN_LAM_PAPER_CNN, "mlp": 1e3 / (2 * 256),
+               "lenet": 1e3 / (2 * 256)}
 EPS_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 WHITE_BOX_EPS = [0.1, 0.2, 0.3]
 
@@ -70,17 +85,20 @@ class PaperConfig:
     reuse_models: bool = False
     lr: float = 1e-3
     overrides: dict | None = None   # replaces entries of plan(), e.g. {"n_eval": 20} in tests
-    lam: dict | None = None         # trainer defense -> λ (per-example); None: DEFAULT_LAM
+    lam: dict | None = None         # trainer defense -> λ (per-example); None: GRADREG_LAM
+    seeds: int | None = None        # training seeds (the first gets every attack)
 
 
 def plan(cfg: PaperConfig) -> dict:
     """The sizes of every stage for the mode (quick: minutes on 2 CPU cores)."""
     q = cfg.quick
     sizes = {
-        "model": cfg.model or "mlp",
+        "model": cfg.model or ("mlp" if q else "paper-cnn"),
         "epochs": cfg.epochs if cfg.epochs is not None else (3 if q else 8),
         "n_eval": 100 if q else 256,            # the paper's FGSM tables use 256 images
         "pgd_steps": 10 if q else 40,
+        "pgd_restarts": 2 if q else 3,          # of the cosine-schedule search
+        "seeds": cfg.seeds if cfg.seeds is not None else (1 if q else 3),
         "bb_queries": 100 if q else 500,
         "bb_n": 100 if q else 256,
         "jsma_per_class": 1 if q else 2,
@@ -119,24 +137,28 @@ def _training_record(folder: Path) -> dict:
             "seconds": float(last.get("elapsed_seconds", 0.0))}
 
 
-def train_models(cfg: PaperConfig, sizes: dict, data, log: Callable[[str], None]
-                 ) -> tuple[dict[str, nn.Module], dict]:
+def train_models(cfg: PaperConfig, sizes: dict, data, log: Callable[[str], None],
+                 seed: int | None = None) -> tuple[dict[str, nn.Module], dict]:
+    """The five defenses trained with ``seed`` (default cfg.seed) into DIR/models/NAME
+    (DIR/models/seedS/NAME for another seed), or reused from there with reuse_models."""
     from ..train import TrainConfig, fit, load_trained_model
 
+    seed = cfg.seed if seed is None else seed
+    root = Path(cfg.out) / "models" / ("" if seed == cfg.seed else f"seed{seed}")
     models, info = {}, {}
     for name, defense in DEFENSES.items():
-        out = Path(cfg.out) / "models" / name
+        out = root / name
         start = time.perf_counter()
         if cfg.reuse_models and (out / "model.pt").is_file():
             models[name] = load_trained_model(out / "model.pt", cfg.device)
             info[name] = {"defense": defense, "reused": True, **_training_record(out)}
-            log(f"[train] {name}: reused {out / 'model.pt'}")
+            log(f"[train] {name} (seed {seed}): reused {out / 'model.pt'}")
             continue
         # distillation trains a teacher, then a student: each gets the epochs of one model
         epochs = sizes["epochs"] * (2 if defense == "distill" else 1)
-        lam = {**DEFAULT_LAM, **(cfg.lam or {})}.get(defense)
+        lam = gradreg_lam(cfg, sizes["model"]).get(defense)
         tc = TrainConfig(data=cfg.data, model=sizes["model"], defense=defense, epochs=epochs,
-                         lam=lam, lr=cfg.lr, out=str(out), seed=cfg.seed, device=cfg.device,
+                         lam=lam, lr=cfg.lr, out=str(out), seed=seed, device=cfg.device,
                          progress=False)
         result = fit(tc, data)
         models[name] = result.model.eval()
@@ -144,9 +166,112 @@ def train_models(cfg: PaperConfig, sizes: dict, data, log: Callable[[str], None]
         info[name] = {"defense": defense, "reused": False, "lam": last.get("lam"),
                       "backend": last.get("backend"),
                       "seconds": time.perf_counter() - start}
-        log(f"[train] {name} ({defense}): {info[name]['seconds']:.0f} s, "
+        log(f"[train] {name} ({defense}, seed {seed}): {info[name]['seconds']:.0f} s, "
             f"test acc {last.get('test_acc')}")
     return models, info
+
+
+def gradreg_lam(cfg: PaperConfig, model: str) -> dict[str, float]:
+    """trainer defense → λ: GRADREG_LAM's for the model, then cfg.lam's entries."""
+    return {"gradreg": GRADREG_LAM.get(model, GRADREG_LAM["mlp"]), **(cfg.lam or {})}
+
+
+def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return (_predict(model, x) == y).cpu()
+
+
+def white_box(models: dict[str, nn.Module], x: Tensor, y: Tensor, sizes: dict, seed: int,
+              log: Callable[[str], None]) -> tuple[dict, dict[str, Tensor]]:
+    """Per model: PGD and black-box accuracies at WHITE_BOX_EPS, masking statistics; and
+    per model the (E, N) bool robustness to all four PGD searches."""
+    out, robust_all = {}, {}
+    nb = min(sizes["bb_n"], len(y))
+    for name, m in models.items():
+        row: dict = {"pgd_ce": [], "pgd_margin": [], "pgd": [], "pgd_strong": [],
+                     "black_box": []}
+        per_eps = []
+        for e in WHITE_BOX_EPS:
+            g = torch.Generator().manual_seed(seed)
+            robust = torch.ones(len(y), dtype=torch.bool)
+            for loss in ("ce", "margin"):
+                adv = pgd(m, x, y, e, steps=sizes["pgd_steps"], loss=loss, generator=g)
+                correct = _correct(m, adv, y)
+                robust &= correct
+                row[f"pgd_{loss}"].append(float(correct.float().mean()))
+            row["pgd"].append(float(robust.float().mean()))
+            for loss in ("ce", "margin"):  # the survivors, searched harder
+                keep = robust.nonzero()[:, 0]
+                if keep.numel() == 0:
+                    break
+                kx, ky = x[keep.to(x.device)], y[keep.to(y.device)]
+                adv = pgd(m, kx, ky, e, steps=sizes["pgd_steps"], loss=loss,
+                          schedule="cosine", restarts=sizes["pgd_restarts"], generator=g)
+                robust[keep] = _correct(m, adv, ky)
+            row["pgd_strong"].append(float(robust.float().mean()))
+            per_eps.append(robust)
+            adv = random_search(m, x[:nb], y[:nb], e, queries=sizes["bb_queries"],
+                                generator=torch.Generator().manual_seed(seed))
+            row["black_box"].append(_accuracy(m, adv, y[:nb]))
+        row["masking"] = gradient_masking_stats(m, x, y)
+        out[name] = row
+        robust_all[name] = torch.stack(per_eps)
+        log(f"[white-box] {name}: PGD {row['pgd']}, PGD with restarts {row['pgd_strong']}, "
+            f"black-box {row['black_box']}, masking {row['masking']}")
+    return out, robust_all
+
+
+def measures(models: dict[str, nn.Module], x: Tensor, y: Tensor, means: Tensor,
+             sizes: dict, k: int) -> tuple[dict[str, dict[str, Tensor]], Tensor]:
+    """Per model, per attacked image: saliency stroke share and coherence, and the
+    iterated-TGSM examples towards (y + 1) mod K with their perturbation's stroke share and
+    class-mean alignment; and hit (S, T, N): model t predicts the target on s's examples."""
+    mask = stroke_mask(x)
+    target = next_class_target(y, k)
+    per: dict[str, dict[str, Tensor]] = {}
+    for name, m in models.items():
+        sal = input_gradients(m, x, y)
+        adv = iterated_tgsm(m, x, target, step=sizes["tgsm_step"], steps=sizes["tgsm_steps"])
+        delta = adv - x
+        per[name] = {
+            "saliency_stroke_share": stroke_energy_share(sal, mask).cpu(),
+            "saliency_coherence": spatial_coherence(sal).cpu(),
+            "tgsm_adv": adv,
+            "tgsm_stroke_share": perturbation_stroke_share(delta, mask).cpu(),
+            "tgsm_class_alignment": class_mean_alignment(delta, y, target, means).cpu(),
+        }
+    names = list(models)
+    hit = torch.zeros(len(names), len(names), len(y), dtype=torch.bool)
+    for si, s in enumerate(names):
+        for ti, t in enumerate(names):
+            with eval_mode(models[t]), torch.no_grad():
+                hit[si, ti] = (_predict(models[t], per[s]["tgsm_adv"]) == target).cpu()
+    return per, hit
+
+
+def claim_data(fgsm_res, per: dict[str, dict[str, Tensor]], hit: Tensor) -> ClaimData:
+    """The per-image outcomes the claims rest on, from the FGSM matrix and ``measures``."""
+    return ClaimData(
+        names=list(fgsm_res.names), eps=list(fgsm_res.eps), fgsm_correct=fgsm_res.correct,
+        tgsm_hit=hit,
+        alignment={n: v["tgsm_class_alignment"] for n, v in per.items()},
+        stroke_share={n: v["saliency_stroke_share"] for n, v in per.items()},
+        coherence={n: v["saliency_coherence"] for n, v in per.items()})
+
+
+def replicate(cfg: PaperConfig, sizes: dict, data, seed: int, x: Tensor, y: Tensor,
+              means: Tensor, log: Callable[[str], None]) -> dict:
+    """Train the five defenses with another seed and recompute the claims' parts on the
+    same attacked images: {"seed", "clean_test", "train", "parts": [Interval dicts]}."""
+    models, info = train_models(cfg, sizes, data, log, seed=seed)
+    for m in models.values():
+        m.to(cfg.device).eval()
+    tx, ty = data.test_x.to(cfg.device), data.test_y.to(cfg.device)
+    fg = transfer_matrix(models, x, y, EPS_GRID, "fgsm")
+    per, hit = measures(models, x, y, means, sizes, data.num_classes)
+    parts = part_intervals(claim_data(fg, per, hit))
+    return {"seed": seed, "train": info,
+            "clean_test": {n: _accuracy(m, tx, ty) for n, m in models.items()},
+            "parts": [iv.to_dict() for _, iv in parts]}
 
 
 def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
@@ -155,7 +280,8 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
 
     data: a Dataset (train_x, train_y, test_x, test_y, num_classes, name), loaded from
     cfg.data when None. models: already trained models under the names of DEFENSES, which
-    skips training (for re-analysis, and for tests that need no trainer).
+    skips training and the further seeds (for re-analysis, and for tests that need no
+    trainer).
     """
     from ..data import load_dataset
     from .figures import write_figures
@@ -177,6 +303,7 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
         log(f"[{name}] {timing[name]:.1f} s")
 
     t0 = time.perf_counter()
+    trained_here = models is None
     if models is None:
         models, train_info = train_models(cfg, sizes, data, log)
     else:
@@ -193,8 +320,9 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
     n = min(sizes["n_eval"], len(test_y))
     x, y = test_x[:n], test_y[:n]
-    clean = {name: _accuracy(m, test_x, test_y) for name, m in models.items()}
-    clean_eval = {name: _accuracy(m, x, y) for name, m in models.items()}
+    clean_correct = {name: _correct(m, test_x, test_y) for name, m in models.items()}
+    clean = {name: float(v.float().mean()) for name, v in clean_correct.items()}
+    clean_eval = {name: float(v[:n].float().mean()) for name, v in clean_correct.items()}
     log("[clean] " + ", ".join(f"{a}: {v:.4f}" for a, v in clean.items()))
 
     t0 = time.perf_counter()
@@ -205,26 +333,8 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
     stage("tgsm", t0)
 
     t0 = time.perf_counter()
-    white: dict[str, dict] = {}
+    white, pgd_robust = white_box(models, x, y, sizes, cfg.seed, log)
     nb = min(sizes["bb_n"], n)
-    for name, m in models.items():
-        row: dict = {"pgd_ce": [], "pgd_margin": [], "pgd": [], "black_box": []}
-        for e in WHITE_BOX_EPS:
-            g = torch.Generator().manual_seed(cfg.seed)
-            robust = torch.ones_like(y, dtype=torch.bool)
-            for loss in ("ce", "margin"):
-                adv = pgd(m, x, y, e, steps=sizes["pgd_steps"], loss=loss, generator=g)
-                correct = _predict(m, adv) == y
-                robust &= correct
-                row[f"pgd_{loss}"].append(float(correct.float().mean()))
-            row["pgd"].append(float(robust.float().mean()))
-            adv = random_search(m, x[:nb], y[:nb], e, queries=sizes["bb_queries"],
-                                generator=torch.Generator().manual_seed(cfg.seed))
-            row["black_box"].append(_accuracy(m, adv, y[:nb]))
-        row["masking"] = gradient_masking_stats(m, x, y)
-        white[name] = row
-        log(f"[white-box] {name}: PGD {row['pgd']}, "
-            f"black-box {row['black_box']}, masking {row['masking']}")
     stage("white_box", t0)
 
     t0 = time.perf_counter()
@@ -266,27 +376,23 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
     px, py = test_x[pic_idx], test_y[pic_idx]
     pt = next_class_target(py, k)
     pictures: dict[str, dict[str, Tensor]] = {"input": {"x": px.cpu(), "y": py.cpu()}}
-    tgsm_all: dict[str, Tensor] = {}
-    t_all_eval = next_class_target(y, k)
-    for name, m in models.items():
-        sal = input_gradients(m, x, y)
-        adv = iterated_tgsm(m, x, t_all_eval, step=sizes["tgsm_step"],
-                            steps=sizes["tgsm_steps"])
-        tgsm_all[name] = adv
-        delta = adv - x
-        hit_self = _target_rate(m, adv, t_all_eval)
+    per, hit = measures(models, x, y, means, sizes, k)
+    names = list(models)
+    for i, (name, m) in enumerate(models.items()):
+        v = per[name]
+        delta = v["tgsm_adv"] - x
         jx = jsma_examples[name]
         jmask = stroke_mask(jsma_sources[0])
         jdelta = jx - jsma_sources[0]
         jt = next_class_target(jsma_sources[1], k)
         interp[name] = {
-            "saliency_stroke_share": nanmean(stroke_energy_share(sal, mask)),
-            "saliency_coherence": nanmean(spatial_coherence(sal)),
-            "tgsm_target_rate_self": hit_self,
+            "saliency_stroke_share": nanmean(v["saliency_stroke_share"]),
+            "saliency_coherence": nanmean(v["saliency_coherence"]),
+            "tgsm_target_rate_self": float(hit[i, i].float().mean()),
             "tgsm_linf": float(delta.flatten(1).abs().amax(1).mean()),
             "tgsm_l2": float(delta.flatten(1).norm(dim=1).mean()),
-            "tgsm_stroke_share": nanmean(perturbation_stroke_share(delta, mask)),
-            "tgsm_class_alignment": nanmean(class_mean_alignment(delta, y, t_all_eval, means)),
+            "tgsm_stroke_share": nanmean(v["tgsm_stroke_share"]),
+            "tgsm_class_alignment": nanmean(v["tgsm_class_alignment"]),
             "jsma_stroke_share": nanmean(perturbation_stroke_share(jdelta, jmask)),
             "jsma_class_alignment": nanmean(class_mean_alignment(
                 jdelta, jsma_sources[1], jt, means)),
@@ -301,14 +407,27 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
             with torch.no_grad():
                 pictures[name][kind + "_pred"] = m(pictures[name][kind].to(dev)).argmax(1).cpu()
     pictures["input"]["jsma_x"] = jsma_sources[0].cpu()
-    # how often iterated-TGSM examples made on one model are taken for the target by others
-    names = list(models)
-    cross = torch.zeros(len(names), len(names))
-    for si, s in enumerate(names):
-        for ti, t in enumerate(names):
-            cross[si, ti] = _target_rate(models[t], tgsm_all[s], t_all_eval)
     stage("interpretability", t0)
 
+    parts = part_intervals(claim_data(fgsm_res, per, hit))
+    seed_runs = [{"seed": cfg.seed, "clean_test": clean,
+                  "parts": [iv.to_dict() for _, iv in parts]}]
+    if trained_here:
+        t0 = time.perf_counter()
+        for extra in range(1, sizes["seeds"]):
+            seed_runs.append(replicate(cfg, sizes, data, cfg.seed + extra, x, y, means, log))
+        stage("seeds", t0)
+
+    per_image = {
+        "clean_test": pack_bits(torch.stack([clean_correct[nm] for nm in names])),
+        "fgsm_correct": pack_bits(fgsm_res.correct),
+        "tgsm_correct": pack_bits(tgsm_res.correct), "tgsm_hit": pack_bits(tgsm_res.hit),
+        "iterated_tgsm_hit": pack_bits(hit),
+        "pgd_robust": pack_bits(torch.stack([pgd_robust[nm] for nm in names])),
+        **{key: {nm: floats(per[nm][key]) for nm in names}
+           for key in ("saliency_stroke_share", "saliency_coherence", "tgsm_stroke_share",
+                       "tgsm_class_alignment")},
+    }
     results = {
         "config": asdict(cfg), "plan": sizes, "dataset": {
             "name": data.name, "train": len(data.train_y), "test": len(data.test_y)},
@@ -316,7 +435,10 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
         "fgsm": fgsm_res.to_dict(), "tgsm": tgsm_res.to_dict(),
         "white_box_eps": WHITE_BOX_EPS, "white_box": white, "black_box_n": nb,
         "jsma": jsma_out, "interpretability": interp,
-        "iterated_tgsm_target_rate": {"names": names, "rate": cross.tolist()},
+        "iterated_tgsm_target_rate": {"names": names,
+                                      "rate": hit.float().mean(-1).tolist()},
+        "parts": [{"claim": p.claim, "text": p.text} for p, _ in parts],
+        "seed_runs": seed_runs, "per_image": per_image,
         "timing": timing,
     }
     t0 = time.perf_counter()
@@ -329,7 +451,3 @@ def run_paper(cfg: PaperConfig, data=None, log: Callable[[str], None] = print,
     log(f"[done] {timing['total']:.0f} s; report at {out / 'report.md'}")
     return results
 
-
-def _target_rate(model: nn.Module, x: Tensor, t: Tensor) -> float:
-    with eval_mode(model), torch.no_grad():
-        return float((model(x).argmax(1) == t).float().mean())

@@ -11,9 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ..transfer import TransferResult, format_table
+from .bootstrap import Interval, mean_interval, mean_intervals
+from .claims import CLAIMS, UNDERFIT_GAP, Part, verdicts
+from .per_image import from_floats, unpack_bits
 
 
 def _f(v: float, digits: int = 3) -> str:
@@ -28,14 +29,7 @@ def _acc(res: TransferResult, src: str, dst: str, eps: float) -> float:
     return float(res.accuracy[res.names.index(src), res.names.index(dst), res.eps.index(eps)])
 
 
-def _others_mean(res: TransferResult, src: str, eps: float) -> float:
-    """Mean accuracy of the models other than src on examples crafted on src."""
-    vals = [_acc(res, src, d, eps) for d in res.names if d != src]
-    return sum(vals) / len(vals)
-
-
 MASK_GAP = 0.05  # white-box accuracy above a weaker attack's by more than this: masking flag
-UNDERFIT_GAP = 0.05  # clean-accuracy deficit to normal that makes robustness numbers moot
 
 
 def underfit(r: dict) -> list[str]:
@@ -44,107 +38,79 @@ def underfit(r: dict) -> list[str]:
     return [n for n, v in r["clean_test"].items() if v < ref - UNDERFIT_GAP]
 
 
-def claim_checks(r: dict) -> list[tuple[str, str, list[str]]]:
-    """(claim, verdict, evidence lines) for the paper's three claims.
+def claim_checks(r: dict) -> list[tuple[int, str, list]]:
+    """(claim, verdict, [(part, interval per seed, part verdict)]) from results.json's
+    part intervals of every seed (claims.verdicts; gradreg under-trained → claims 1 and 2
+    inconclusive)."""
+    parts = [Part(p["claim"], p["text"]) for p in r["parts"]]
+    per_seed = [[(p, Interval.from_dict(iv)) for p, iv in zip(parts, run["parts"], strict=True)]
+                for run in r["seed_runs"]]
+    return verdicts(per_seed, moot="gradreg" in underfit(r))
 
-    Rules: each claim names its comparisons; all of them true → "holds", some → "partly
-    holds", none → "does not hold". Claims 1 and 2 compare robust accuracies, which mean
-    nothing for a model that has not learned the task: if gradreg's clean accuracy trails
-    normal's by more than UNDERFIT_GAP, their verdict is "inconclusive" whatever the rules
-    give, and the evidence still lists the numbers.
-    """
-    fg = TransferResult.from_dict(r["fgsm"])
-    it = r["interpretability"]
-    out = []
-    moot = "gradreg" in underfit(r)
-    moot_note = (f"gradreg's clean accuracy {_pct(r['clean_test']['gradreg'])} trails "
-                 f"normal's {_pct(r['clean_test']['normal'])} by more than "
-                 f"{UNDERFIT_GAP:.0%}: the model is under-trained at this budget, so its "
-                 "robust accuracies cannot support or refute the claim.")
 
-    # 1. transferred-attack robustness, and graceful degradation past the training ε
-    low = [0.1, 0.2, 0.3]
-    high = [e for e in fg.eps if e > 0.3]
-    a = [(_acc(fg, "normal", "gradreg", e), _acc(fg, "normal", "normal", e)) for e in low]
-    beats_normal = all(g > n for g, n in a)
-    g_hi = [_acc(fg, "normal", "gradreg", e) for e in high]
-    adv_hi = [_acc(fg, "normal", "adv-trained", e) for e in high]
-    gentler = sum(g_hi) / len(g_hi) > sum(adv_hi) / len(adv_hi)
-    src_other = [s for s in fg.names if s not in ("gradreg", "adv-trained")]
-    g_all = [_acc(fg, s, "gradreg", e) for s in src_other for e in high]
-    adv_all = [_acc(fg, s, "adv-trained", e) for s in src_other for e in high]
-    pgd_g = r["white_box"]["gradreg"]["pgd"]
-    ev = [
-        "FGSM from the normal model, ε = 0.1/0.2/0.3: gradreg "
-        + "/".join(_f(g) for g, _ in a) + " vs normal (white-box) "
-        + "/".join(_f(n) for _, n in a) + f" → gradreg higher at every ε: {beats_normal}.",
-        f"Past the adversarial-training ε (ε = {', '.join(f'{e:g}' for e in high)}), examples "
-        f"from normal: gradreg {'/'.join(_f(v) for v in g_hi)}, adv-trained "
-        f"{'/'.join(_f(v) for v in adv_hi)} → gradreg degrades more gently: {gentler} "
-        f"(mean over the sources other than the two: gradreg "
-        f"{_f(sum(g_all) / len(g_all))}, adv-trained {_f(sum(adv_all) / len(adv_all))}).",
-        "Caveat: white-box PGD on gradreg at ε = 0.1/0.2/0.3 leaves "
-        + "/".join(_f(v) for v in pgd_g) + " accuracy: the transfer robustness does not "
-        "mean white-box robustness.",
-    ]
-    verdict = ("holds" if beats_normal and gentler else
-               "partly holds" if beats_normal or gentler else "does not hold")
-    if moot:
-        verdict, ev = f"inconclusive (the rules alone give: {verdict})", ev + [moot_note]
-    out.append(("1. Gradient-regularized models resist transferred FGSM examples and "
-                "degrade more gradually than adversarial training past its ε", verdict, ev))
+def claim_lines(r: dict) -> list[str]:
+    seeds = [run["seed"] for run in r["seed_runs"]]
+    lines = [f"Each claim is tested by the paired comparisons below, on the same attacked "
+             f"images, for each training seed ({', '.join(map(str, seeds))}). A comparison "
+             "predicts a positive mean difference; the brackets are its 95 % bootstrap "
+             "interval over the images. It *supports* the claim where the interval is "
+             "above 0 for every seed, *contradicts* it where it is below 0 for every seed, "
+             "and is *inconclusive* otherwise. A claim holds when every comparison supports "
+             "it, does not hold when every one contradicts it, is inconclusive when every "
+             "one is, and partly holds otherwise (claims.py).", ""]
+    for c, verdict, rows in claim_checks(r):
+        lines += [f"**{c}. {CLAIMS[c]}: {verdict}.**", "",
+                  "| comparison (predicted > 0) | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | verdict |", "|---" * (len(seeds) + 2) + "|"]
+        for part, ivs, v in rows:
+            lines.append(f"| {part.text} | " + " | ".join(iv.text() for iv in ivs)
+                         + f" | {v} |")
+        lines.append("")
+    weak = underfit(r)
+    if weak:
+        lines += [f"Under-trained (clean accuracy more than {UNDERFIT_GAP:.0%} below "
+                  f"normal's): {', '.join(weak)}.", ""]
+    if len(seeds) > 1:
+        lines += ["Clean test accuracy per seed: " + "; ".join(
+            f"seed {run['seed']}: " + ", ".join(f"{n} {_pct(v)}"
+                                                for n, v in run["clean_test"].items())
+            for run in r["seed_runs"]) + ".", ""]
+    return lines
 
-    # 2. examples made on gradreg fool the others, and look like the target class
-    others_g = [_others_mean(fg, "gradreg", e) for e in low]
-    others_n = [_others_mean(fg, "normal", e) for e in low]
-    transfer_better = sum(others_g) < sum(others_n)
-    rate = torch.tensor(r["iterated_tgsm_target_rate"]["rate"])
-    names = r["iterated_tgsm_target_rate"]["names"]
-    gi, ni = names.index("gradreg"), names.index("normal")
-    fool_g = float(torch.cat([rate[gi, :gi], rate[gi, gi + 1:]]).mean())
-    fool_n = float(torch.cat([rate[ni, :ni], rate[ni, ni + 1:]]).mean())
-    align_g, align_n = it["gradreg"]["tgsm_class_alignment"], it["normal"]["tgsm_class_alignment"]
-    stroke_g, stroke_n = it["gradreg"]["tgsm_stroke_share"], it["normal"]["tgsm_stroke_share"]
-    looks = align_g > align_n
-    ev = [
-        "Mean accuracy of the other four models on FGSM examples crafted on gradreg, ε = "
-        "0.1/0.2/0.3: " + "/".join(_f(v) for v in others_g) + "; on examples crafted on "
-        "normal: " + "/".join(_f(v) for v in others_n)
-        + f" → gradreg's examples transfer better: {transfer_better}.",
-        f"Iterated TGSM (0.1 per step, ≤ 26 steps) towards (y+1) mod 10: the other models "
-        f"predict the target on {_pct(fool_g)} of gradreg's examples vs {_pct(fool_n)} of "
-        "normal's.",
-        f"Alignment of the TGSM perturbation with the class-mean difference μ_t − μ_y "
-        f"(cosine, chance 0): gradreg {_f(align_g)}, normal {_f(align_n)}; share of |δ| on "
-        f"the strokes: gradreg {_f(stroke_g)}, normal {_f(stroke_n)} (area share "
-        f"{_f(it['chance_area_share'])}) → gradreg's perturbations look more like the target "
-        f"class: {looks}. See adversarial_tgsm.png.",
-    ]
-    verdict = ("holds" if transfer_better and looks else
-               "partly holds" if transfer_better or looks else "does not hold")
-    if moot:
-        verdict, ev = f"inconclusive (the rules alone give: {verdict})", ev + [moot_note]
-    out.append(("2. Adversarial examples crafted on gradient-regularized models are more "
-                "interpretable and fool the other models", verdict, ev))
 
-    # 3. cleaner saliency
-    sh = {n: it[n]["saliency_stroke_share"] for n in fg.names}
-    co = {n: it[n]["saliency_coherence"] for n in fg.names}
-    cleaner = [n for n in ("gradreg", "insensitive")
-               if sh[n] > sh["normal"] and co[n] > co["normal"]]
-    ev = [
-        "Share of saliency energy on the (grown) strokes, chance "
-        f"{_f(it['chance_area_share'])}: " + ", ".join(f"{n} {_f(v)}" for n, v in sh.items()),
-        "Spatial coherence of the map (lag-1 autocorrelation, 0 for noise): "
-        + ", ".join(f"{n} {_f(v)}" for n, v in co.items()),
-        "Regularized models beating normal on both: "
-        + (", ".join(cleaner) if cleaner else "none") + ". See saliency.png.",
-    ]
-    verdict = ("holds" if len(cleaner) == 2 else "partly holds" if cleaner
-               else "does not hold")
-    out.append(("3. Regularized models' input gradients are cleaner saliency maps",
-                verdict, ev))
-    return out
+def interval_lines(r: dict) -> list[str]:
+    """Bootstrap intervals of the headline accuracies and measures (seed 0), and the
+    largest half-width over every cell of the transfer matrices."""
+    pi = r["per_image"]
+    names = r["fgsm"]["names"]
+    eps = r["fgsm"]["eps"]
+    fg = unpack_bits(pi["fgsm_correct"]).double()
+    tg = unpack_bits(pi["tgsm_correct"]).double()
+    clean = unpack_bits(pi["clean_test"]).double()
+    pgd = unpack_bits(pi["pgd_robust"]).double()
+    low = [eps.index(e) for e in (0.1, 0.2, 0.3)]
+    src = names.index("normal")
+    lines = ["## Intervals", "",
+             "95 % bootstrap intervals over the images (seed 0): clean accuracy over the "
+             f"{clean.shape[1]} held-out images, the rest over the {fg.shape[-1]} attacked "
+             "images. PGD: robust to all four searches (see the masking checks).", "",
+             "| model | clean | FGSM from normal, ε = 0.1 / 0.2 / 0.3 | PGD, ε = 0.1 / 0.2 / "
+             "0.3 | saliency stroke share | saliency coherence |", "|---|---|---|---|---|---|"]
+    for i, n in enumerate(names):
+        fgc = " / ".join(mean_interval(fg[src, i, e]).text() for e in low)
+        pg = " / ".join(mean_interval(pgd[i, j]).text() for j in range(pgd.shape[1]))
+        sh = mean_interval(from_floats(pi["saliency_stroke_share"][n])).text()
+        co = mean_interval(from_floats(pi["saliency_coherence"][n])).text()
+        lines.append(f"| {n} | {mean_interval(clean[i]).text()} | {fgc} | {pg} | {sh} | {co} |")
+    widest = 0.0
+    for t in (fg, tg):
+        flat = t.reshape(-1, t.shape[-1])
+        for iv in mean_intervals(flat.t()):
+            widest = max(widest, (iv.hi - iv.lo) / 2)
+    lines += ["", f"Every cell of the FGSM and TGSM matrices below has an interval of "
+              f"half-width at most {widest:.3f} (per-image outcomes: results.json, "
+              "`per_image`).", ""]
+    return lines
 
 
 def render(r: dict) -> str:
@@ -166,14 +132,8 @@ def render(r: dict) -> str:
         "## Verdicts on the paper's claims",
         "",
     ]
-    weak = underfit(r)
-    if weak:
-        lines += [f"Under-trained at this budget (clean accuracy more than {UNDERFIT_GAP:.0%} "
-                  f"below normal's): {', '.join(weak)}. Robustness numbers of these models "
-                  "mostly measure their errors on clean inputs.", ""]
-    for claim, verdict, ev in claim_checks(r):
-        lines += [f"**{claim}: {verdict}.**", ""] + [f"- {e}" for e in ev] + [""]
-
+    lines += claim_lines(r)
+    lines += interval_lines(r)
     lines += ["## Clean accuracy", "",
               "| model | defense | λ (per-example convention) | test accuracy | on the attacked "
               "subset | training s |", "|---|---|---|---|---|---|"]
@@ -196,15 +156,17 @@ def render(r: dict) -> str:
     lines += ["![TGSM accuracy against ε](accuracy_vs_eps_tgsm.png)", ""]
 
     lines += ["## Gradient-masking checks", "",
-              f"White-box FGSM and PGD ({p['pgd_steps']} steps, random start; an example counts "
-              "as robust only "
-              "if it survives both the cross-entropy and the logit-margin loss), the best "
-              f"transfer attack (lowest accuracy over the other sources' FGSM), and a "
-              f"black-box random search ({p['bb_queries']} queries, logits only, on "
-              f"{r['black_box_n']} images). Masking shows as a black-box or transfer attack "
-              "beating a white-box one, or as zero input gradients.", "",
-              "| model | ε | FGSM white-box | PGD white-box | best transfer | black-box | "
-              "flag |", "|---|---|---|---|---|---|---|"]
+              f"White-box FGSM; PGD ({p['pgd_steps']} steps, random start, constant step "
+              "2.5ε/steps; an example counts as robust only if it survives both the "
+              "cross-entropy and the logit-margin loss); PGD with restarts (the survivors "
+              f"searched again with both losses, a cosine step-size schedule from ε/4 and "
+              f"{p.get('pgd_restarts', 1)} random restarts: robust only if it survives all "
+              "four searches); the best transfer attack (lowest accuracy over the other "
+              f"sources' FGSM); and a black-box random search ({p['bb_queries']} queries, "
+              f"logits only, on {r['black_box_n']} images). Masking shows as a black-box or "
+              "transfer attack beating a white-box one, or as zero input gradients.", "",
+              "| model | ε | FGSM white-box | PGD | PGD with restarts | best transfer | "
+              "black-box | flag |", "|---|---|---|---|---|---|---|---|"]
     flags = []
     for name in fg.names:
         wb = r["white_box"][name]
@@ -212,12 +174,15 @@ def render(r: dict) -> str:
             f_wb = _acc(fg, name, name, e)
             best_tr = min(_acc(fg, s, name, e) for s in fg.names if s != name)
             bb, pg = wb["black_box"][i], wb["pgd"][i]
+            strong = wb.get("pgd_strong", wb["pgd"])[i]
             why = [what for what, gap in (("FGSM > black-box", f_wb - bb),
                                           ("FGSM > transfer", f_wb - best_tr),
-                                          ("PGD > black-box", pg - bb),
-                                          ("PGD > transfer", pg - best_tr)) if gap > MASK_GAP]
-            lines.append(f"| {name} | {e:g} | {_f(f_wb)} | {_f(pg)} | {_f(best_tr)} "
-                         f"| {_f(bb)} | {', '.join(why)} |")
+                                          ("PGD > black-box", strong - bb),
+                                          ("PGD > transfer", strong - best_tr),
+                                          ("restarts find more", pg - strong))
+                   if gap > MASK_GAP]
+            lines.append(f"| {name} | {e:g} | {_f(f_wb)} | {_f(pg)} | {_f(strong)} | "
+                         f"{_f(best_tr)} | {_f(bb)} | {', '.join(why)} |")
             if why:
                 flags.append(f"{name} at ε = {e:g} ({', '.join(why)})")
     lines += ["", "| model | examples with ∇ₓCE exactly 0 | with ‖∇ₓCE‖ < 1e-8 | zero entries "
@@ -283,10 +248,8 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict, path: str | Path) -> None:
-    """Render and write report.md atomically."""
-    path = Path(path)
-    text = render(results)
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text to path atomically (temp file + rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -296,3 +259,8 @@ def write_report(results: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_report(results: dict, path: str | Path) -> None:
+    """Render and write report.md atomically."""
+    atomic_write_text(render(results), Path(path))
