@@ -69,7 +69,11 @@ def _as_tensors(images: np.ndarray, labels: np.ndarray, scale: float) -> tuple[T
 
 def load_digits_dataset(seed: int = 0) -> Dataset:
     """scikit-learn's 8×8 digits, pixels /16, split 1 437 / 360 by ``seed``."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the 'digits' data set comes with scikit-learn: pip install "
+                          "'gradreg-kernels[train]'") from e
 
     bunch = load_digits()
     x, y = _as_tensors(bunch.images, bunch.target, 16.0)

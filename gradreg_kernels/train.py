@@ -41,7 +41,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+try:
+    from tqdm.auto import tqdm
+except ImportError as e:  # a core install: the trainer is the [train] extra
+    raise ImportError("gradreg_kernels.train needs tqdm: pip install "
+                      "'gradreg-kernels[train]'") from e
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
