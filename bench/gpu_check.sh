@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export OUT="${OUT:-$PWD/gpu_check_out}"
-export GRADREG_CACHE_DIR="${GRADREG_CACHE_DIR:-/tmp/gradreg_cache}"
+export GRADREG_KERNELS_CACHE="${GRADREG_KERNELS_CACHE:-/tmp/gradreg_cache}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 unset TRITON_INTERPRET

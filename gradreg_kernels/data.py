@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .idx import DataFileError, read_idx_images, read_idx_labels
+from .mnist_idx import DataFileError, read_idx_images, read_idx_labels
 
 __all__ = ["DataFileError", "Dataset", "load_dataset"]
 

@@ -56,7 +56,7 @@ def _weighted_sum(data: Tensor, penalty: Tensor, w: float, lam: float) -> Tensor
     return scaled.add_(penalty.mul(lam))
 
 
-class _Runner:
+class _FusedCall:
     """State of one fused call, shared by the Function's forward and backward."""
 
     def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
@@ -86,26 +86,26 @@ class _Runner:
         return loss
 
     @torch._disable_dynamo  # passes 3-4 run eagerly inside a compiled step's backward
-    def backward(self, go: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
+    def backward(self, grad_out: Tensor, need_input_grad: bool) -> tuple[list, Tensor | None]:
         if self.data_grad is None:
             raise RuntimeError("gradreg_loss: trying to backward through the fused step a "
                                "second time, but its saved tensors were released; pass "
                                "keep_saved=True to gradreg_loss to backward more than once")
         b = self.x.shape[0]
-        zbar = self.data_grad * (go * (self.w / b))
+        zbar = self.data_grad * (grad_out * (self.w / b))
         if not self.schedule.keep_saved:
             self.data_grad = None
         # r is passed straight on (no local keeps it), so pass 3 can release it
-        xgrad, grads = self.schedule.adjoint_and_backward(self._tangent_seed(go, b), zbar,
+        xgrad, grads = self.schedule.adjoint_and_backward(self._tangent_seed(grad_out, b), zbar,
                                                           need_input_grad)
         return grads, xgrad
 
-    def _tangent_seed(self, go: Tensor, b: int) -> Tensor | None:
-        """r = (2λ/B) g · go, the seed of pass 3 (None without a penalty); g is scaled in
+    def _tangent_seed(self, grad_out: Tensor, b: int) -> Tensor | None:
+        """r = (2λ/B) g · grad_out, the seed of pass 3 (None without a penalty); g is scaled in
         place into r and released (no second g-sized buffer), unless keep_saved."""
         if self.g is None:
             return None
-        g, scale = self.g, go * (2.0 * self.lam / b)
+        g, scale = self.g, grad_out * (2.0 * self.lam / b)
         if self.schedule.keep_saved:
             return g * scale
         self.g = None
@@ -116,14 +116,14 @@ class _FusedGradReg(Function):
     """loss(θ, x): forward = passes 1-2, backward = passes 3-4 (once differentiable)."""
 
     @staticmethod
-    def forward(ctx, runner: _Runner, params: list[nn.Parameter], x: Tensor, *flat: Tensor):
+    def forward(ctx, runner: _FusedCall, params: list[nn.Parameter], x: Tensor, *flat: Tensor):
         ctx.runner, ctx.params = runner, params
         return runner.forward()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, go: Tensor):
-        grads, xgrad = ctx.runner.backward(go, ctx.needs_input_grad[2])
+    def backward(ctx, grad_out: Tensor):
+        grads, xgrad = ctx.runner.backward(grad_out, ctx.needs_input_grad[2])
         by_param: dict[int, Tensor] = {}
         for p, g in grads:  # a module used at two places (shared weights) gives two terms
             if g is not None:
@@ -250,7 +250,7 @@ def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | N
                 head, mask: Tensor | None, bk, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
     schedule = Schedule(plan, bk, head, keep_saved)
-    runner = _Runner(schedule, x, y, mask, lam, value_weight, check_finite, bk)
+    runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, bk)
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
                          runner.logits.detach(), bk.name)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
+from gradreg_kernels.activation_math import spec_by_name
 from gradreg_kernels.backends import cpu_build, get_backend
 from gradreg_kernels.backends.torch_ops import TorchBackend
-from gradreg_kernels.rules.activation_math import spec_by_name
 from reference import oracle_grads, oracle_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,11 +166,11 @@ def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(bk, need_w, need_b,
 def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(bk):
     """keep_delta gives δᵀ (a new buffer: δ itself can go) where oneDNN's product copies δ
     transposed anyway, δ as it is elsewhere; every weight product reads the kept form."""
-    from gradreg_kernels.backends.cpu import _DeltaT
+    from gradreg_kernels.backend_protocol import TransposedDelta
 
     d, a, a2 = torch.randn(300, 200), torch.randn(300, 301), torch.randn(300, 301)
     kept = bk.keep_delta(d, 301)
-    assert isinstance(kept, _DeltaT) and kept.t.is_contiguous()
+    assert isinstance(kept, TransposedDelta) and kept.t.is_contiguous()
     assert kept.t._base is None and kept.t.data_ptr() != d.data_ptr()
     assert bk.keep_delta(d, 150) is d                       # δ wider than the input
     assert bk.keep_delta(torch.randn(300, 16), 301).shape == (300, 16)  # thin layer
@@ -251,12 +251,12 @@ def test_activation_steps(bk, act):
                                                                       rel(ref32, ref64))
 
     check(y, y_ref, y64)
-    from gradreg_kernels.backends.cpu import _Kept
+    from gradreg_kernels.backends.cpu import _SmoothState
 
     if act in FROM_OUTPUT:  # the state is the output itself, no second buffer
-        assert isinstance(saved, _Kept) and saved.from_output and saved.tensor is y
+        assert isinstance(saved, _SmoothState) and saved.from_output and saved.tensor is y
     if act in FROM_INPUT:  # the state is z itself (σ', σ'' recomputed from it), one buffer
-        assert isinstance(saved, _Kept) and not saved.from_output and saved.tensor is z
+        assert isinstance(saved, _SmoothState) and not saved.from_output and saved.tensor is z
     check(bk.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d),
           REF.act_chain(spec, saved64, d.double()))
     out, s = bk.act_tangent(spec, saved, r, u)
@@ -557,7 +557,7 @@ def test_two_processes_building_at_once_build_once(bk, tmp_path):
     code = f"""
         import shutil, time
         from pathlib import Path
-        from gradreg_kernels.backends import cpu_build
+        from gradreg_kernels.backends import cpu_build, native_build
 
         def slow_build(name, out, verbose):
             with open({str(log)!r}, "a") as f:
@@ -567,8 +567,8 @@ def test_two_processes_building_at_once_build_once(bk, tmp_path):
             while open({str(log)!r}).read().count("enter") < 2 and time.time() - t0 < 120:
                 time.sleep(0.05)
             shutil.copy({str(real_so)!r}, out / (name + ".so"))
-            (out / cpu_build._STAMP).write_text(cpu_build._stamp_of(out / (name + ".so")))
-            return cpu_build._import_so(name, out / (name + ".so"))
+            (out / native_build.STAMP).write_text(native_build.stamp_of(out / (name + ".so")))
+            return native_build.import_so(name, out / (name + ".so"))
 
         cpu_build._build = slow_build
         with open({str(log)!r}, "a") as f:
@@ -602,20 +602,20 @@ def test_a_corrupted_cached_library_is_rebuilt(bk, tmp_path):
     log = tmp_path / "builds.log"
     code = f"""
         import shutil
-        from gradreg_kernels.backends import cpu_build
+        from gradreg_kernels.backends import cpu_build, native_build
 
         out = cpu_build.build_dir()
         name = out.name.replace("cpu-", cpu_build.EXT_PREFIX + "_")
         out.mkdir(parents=True)
         so = out / (name + ".so")
         shutil.copy({str(real_so)!r}, so)  # a finished build, stamped
-        (out / cpu_build._STAMP).write_text(cpu_build._stamp_of(so))
+        (out / native_build.STAMP).write_text(native_build.stamp_of(so))
         so.write_bytes(so.read_bytes()[:4096])  # then truncated on disk
 
         def build(name, out, verbose):
             open({str(log)!r}, "a").write("build\\n")
             shutil.copy({str(real_so)!r}, out / (name + ".so"))
-            return cpu_build._import_so(name, out / (name + ".so"))
+            return native_build.import_so(name, out / (name + ".so"))
 
         cpu_build._build = build
         assert hasattr(cpu_build.load_extension(), "mask_forward")

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from gradreg_kernels import gradreg_loss
+from gradreg_kernels.activation_math import spec_by_name
 from gradreg_kernels.backends import cuda as cuda_mod
 from gradreg_kernels.backends.torch_ops import TorchBackend
-from gradreg_kernels.rules.activation_math import spec_by_name
 from reference import oracle_grads
 
 NAMES = {v: k for k, v in cuda_mod.ACT_CODES.items()}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradreg_kernels.data import DataFileError, Dataset, load_dataset
-from gradreg_kernels.idx import read_idx_images, read_idx_labels
+from gradreg_kernels.mnist_idx import read_idx_images, read_idx_labels
 
 SHARED_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from gradreg_kernels import FallbackWarning, UnsupportedModelError, gradreg_loss
 from gradreg_kernels import plan as plan_mod
+from gradreg_kernels.activation_math import spec_by_name
 from gradreg_kernels.nn import convert
-from gradreg_kernels.rules.activation_math import spec_by_name
 
 
 def _cnn() -> nn.Sequential:

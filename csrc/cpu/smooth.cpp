@@ -4,11 +4,12 @@
 // log1p for Softplus). One kept tensor instead of σ' and σ'' from the forward, and each later
 // sweep reads one operand less: at B = 256 the MLP step is as fast or faster that way. The
 // kinds whose σ', σ'' are functions of the output keep y instead (smooth_output.cpp). Kind
-// codes follow gradreg_kernels/backends/cpu.py; derivatives follow rules/activation_math.py.
+// codes: csrc/common/activation_codes.h (gradreg_kernels/activation_table.py); derivatives follow rules/activation_math.py.
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
+#include "../common/activation_codes.h"
 #include "fastmath.h"
 #include "kernels.h"
 #include "state_sweeps.h"
@@ -20,10 +21,7 @@ constexpr int64_t kGrain = 8192;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kGeluC = 0.044715f;
 
-enum Kind : int64_t {
-  kSoftplus = 0, kTanh = 1, kSigmoid = 2, kGelu = 3, kGeluTanh = 4, kElu = 5, kSilu = 6,
-  kMish = 7, kHardswish = 8
-};
+using namespace act_code;  // the activation codes (activation_codes.h, from the Python table)
 
 struct Derivs {
   float v, d1, d2;

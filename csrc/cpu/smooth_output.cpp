@@ -5,9 +5,10 @@
 //   tanh:              σ' = 1 − y²,                    σ'' = −2 y σ'
 //   sigmoid:           σ' = y (1 − y),                 σ'' = σ' (1 − 2y)
 //   elu (α > 0):       y > 0: σ' = 1, σ'' = 0;  else σ' = σ'' = y + α  (= α e^z)
-// Kind codes follow gradreg_kernels/backends/cpu.py (those of smooth.cpp).
+// Kind codes: csrc/common/activation_codes.h (gradreg_kernels/activation_table.py).
 #include <ATen/Parallel.h>
 
+#include "../common/activation_codes.h"
 #include "fastmath.h"
 #include "kernels.h"
 #include "state_sweeps.h"
@@ -15,7 +16,7 @@
 namespace gradreg {
 namespace {
 
-enum Kind : int64_t { kSoftplus = 0, kTanh = 1, kSigmoid = 2, kElu = 5 };
+using namespace act_code;  // the activation codes (activation_codes.h, from the Python table)
 
 struct D12 {
   float d1, d2;

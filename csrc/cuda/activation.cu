@@ -2,9 +2,11 @@
 //   forward:  y = σ(z), mask = (z > 0) for piecewise-linear σ (ReLU, LeakyReLU)
 //   chain:    out = σ'(z) ⊙ d (+ s)          (σ' from the mask or from z)
 //   tangent:  out = σ'(z) ⊙ r,  s = σ''(z) ⊙ u ⊙ r   (smooth σ)
-// Activation codes: 0 relu, 1 leaky_relu(p0 = slope), 2 softplus(p0 = β, p1 = threshold),
-// 3 tanh, 4 sigmoid, 5 gelu (erf), 6 gelu_tanh, 7 elu(p0 = α), 8 silu, 9 mish, 10 hardswish.
+// Activation codes: act_code::k<Name> of csrc/common/activation_codes.h (generated from
+// gradreg_kernels/activation_table.py); parameters: leaky_relu p0 = slope, softplus p0 = β,
+// p1 = threshold, elu p0 = α.
 // Math in float32.
+#include "../common/activation_codes.h"
 #include "common.cuh"
 
 namespace gradreg {
@@ -33,75 +35,75 @@ __device__ __forceinline__ MishParts mish_parts(float z) {
 
 __device__ float act_value(float z, int act, float p0, float p1) {
   switch (act) {
-    case 0: return z > 0.0f ? z : 0.0f;
-    case 1: return z > 0.0f ? z : z * p0;
-    case 2: {
+    case act_code::kRelu: return z > 0.0f ? z : 0.0f;
+    case act_code::kLeakyRelu: return z > 0.0f ? z : z * p0;
+    case act_code::kSoftplus: {
       float bz = z * p0;
       return bz > p1 ? z : log1pf(expf(bz)) / p0;
     }
-    case 3: return tanhf(z);
-    case 4: return sigmoidf(z);
-    case 5: return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
-    case 6: return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z)));
-    case 8: return z * sigmoidf(z);
-    case 9: return z * mish_parts(z).t;
-    case 10: return z * fminf(fmaxf(z + 3.0f, 0.0f), 6.0f) / 6.0f;
+    case act_code::kTanh: return tanhf(z);
+    case act_code::kSigmoid: return sigmoidf(z);
+    case act_code::kGelu: return 0.5f * z * (1.0f + erff(z * kInvSqrt2));
+    case act_code::kGeluTanh: return 0.5f * z * (1.0f + tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z)));
+    case act_code::kSilu: return z * sigmoidf(z);
+    case act_code::kMish: return z * mish_parts(z).t;
+    case act_code::kHardswish: return z * fminf(fmaxf(z + 3.0f, 0.0f), 6.0f) / 6.0f;
     default: return z > 0.0f ? z : p0 * expm1f(z);
   }
 }
 
 __device__ float act_d1(float z, int act, float p0, float p1) {
   switch (act) {
-    case 0: return z > 0.0f ? 1.0f : 0.0f;
-    case 1: return z > 0.0f ? 1.0f : p0;
-    case 2: {
+    case act_code::kRelu: return z > 0.0f ? 1.0f : 0.0f;
+    case act_code::kLeakyRelu: return z > 0.0f ? 1.0f : p0;
+    case act_code::kSoftplus: {
       float bz = z * p0;
       return bz > p1 ? 1.0f : sigmoidf(bz);
     }
-    case 3: {
+    case act_code::kTanh: {
       float t = tanhf(z);
       return 1.0f - t * t;
     }
-    case 4: {
+    case act_code::kSigmoid: {
       float s = sigmoidf(z);
       return s * (1.0f - s);
     }
-    case 5: return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
-    case 6: {
+    case act_code::kGelu: return 0.5f * (1.0f + erff(z * kInvSqrt2)) + z * expf(-0.5f * z * z) * kInvSqrt2Pi;
+    case act_code::kGeluTanh: {
       float t = tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z));
       float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluC * z * z);
       return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du;
     }
-    case 8: {
+    case act_code::kSilu: {
       float s = sigmoidf(z);
       return s * (1.0f + z * (1.0f - s));
     }
-    case 9: {
+    case act_code::kMish: {
       MishParts m = mish_parts(z);
       return m.t + z * m.s * m.g;
     }
-    case 10: return z < -3.0f ? 0.0f : (z <= 3.0f ? z / 3.0f + 0.5f : 1.0f);
+    case act_code::kHardswish: return z < -3.0f ? 0.0f : (z <= 3.0f ? z / 3.0f + 0.5f : 1.0f);
     default: return z > 0.0f ? 1.0f : p0 * expf(fminf(z, 0.0f));
   }
 }
 
 __device__ float act_d2(float z, int act, float p0, float p1) {
   switch (act) {
-    case 2: {
+    case act_code::kSoftplus: {
       float bz = z * p0;
       float s = sigmoidf(bz);
       return bz > p1 ? 0.0f : p0 * s * (1.0f - s);
     }
-    case 3: {
+    case act_code::kTanh: {
       float t = tanhf(z);
       return -2.0f * t * (1.0f - t * t);
     }
-    case 4: {
+    case act_code::kSigmoid: {
       float s = sigmoidf(z);
       return s * (1.0f - s) * (1.0f - 2.0f * s);
     }
-    case 5: return expf(-0.5f * z * z) * kInvSqrt2Pi * (2.0f - z * z);
-    case 6: {
+    case act_code::kGelu: return expf(-0.5f * z * z) * kInvSqrt2Pi * (2.0f - z * z);
+    case act_code::kGeluTanh: {
       float t = tanhf(kSqrt2OverPi * (z + kGeluC * z * z * z));
       float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluC * z * z);
       float ddu = 6.0f * kSqrt2OverPi * kGeluC * z;
@@ -109,16 +111,16 @@ __device__ float act_d2(float z, int act, float p0, float p1) {
       float gz = g * z;  // first: where t = ±1 the products stay 0 until u' overflows
       return g * du + 0.5f * gz * ddu - gz * t * du * du;
     }
-    case 7: return z > 0.0f ? 0.0f : p0 * expf(fminf(z, 0.0f));
-    case 8: {
+    case act_code::kElu: return z > 0.0f ? 0.0f : p0 * expf(fminf(z, 0.0f));
+    case act_code::kSilu: {
       float s = sigmoidf(z);
       return s * (1.0f - s) * (2.0f + z * (1.0f - 2.0f * s));
     }
-    case 9: {
+    case act_code::kMish: {
       MishParts m = mish_parts(z);
       return m.s * m.g * (2.0f + z * (1.0f - m.s - 2.0f * m.t * m.s));
     }
-    case 10: return (z > -3.0f && z < 3.0f) ? 1.0f / 3.0f : 0.0f;
+    case act_code::kHardswish: return (z > -3.0f && z < 3.0f) ? 1.0f / 3.0f : 0.0f;
     default: return 0.0f;
   }
 }
@@ -138,7 +140,7 @@ __global__ void act_forward_kernel(const T* __restrict__ z, T* __restrict__ y,
     y[i] = from_f32<T>(out);
     // torch's bit at a NaN: ReLU's backward reads its output (NaN <= 0 is false: on),
     // LeakyReLU's reads z > 0 (false: the slope)
-    if (mask != nullptr) mask[i] = (act == 0 ? !(v <= 0.0f) : v > 0.0f) ? 1 : 0;
+    if (mask != nullptr) mask[i] = (act == act_code::kRelu ? !(v <= 0.0f) : v > 0.0f) ? 1 : 0;
   }
 }
 
@@ -154,7 +156,7 @@ __global__ void act_chain_kernel(const void* __restrict__ saved, bool mask_state
     float v;
     if (mask_state) {  // a select, as torch's: an off ReLU element is 0 even at a NaN d
       const float dv = to_f32(d[i]);
-      v = m[i] ? dv : (act == 1 ? p0 * dv : 0.0f);
+      v = m[i] ? dv : (act == act_code::kLeakyRelu ? p0 * dv : 0.0f);
     } else {  // σ'(NaN) = NaN, as torch's vectorized backward loops give for these kinds
       const float zv = to_f32(z[i]);
       v = (isnan(zv) ? zv : act_d1(zv, act, p0, p1)) * to_f32(d[i]);

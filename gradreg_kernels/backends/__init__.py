@@ -37,8 +37,8 @@ def _switch_values() -> tuple:
 
     Read from the dict that ``os.environ`` keeps of its encoded names and values, where
     CPython keeps one: one lookup each. ``os.environ.get`` runs half a dozen Python calls
-    (encode the name, look up, decode the value), and inside a training step, whose products
-    have just swept the caches, that cost 20 µs a call on the 2-core bench machine.
+    (encode the name, look up, decode the value), which inside a training step, whose
+    products have just swept the caches, is measurable (bench/front_end_cost.py).
     """
     data = getattr(os.environ, "_data", None)
     if isinstance(data, dict) and _ENCODED_SWITCHES is not None:

@@ -2,10 +2,10 @@
 
 Same kernels, same math as ``TorchBackend``; only how each step runs changes:
 
-- products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``), about twice MKL's
-  sgemm rate on AVX-512 CPUs. oneDNN's linear reads its weight through strides, so
-  ``d W`` runs on the view Wᵀ with no copy (2.5× MKL on the paper CNN's 3136 × 1024
-  layer), and the doubled-batch weight product ``[z̄; δ]ᵀ [a; r]`` copies only the
+- products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``), faster than MKL's
+  sgemm on AVX-512 CPUs (bench/RESULTS.md, "How products are chosen"). oneDNN's linear
+  reads its weight through strides, so ``d W`` runs on the view Wᵀ with no copy, and
+  the doubled-batch weight product ``[z̄; δ]ᵀ [a; r]`` copies only the
   narrower side transposed (``transpose_cat``) and reads the other as a view. Products
   below ``ONEDNN_MIN_WORK`` multiply-adds stay on MKL, whose call costs less;
 - every elementwise step is one C++ sweep: ReLU / LeakyReLU / Dropout keep a packed bit
@@ -29,26 +29,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rules.activation_math import ActivationSpec, derivs_from_output
+from ..activation_math import ActivationSpec, derivs_from_output
+from ..activation_table import ACTIVATIONS
+from ..backend_protocol import KeptDelta, TransposedDelta
+from ..tensor_ops import ConvGeom, channel_view
 from .cpu_build import CpuBuildError, load_extension
-from .torch_ops import ConvGeom, NonFinite, TorchBackend, _chan
+from .torch_ops import NonFinite, TorchBackend
 
-# Below this many multiply-adds a product runs on MKL: a oneDNN call costs 5-6 µs more
-# (AVX-512 CPU, 2 threads; a 512 → 10 classifier layer's products cross over at ~128 rows).
+# Below this many multiply-adds a product runs on MKL, whose call costs less than oneDNN's
+# (the crossover measured for bench/RESULTS.md, "How products are chosen").
 ONEDNN_MIN_WORK = 600_000
 
 # A layer with at most this many outputs (a classifier's last Linear) runs its products in
 # the extension's one-sweep kernels (thin_*): at K = 10 a library call costs several times the
-# arithmetic (MKL at B = 64, 512 → 10: 10-20 µs per product inside the step).
+# arithmetic.
 THIN_MAX = 16
 
 # Output rows per block of an accumulating weight product: a 256 × in block is half of a
-# 512-row weight. Blocks of 256 rows cost 5-10 % over one whole product plus an add (2
-# threads, N = 256: 509 against 468 µs for 512 × 784), blocks of 128 rows 25-40 %.
+# 512-row weight. Smaller blocks cost more per multiply-add (bench/HISTORY.md has the
+# measurements behind the choice).
 ACC_BLOCK_ROWS = 256
 
-_SMOOTH_KINDS = {"softplus": 0, "tanh": 1, "sigmoid": 2, "gelu": 3, "gelu_tanh": 4, "elu": 5,
-                 "silu": 6, "mish": 7, "hardswish": 8}
+# the smooth kinds the C++ sweeps implement, by their table codes (ReLU / LeakyReLU run the
+# mask kernels)
+_SMOOTH_KINDS = {k.name: k.code for k in ACTIVATIONS if k.native and not k.piecewise}
 _EXT = None
 _EXT_ERROR: str | None = None
 
@@ -93,14 +97,6 @@ class _Masked:
 
 
 @dataclass
-class _DeltaT:
-    """A Linear's δ (N, out) kept as δᵀ, (out, N) contiguous: the operand oneDNN's weight
-    product reads (``keep_delta``)."""
-
-    t: Tensor
-
-
-@dataclass
 class _BnChain:
     """What the fused batch-norm chain keeps for the tangent: δ and its channel means."""
 
@@ -110,14 +106,12 @@ class _BnChain:
 
 
 @dataclass
-class _Kept:
+class _SmoothState:
     """The one tensor a smooth activation keeps (``tensor``): its output y where σ' and σ''
     are functions of it (``from_output``: Softplus, Tanh, Sigmoid, ELU; smooth_output.cpp),
     else its pre-activation z; σ', σ'' are recomputed from it inside each later sweep. Against
     keeping σ' and σ'' from the forward sweep: one kept tensor instead of two, each later
-    sweep reads one operand less, and the step is as fast or faster (MLP 784-512-512-10,
-    B = 256, keeping z: GELU 5.32 against 5.34 ms, GELU-tanh 5.44 / 5.43, Softplus
-    threshold 3 5.49 / 5.53, SiLU 5.33 / 5.47)."""
+    sweep reads one operand less, and the step measured as fast or faster (bench/HISTORY.md)."""
 
     tensor: Tensor
     kind: int
@@ -161,7 +155,7 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
-def _plain(t: Tensor | None) -> Tensor | None:
+def _without_history(t: Tensor | None) -> Tensor | None:
     """t without autograd history for oneDNN's ops, which have no derivative (the rules
     pass detached parameters already; only a tensor that requires grad is detached)."""
     return t.detach() if t is not None and t.requires_grad else t
@@ -175,7 +169,7 @@ def _product_path(out_f: int, work: int) -> str:
     return "mkl" if work < ONEDNN_MIN_WORK else "onednn"
 
 
-def _fast(*ts: Tensor | None) -> bool:
+def _f32_dense(*ts: Tensor | None) -> bool:
     """Whether every given operand is a contiguous float32 CPU tensor (None counts as one)."""
     for t in ts:
         if t is not None and (t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous()):
@@ -195,19 +189,19 @@ class CpuBackend(TorchBackend):
     # ---- products -------------------------------------------------------------------
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         path = _product_path(w.shape[0], a.numel() * w.shape[0])
-        if not _fast(a, w, b) or a.dim() != 2 or path == "mkl":
+        if not _f32_dense(a, w, b) or a.dim() != 2 or path == "mkl":
             return super().linear(a, w, b)
         if path == "thin":
-            return self.ext.thin_linear(a, _plain(w), _plain(b))
-        return self._mm(a, _plain(w), _plain(b), "none", [], "")
+            return self.ext.thin_linear(a, _without_history(w), _without_history(b))
+        return self._mm(a, _without_history(w), _without_history(b), "none", [], "")
 
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
         path = _product_path(w.shape[0], d.numel() * w.shape[1])
-        if not _fast(d, w) or d.dim() != 2 or path == "mkl":
+        if not _f32_dense(d, w) or d.dim() != 2 or path == "mkl":
             return super().linear_input_grad(d, w)
         if path == "thin":
-            return self.ext.thin_input_grad(d, _plain(w))
-        return self._mm(d, _plain(w).t(), None, "none", [], "")  # Wᵀ as a strided view
+            return self.ext.thin_input_grad(d, _without_history(w))
+        return self._mm(d, _without_history(w).t(), None, "none", [], "")  # Wᵀ as a strided view
 
     def linear_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]],
                            acc: Tensor | None = None) -> Tensor:
@@ -232,18 +226,18 @@ class CpuBackend(TorchBackend):
                      bias: bool) -> tuple[Tensor, Tensor | None]:
         """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n] when ``bias``); d_1 may be kept as δᵀ
         (``keep_delta``, one pair)."""
-        if any(isinstance(d, _DeltaT) for d, _ in pairs):
+        if any(isinstance(d, TransposedDelta) for d, _ in pairs):
             dk, a = pairs[0]
-            if (len(pairs) == 1 and isinstance(dk, _DeltaT) and acc is None and not bias
-                    and _fast(a) and a.dim() == 2):
+            if (len(pairs) == 1 and isinstance(dk, TransposedDelta) and acc is None and not bias
+                    and _f32_dense(a) and a.dim() == 2):
                 return self._mm(dk.t, a.t(), None, "none", [], ""), None
             # any other use reads δ back through a view of δᵀ
-            pairs = [(d.t.t() if isinstance(d, _DeltaT) else d, a) for d, a in pairs]
+            pairs = [(d.delta() if isinstance(d, TransposedDelta) else d, a) for d, a in pairs]
         flat = [t for pair in pairs for t in pair]
         ds, as_ = [d for d, _ in pairs], [a for _, a in pairs]
         n, out_f, in_f = sum(d.shape[0] for d in ds), ds[0].shape[1], as_[0].shape[1]
         path = _product_path(out_f, n * out_f * in_f)
-        if not _fast(acc, *flat) or any(t.dim() != 2 for t in flat) or path == "mkl":
+        if not _f32_dense(acc, *flat) or any(t.dim() != 2 for t in flat) or path == "mkl":
             gw = super().linear_weight_grad(pairs, acc)
             return gw, (ds[0].sum(0) if bias else None)
         if path == "thin":
@@ -259,26 +253,26 @@ class CpuBackend(TorchBackend):
             acc[lo:hi].add_(self._mm(dt[lo:hi], at, None, "none", [], ""))
         return acc, gb
 
-    def keep_delta(self, d: Tensor, in_features: int) -> object:
+    def keep_delta(self, d: Tensor, in_features: int) -> KeptDelta:
         """δᵀ, where the weight product would copy δ transposed anyway (oneDNN's path, δ the
         narrower side): made now, so that δ itself is released when pass 2 moves on."""
-        if not _fast(d) or d.dim() != 2 or d.shape[1] > in_features or _product_path(
+        if not _f32_dense(d) or d.dim() != 2 or d.shape[1] > in_features or _product_path(
                 d.shape[1], d.shape[0] * d.shape[1] * in_features) != "onednn":
             return d
-        return _DeltaT(self.ext.transpose_cat([d]))
+        return TransposedDelta(self.ext.transpose_cat([d]))
 
     def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         """a and r as the two row blocks of one (2N, in) buffer: the doubled-batch product then
         reads [a; r] as one view instead of stacking a copy next to the live r in pass 4
         (and a's own storage is freed here unless something else holds it)."""
-        if not _fast(a, r) or a.dim() != 2 or a.shape[1] != r.shape[1]:
+        if not _f32_dense(a, r) or a.dim() != 2 or a.shape[1] != r.shape[1]:
             return a, r
         ar = torch.cat([a, r])
         return ar[: a.shape[0]], ar[a.shape[0]:]
 
     # ---- activations ----------------------------------------------------------------
     def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
-        if not _fast(z):
+        if not _f32_dense(z):
             return super().act_forward(spec, z)
         if spec.name in ("relu", "leaky_relu"):
             lo = 0.0 if spec.name == "relu" else spec.params[0]
@@ -293,7 +287,7 @@ class CpuBackend(TorchBackend):
         if special is not None:  # torch's σ there too (the kernel's selects are not)
             special.fix(y, spec.value(special.at(z)))
         from_output = derivs_from_output(spec)
-        return y, _Kept(y if from_output else z, kind, p[0], p[1], from_output, special)
+        return y, _SmoothState(y if from_output else z, kind, p[0], p[1], from_output, special)
 
     def _as_torch_where_not_finite(self, spec: ActivationSpec, z: Tensor, y: Tensor) -> Tensor:
         """y with torch's own σ at every NaN / ±inf of z. The kernels' branch-free forms
@@ -317,7 +311,7 @@ class CpuBackend(TorchBackend):
     def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, d)
-        if isinstance(saved, _Kept):
+        if isinstance(saved, _SmoothState):
             return saved.mul_add(self.ext, _f32(d), None)
         return super().act_chain(spec, saved, d)
 
@@ -326,7 +320,7 @@ class CpuBackend(TorchBackend):
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, r), None
-        if isinstance(saved, _Kept):
+        if isinstance(saved, _SmoothState):
             return saved.tangent(self.ext, _f32(r), _f32(u))
         return super().act_tangent(spec, saved, r, u)
 
@@ -336,13 +330,13 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _Masked):
             out = self._mask_apply(saved, abar)
             return out if s is None else out.add_(s)
-        if isinstance(saved, _Kept):
+        if isinstance(saved, _SmoothState):
             return saved.mul_add(self.ext, _f32(abar), _f32(s))
         return super().act_backward(spec, saved, abar, s)
 
     # ---- dropout ----------------------------------------------------------------------
     def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, object]:
-        if not _fast(a) or p >= 1.0:
+        if not _f32_dense(a) or p >= 1.0:
             return super().dropout_forward(a, p)
         keep = torch.empty(a.shape, dtype=torch.uint8).bernoulli_(1.0 - p)
         scale = 1.0 / (1.0 - p)
@@ -357,38 +351,38 @@ class CpuBackend(TorchBackend):
     # ---- the loss's scalars -------------------------------------------------------------
     def all_finite(self, t: Tensor) -> bool:
         """One sweep of Σ (t − t), NaN as soon as one value is not finite (no temporary)."""
-        if not _fast(t):
+        if not _f32_dense(t):
             return super().all_finite(t)
         return self.ext.all_finite(t)
 
     def all_finite_many(self, ts: Sequence[Tensor]) -> bool:
         """All of the tensors finite, in one call and one thread (the parameters)."""
         ts = [t.detach() for t in ts]
-        if not all(_fast(t) for t in ts):
+        if not all(_f32_dense(t) for t in ts):
             return super().all_finite_many(ts)
         return self.ext.all_finite_many(ts)
 
     def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Without a mask: Σ g² in one sweep (double accumulation) and g itself as the seed."""
-        if mask is not None or not _fast(g):
+        if mask is not None or not _f32_dense(g):
             return super().penalty_terms(g, mask)
         return self.ext.sum_squares(g), g
 
     # ---- heads ------------------------------------------------------------------------
     def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if not _fast(z) or z.dim() != 2:
+        if not _f32_dense(z) or z.dim() != 2:
             return super().softmax_ce(z, y)
         ce, p, _, _ = self.ext.softmax_head(z, y, False)
         return ce, p
 
     def head_checks_labels(self, z: Tensor) -> bool:
         """The C++ softmax head validates every label itself (gradreg_loss's message)."""
-        return _fast(z) and z.dim() == 2
+        return _f32_dense(z) and z.dim() == 2
 
     def softmax_head(
         self, z: Tensor, y: Tensor, uniform: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if not _fast(z) or z.dim() != 2:
+        if not _f32_dense(z) or z.dim() != 2:
             return super().softmax_head(z, y, uniform)
         ce, p, data_grad, pen_grad = self.ext.softmax_head(z, y, uniform)
         return ce, p, data_grad, pen_grad
@@ -396,13 +390,13 @@ class CpuBackend(TorchBackend):
     def target_head(self, kind: str, z: Tensor, y: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The mse / bce head in one C++ sweep per row (head.cpp)."""
-        if not _fast(z, y) or z.dim() != 2 or y.shape != z.shape:
+        if not _f32_dense(z, y) or z.dim() != 2 or y.shape != z.shape:
             return super().target_head(kind, z, y)
         data, grad, d2 = self.ext.target_head(z, y, 0 if kind == "mse" else 1)
         return data, grad, (None if kind == "mse" else d2)
 
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
-        if not _fast(p) or p.dim() != 2 or t.shape != p.shape:
+        if not _f32_dense(p) or p.dim() != 2 or t.shape != p.shape:
             return super().softmax_hvp(p, t)
         return self.ext.softmax_hvp(p, t.contiguous())
 
@@ -414,20 +408,20 @@ class CpuBackend(TorchBackend):
         product written to every s-th pixel for a strided 1×1 convolution.
 
         oneDNN's transposed convolution is slow when it produces only 1-3 channels (the
-        input gradient of a network's first layer: 2.7 ms against 0.37 ms for the forward
-        on the paper CNN's first layer). There G = Wᵀ d, (C·kh·kw, O) × (O, H'·W') per
-        image, is a product of the same size as the forward, and ``F.fold`` sums G's columns
-        back into the image (col2im): 2× faster on the paper CNN's and the DCGAN critic's
-        first layers. Used where C ≤ 3 and O ≥ C·kh·kw (below that the fold costs more).
+        input gradient of a network's first layer costs several forwards). There G = Wᵀ d,
+        (C·kh·kw, O) × (O, H'·W') per image, is a product of the same size as the forward,
+        and ``F.fold`` sums G's columns back into the image (col2im), which is faster on the
+        paper CNN's and the DCGAN critic's first layers. Used where C ≤ 3 and O ≥ C·kh·kw
+        (below that the fold costs more).
         """
         stride, padding, dilation, groups = geom
         o, c, kh, kw = w.shape
-        if groups != 1 or not _fast(d, w) or d.dim() != 4 or len(input_shape) != 4:
+        if groups != 1 or not _f32_dense(d, w) or d.dim() != 4 or len(input_shape) != 4:
             return super().conv2d_input_grad(d, w, input_shape, geom)
         n = d.shape[0]
         if kh == kw == 1 and padding == (0, 0) and stride != (1, 1):
             # a strided 1×1 convolution (a ResNet shortcut): Wᵀ d lands on every s-th pixel
-            # and the rest is zero (oneDNN's transposed convolution: 2-3.5× slower)
+            # and the rest is zero (faster than oneDNN's transposed convolution)
             out = d.new_zeros(input_shape)
             out[:, :, ::stride[0], ::stride[1]] = torch.matmul(
                 w.detach().reshape(o, c).t(), d.reshape(n, o, -1)).view(n, c, *d.shape[2:])
@@ -442,7 +436,7 @@ class CpuBackend(TorchBackend):
     def max_pool2d(
         self, a: Tensor, kernel, stride, padding, dilation, ceil_mode: bool
     ) -> tuple[Tensor, Tensor]:
-        if not _fast(a) or a.dim() != 4:
+        if not _f32_dense(a) or a.dim() != 4:
             return super().max_pool2d(a, kernel, stride, padding, dilation, ceil_mode)
         k, s = _pair(kernel), _pair(stride if stride else kernel)
         p, d = _pair(padding), _pair(dilation)
@@ -453,7 +447,7 @@ class CpuBackend(TorchBackend):
         return y, idx
 
     def pool_gather(self, r: Tensor, idx: Tensor) -> Tensor:
-        if not _fast(r) or r.dim() != 4 or not idx.is_contiguous():
+        if not _f32_dense(r) or r.dim() != 4 or not idx.is_contiguous():
             return super().pool_gather(r, idx)
         return self.ext.pool_gather(r, idx)
 
@@ -470,22 +464,22 @@ class CpuBackend(TorchBackend):
     def bn_train_forward(
         self, a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        if not _fast(a, gamma, beta):
+        if not _f32_dense(a, gamma, beta):
             return super().bn_train_forward(a, gamma, beta, eps)
         y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps)
         xhat_r = _rmajor(xhat, a)
         y_r = xhat_r if y is xhat else _rmajor(y, a)  # no affine: y is x̂, kept once
-        return y_r, xhat_r, _chan(inv_std, a), mean, var
+        return y_r, xhat_r, channel_view(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
-        if not _fast(xhat) or v.dtype != torch.float32:
+        if not _f32_dense(xhat) or v.dtype != torch.float32:
             return super().bn_project(v, xhat)
         pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
-        return _rmajor(pv, xhat), _chan(mx, xhat)
+        return _rmajor(pv, xhat), channel_view(mx, xhat)
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
                  ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
-        if not _fast(xhat, k) or d.dtype != torch.float32:
+        if not _f32_dense(xhat, k) or d.dtype != torch.float32:
             return super().bn_chain(d, xhat, k)
         d = _cmajor(d)
         out, md, mxd = self.ext.bn_chain(d, _cmajor(xhat), k)
@@ -505,7 +499,7 @@ class CpuBackend(TorchBackend):
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
-        if not _fast(xhat, k, s) or abar.dtype != torch.float32:
+        if not _f32_dense(xhat, k, s) or abar.dtype != torch.float32:
             return super().bn_backward(abar, xhat, k, s)
         out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
                                                   None if s is None else _cmajor(s))
@@ -513,7 +507,7 @@ class CpuBackend(TorchBackend):
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """As TorchBackend's, in one sweep with no a ⊙ b temporary (sums in double)."""
-        if not _fast(a, b) or a.dim() < 2 or a.shape != b.shape:
+        if not _f32_dense(a, b) or a.dim() < 2 or a.shape != b.shape:
             return super().channel_dot(a, b)
         return self.ext.channel_dot(a, b)
 

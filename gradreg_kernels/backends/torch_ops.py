@@ -18,10 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
-from ..rules.activation_math import ActivationSpec, autograd_derivatives
-from ..rules.base import channel_sum, scale_fresh
-
-ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
+from ..activation_math import ActivationSpec, autograd_derivatives
+from ..backend_protocol import KeptDelta
+from ..tensor_ops import (
+    ConvGeom,
+    batchnorm_second_order,
+    channel_sum,
+    channel_view,
+    scale_fresh,
+)
 
 
 class TorchBackend:
@@ -68,7 +73,7 @@ class TorchBackend:
                 out = torch.addmm(out, d.t(), a)
         return out
 
-    def keep_delta(self, d: Tensor, in_features: int) -> object:
+    def keep_delta(self, d: Tensor, in_features: int) -> KeptDelta:
         """How a Linear keeps its pass-2 δ (N, out) for a weight product ``[(δ, r)]`` of pass 3
         (an input of ``in_features``); here as it is."""
         return d
@@ -279,7 +284,7 @@ class TorchBackend:
             inv_std, var = torch.rsqrt(var64 + eps).to(a.dtype), var64.to(a.dtype)
             xc = xc64.to(a.dtype)
         xhat = xc * inv_std
-        y = xhat if gamma is None else xhat * _chan(gamma, a) + _chan(beta, a)
+        y = xhat if gamma is None else xhat * channel_view(gamma, a) + channel_view(beta, a)
         return y, xhat, inv_std, mean.flatten(), var.flatten()
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
@@ -294,7 +299,7 @@ class TorchBackend:
         pv, sxv, _ = torch.ops.aten.native_batch_norm_backward(
             v, xhat, ones, None, None, zeros, ones, True, 0.0, (True, True, False))
         n = xhat.numel() // c
-        return pv, _chan(sxv / n, xhat)
+        return pv, channel_view(sxv / n, xhat)
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -314,7 +319,7 @@ class TorchBackend:
         pd, mxd = self.bn_project(d, xhat)
         md = self._cmean(d)
         # P δ itself is not kept: the tangent rebuilds what it needs of it from δ and the means
-        return scale_fresh(pd, _chan(k, d)), (d, md, mxd), (md.flatten(), mxd.flatten())
+        return scale_fresh(pd, channel_view(k, d)), (d, md, mxd), (md.flatten(), mxd.flatten())
 
     def bn_tangent(
         self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
@@ -326,9 +331,9 @@ class TorchBackend:
         pr, mxr = self.bn_project(r, xhat)
         d_pr = self.channel_dot(d, pr)  # Σ δ P ṙ per channel
         tan_gamma = d_pr * inv_std.flatten()
-        s = self._second_order(xhat, inv_std, gamma_c, d, md, mxd, pr, mxr,
-                               _chan(d_pr, xhat) / (xhat.numel() // xhat.shape[1]))
-        return scale_fresh(pr, _chan(k, r)), s, tan_gamma
+        dots = channel_view(d_pr, xhat) / (xhat.numel() // xhat.shape[1])
+        s = batchnorm_second_order(xhat, inv_std, gamma_c, d, md, mxd, pr, mxr, dots)
+        return scale_fresh(pr, channel_view(k, r)), s, tan_gamma
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Σ a ⊙ b over every dimension but the channel dimension 1: (C,) for (N, C, ...)
@@ -341,24 +346,9 @@ class TorchBackend:
     ) -> Tensor:
         """∂/∂a ⟨δ, (γ/σ) P ṙ⟩ = −(γ/(Nσ²)) [x̂ ⟨δ, Pṙ⟩ + S_r Pδ + S_δ Pṙ] (see rules/norm.py),
         from the projections of both (the form the GPU kernels take; ``bn_tangent`` needs
-        no P δ, see ``_second_order``)."""
-        return self._second_order(xhat, inv_std, gamma_c, delta, self._cmean(delta), mx_delta,
-                                  p_r, mx_r, self._cmean(delta * p_r))
-
-    @staticmethod
-    def _second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor,
-                      m_delta: Tensor, mx_delta: Tensor, p_r: Tensor, mx_r: Tensor,
-                      dots: Tensor) -> Tensor:
-        """The second-order term with per-channel means (S = N · mean(x̂ ·), ``dots`` =
-        ⟨δ, Pṙ⟩/N, all broadcastable), so N cancels once, and P δ = δ − mean(δ) − x̂ mean(x̂ δ)
-        expanded:
-            s = coef [mean(x̂ṙ) (δ − mean δ) + x̂ (dots − mean(x̂ṙ) mean(x̂δ)) + mean(x̂δ) Pṙ]
-        with coef = −γ/σ², built in one new tensor (no P δ, no product-sized temporaries).
-        """
-        coef = -gamma_c * inv_std * inv_std
-        s = delta.to(torch.promote_types(delta.dtype, p_r.dtype)) - m_delta
-        s.mul_(mx_r).addcmul_(xhat, dots - mx_r * mx_delta).addcmul_(p_r, mx_delta)
-        return s.mul_(coef)
+        no P δ, see ``tensor_ops.batchnorm_second_order``)."""
+        return batchnorm_second_order(xhat, inv_std, gamma_c, delta, self._cmean(delta),
+                                      mx_delta, p_r, mx_r, self._cmean(delta * p_r))
 
 
 @dataclass
@@ -407,8 +397,3 @@ def _common_dtype(a: Tensor, b: Tensor, at_least: torch.dtype | None = None
     if at_least is not None:
         dt = torch.promote_types(dt, at_least)
     return a.to(dt), b.to(dt)
-
-
-def _chan(v: Tensor, like: Tensor) -> Tensor:
-    """A (C,) vector shaped to broadcast over channel dim 1 of ``like``."""
-    return v.view([1, -1] + [1] * (like.dim() - 2))

@@ -14,8 +14,8 @@ import functools
 import torch
 from torch import Tensor
 
+from ..activation_math import ActivationSpec, spec_by_name
 from ..backends import get_backend
-from ..rules.activation_math import ActivationSpec, spec_by_name
 
 #: hyper-parameters each named activation takes when none are given (torch.nn's defaults)
 _DEFAULT_ACT_ARGS: dict[str, tuple[float, ...]] = {
@@ -123,16 +123,6 @@ def load_with_act(ctx, n: int) -> tuple[tuple, object]:
     if state is None:
         return tuple(tensors), act  # the state was a tensor itself (or there was none)
     return tuple(tensors), state if act is None else dataclasses.replace(state, tensor=act)
-
-
-def channel(v: Tensor, like: Tensor) -> Tensor:
-    """A (C,) vector shaped to broadcast over channel dim 1 of ``like``."""
-    return v.view([1, -1] + [1] * (like.dim() - 2))
-
-
-def channel_sum(t: Tensor) -> Tensor:
-    """Σ over every dim but the channel dim 1: (N, C, ...) → (C,)."""
-    return t.sum(dim=[0] + list(range(2, t.dim())))
 
 
 class _NoGraphCtx:

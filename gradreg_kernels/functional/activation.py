@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
+from ..activation_math import ActivationSpec
 from ..autocast import Function
-from ..rules.activation_math import ActivationSpec
 from ._common import (
     apply,
     input_needed,

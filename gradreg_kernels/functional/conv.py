@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
+from ..activation_math import ActivationSpec
 from ..autocast import Function
-from ..rules.activation_math import ActivationSpec
+from ..tensor_ops import ConvGeom
 from ._common import (
     activate_and_save,
     apply,
@@ -26,8 +27,6 @@ from ._common import (
     resolve_backend,
 )
 from .activation import ActivationGrad
-
-ConvGeom = tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]
 
 
 def _shape_only(like: Tensor, shape: Sequence[int]) -> Tensor:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..activation_math import ActivationSpec
 from ..autocast import Function
-from ..rules.activation_math import ActivationSpec
 from ._common import (
     activate_and_save,
     apply,

@@ -19,10 +19,9 @@ import torch
 from torch import Tensor
 
 from ..autocast import Function
+from ..tensor_ops import channel_sum, channel_view
 from ._common import (
     apply,
-    channel,
-    channel_sum,
     input_needed,
     last_differentiable,
     record_inputs,
@@ -38,7 +37,7 @@ class BatchNormTrainGrad(Function):
                 inv_std: Tensor, want: tuple[bool, bool, bool], bk):
         record_inputs(ctx, dy, x, gamma, xhat, inv_std, want, bk)
         ctx.bk = bk
-        gamma_c = channel(gamma, dy) if gamma is not None else dy.new_ones(())
+        gamma_c = channel_view(gamma, dy) if gamma is not None else dy.new_ones(())
         k = (gamma_c * inv_std).reshape(-1).expand(dy.shape[1]).contiguous()
         # k P dy and the channel means of dy and x̂ dy, in one fused sweep
         dx, ctx.chain_saved, (mean_dy, mean_xdy) = bk.bn_chain(dy, xhat, k)
@@ -54,7 +53,7 @@ class BatchNormTrainGrad(Function):
     def backward(ctx, r: Tensor | None, g_gamma: Tensor | None, g_beta: Tensor | None):
         dy, gamma, xhat, inv_std, k = ctx.saved_tensors
         bk = ctx.bk
-        gamma_c = channel(gamma, dy) if gamma is not None else dy.new_ones(())
+        gamma_c = channel_view(gamma, dy) if gamma is not None else dy.new_ones(())
         need_dy, need_x, need_g = (input_needed(ctx, i) for i in range(3))
         d_dy = d_x = d_gamma = None
         if r is not None:
@@ -64,14 +63,14 @@ class BatchNormTrainGrad(Function):
             d_x = s if need_x else None
             d_gamma = tan_gamma if need_g else None
         if g_gamma is not None:
-            gc = channel(g_gamma, dy)
+            gc = channel_view(g_gamma, dy)
             if need_dy:
                 d_dy = xhat * gc if d_dy is None else d_dy.add_(xhat * gc)
             if need_x:
                 p, _ = bk.bn_project(dy * gc, xhat)
                 d_x = inv_std * p if d_x is None else d_x.add_(inv_std * p)
         if g_beta is not None and need_dy:
-            gb = channel(g_beta, dy).expand_as(dy)
+            gb = channel_view(g_beta, dy).expand_as(dy)
             d_dy = gb.clone() if d_dy is None else d_dy.add_(gb)
         return d_dy, d_x, d_gamma, None, None, None, None
 
@@ -111,8 +110,8 @@ class BatchNormEvalGrad(Function):
         scale = inv if gamma is None else inv * gamma
         ctx.save_for_backward(dy, x, gamma, mean, inv)
         ctx.set_materialize_grads(False)
-        dx = dy * channel(scale, dy) if want[0] else None
-        dgamma = channel_sum(dy * (x - channel(mean, x))) * inv if want[1] else None
+        dx = dy * channel_view(scale, dy) if want[0] else None
+        dgamma = channel_sum(dy * (x - channel_view(mean, x))) * inv if want[1] else None
         dbeta = channel_sum(dy) if want[2] else None
         return dx, dgamma, dbeta
 
@@ -125,16 +124,16 @@ class BatchNormEvalGrad(Function):
         d_dy = d_x = d_gamma = None
         terms = []
         if r is not None:
-            terms.append(r * channel(scale, r))
+            terms.append(r * channel_view(scale, r))
             if need_g:
                 d_gamma = channel_sum(r * dy) * inv
         if g_gamma is not None:
-            gi = channel(g_gamma * inv, dy)
-            terms.append((x - channel(mean, x)) * gi)
+            gi = channel_view(g_gamma * inv, dy)
+            terms.append((x - channel_view(mean, x)) * gi)
             if need_x:
                 d_x = dy * gi
         if g_beta is not None:
-            terms.append(channel(g_beta, dy).expand_as(dy))
+            terms.append(channel_view(g_beta, dy).expand_as(dy))
         if need_dy and terms:
             d_dy = terms[0].clone() if len(terms) == 1 else sum(terms[1:], terms[0])
         return d_dy, d_x, d_gamma, None, None, None
@@ -152,7 +151,7 @@ class BatchNormEval(Function):
         shift = -mean * scale if beta is None else beta - mean * scale
         ctx.save_for_backward(x, gamma, mean, inv)
         ctx.set_materialize_grads(False)
-        return x * channel(scale, x) + channel(shift, x)
+        return x * channel_view(scale, x) + channel_view(shift, x)
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):

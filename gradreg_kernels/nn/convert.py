@@ -14,7 +14,7 @@ from collections import Counter
 
 from torch import nn
 
-from ..rules.activation_math import activation_spec
+from ..activation_math import activation_spec
 from .modules import DROP_IN_OF, DropIn
 
 _PRODUCTS = (nn.Linear, nn.Conv2d)
@@ -60,11 +60,10 @@ def convert(model: nn.Module, backend: str = "auto", fuse_activations: bool = Tr
     Outputs and every gradient (first and second order) are unchanged up to rounding.
     Modules of other types are left as they are (they keep working through autograd).
 
-    Speed (bench/RESULTS.md): on the CPU the converted DCGAN critic's R1 step ran 1.28× and
-    a ResNet-8's gradient-penalty step 1.58× faster than eager double backprop. On a GPU at
-    small batches each drop-in Function's Python bookkeeping costs more than its kernels:
-    the H200 run measured converted models about 2× slower than eager there, so measure
-    your own step before converting a GPU model.
+    Speed: bench/RESULTS.md ("Drop-in Functions") compares converted models with eager
+    double backprop on the CPU and a GPU. On a GPU at small batches each drop-in Function's
+    Python bookkeeping can cost more than its kernels, so measure your own step before
+    converting a GPU model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import functional as GF
+from ..activation_math import ActivationSpec, activation_spec
 from ..registry import register_alias
-from ..rules.activation_math import ActivationSpec, activation_spec
 from ..rules.conv import conv_padding
 
 

@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activation_math import ActivationSpec, activation_spec
+from ..activation_table import MODULE_TYPES
+from ..backend_protocol import Backend
 from ..registry import register_function, register_module
-from .activation_math import ActivationSpec, activation_spec
 from .base import Rule
 from .residual import SequenceRule
 
 
 class ActivationRule(Rule):
-    def __init__(self, module: nn.Module, spec: ActivationSpec, bk) -> None:
+    def __init__(self, module: nn.Module, spec: ActivationSpec, bk: Backend) -> None:
         self.module, self.spec, self.bk = module, spec, bk
         self.u = self.s = None
 
@@ -58,9 +60,7 @@ def with_act(m: nn.Module, make: Callable[[object], Rule]) -> Callable[[object],
 
 
 #: every activation module type (each one's parameters are read when its rule is made)
-ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU,
-                    nn.SiLU, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid, nn.Hardswish, nn.Mish,
-                    nn.SELU, nn.CELU, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink)
+ACTIVATION_TYPES = MODULE_TYPES + (nn.ReLU6,)  # the table's, and ReLU6 (a Hardtanh)
 register_module(*ACTIVATION_TYPES)(lambda m: lambda bk: ActivationRule(m, activation_spec(m), bk))
 
 

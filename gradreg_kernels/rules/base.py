@@ -14,21 +14,7 @@ requires a gradient. A rule object serves one call of the schedule.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
-
-
-def channel_sum(t: Tensor) -> Tensor:
-    """Σ of t over every dimension but the channel dimension 1: (C,) for (N, C, ...)."""
-    return t.sum(dim=[0] + list(range(2, t.dim())))
-
-
-def scale_fresh(t: Tensor, factor: Tensor) -> Tensor:
-    """t ⊙ factor, written over t where that keeps t's dtype (else a new, promoted tensor),
-    for a t its caller has just made and nothing else holds."""
-    if torch.promote_types(t.dtype, factor.dtype) == t.dtype:
-        return t.mul_(factor)
-    return t * factor
 
 
 class Rule:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_function, register_module
 from .activation import with_act
 from .base import Rule, wants_grad
@@ -39,7 +40,7 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 
 
 class Conv2dRule(Rule):
-    def __init__(self, module: nn.Conv2d, bk) -> None:
+    def __init__(self, module: nn.Conv2d, bk: Backend) -> None:
         self.module, self.bk = module, bk
         self.w, self.b = module.weight, module.bias
         self.geom = (tuple(module.stride), conv_padding(module), tuple(module.dilation),
@@ -84,7 +85,7 @@ class UnpaddedConv2dRule(Conv2dRule):
     """The convolution of a Conv2d whose padding runs as a rule of its own (padding_mode
     'reflect' / 'replicate': pad first, then convolve without padding, as torch does)."""
 
-    def __init__(self, module: nn.Conv2d, bk) -> None:
+    def __init__(self, module: nn.Conv2d, bk: Backend) -> None:
         super().__init__(module, bk)
         stride, _, dilation, groups = self.geom
         self.geom = (stride, (0, 0), dilation, groups)
@@ -106,7 +107,7 @@ class Conv1dRule(Conv2dRule):
     the kernel (O, C/G, 1, K), stride (1, s), padding (0, p) and dilation (1, d); every pass
     of the 2-D rule unchanged, its weight gradient viewed back as (O, C/G, K)."""
 
-    def __init__(self, module: nn.Conv1d, bk) -> None:
+    def __init__(self, module: nn.Conv1d, bk: Backend) -> None:
         self.module, self.bk = module, bk
         self.w, self.b = module.weight.detach().unsqueeze(2), module.bias
         self.geom = ((1, module.stride[0]), (0, conv1d_padding(module)),

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_function, register_module
 from .base import FixedLinearRule
 
@@ -22,11 +23,7 @@ FEATURE_DROPOUT_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 class DropoutRule(FixedLinearRule):
     """y = m ⊙ a: a fixed linear map once m is drawn, and its own transpose."""
 
-    def __init__(self, module: nn.Dropout, bk=None) -> None:
-        if bk is None:
-            from ..backends.torch_ops import TorchBackend
-
-            bk = TorchBackend()
+    def __init__(self, module: nn.Dropout, bk: Backend) -> None:
         self.module, self.bk = module, bk
         self.active = module.training and module.p > 0
 
@@ -46,7 +43,7 @@ class DropoutRule(FixedLinearRule):
 class FeatureDropoutRule(DropoutRule):
     """nn.Dropout1d/2d/3d: whole channels zeroed, y = a ⊙ m with m of shape (N, C, 1, ...)."""
 
-    def __init__(self, module: nn.Module, bk=None) -> None:
+    def __init__(self, module: nn.Module, bk: Backend) -> None:
         self.module, self.bk = module, bk
         self.rank = FEATURE_DROPOUT_RANK[type(module)]
         self.active = module.training and module.p > 0

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_module
-from .base import Rule, channel_sum, scale_fresh, wants_grad
+from ..tensor_ops import channel_sum, channel_view, scale_fresh
+from .base import Rule, wants_grad
 from .norm import BatchNormTrainRule
 from .reshape import ReshapeRule
 from .residual import SequenceRule
@@ -66,19 +68,19 @@ class _GroupStats(BatchNormTrainRule):
     """x̂ per channel of a (1, M, D) view: batch norm in train mode without affine or
     running statistics (a group of one value gives x̂ = 0, as torch's own norms do)."""
 
-    def __init__(self, eps: float, bk) -> None:
+    def __init__(self, eps: float, bk: Backend) -> None:
         self.module, self.bk, self.eps = None, bk, eps
         self.gamma = self.beta = self.tan_gamma = self.s = None
         #: set by the affine after this rule: keep the chain's δ for its γ term (``delta``)
-        self.lend_delta = False
+        self.shares_delta = False
         self.delta: Tensor | None = None
 
     def forward(self, a: Tensor) -> Tensor:
         return self._normalize(a, self.eps)[0]
 
     def chain(self, d: Tensor) -> Tensor:
-        # the batch-norm chain keeps this same tensor for the tangent: lending it costs nothing
-        self.delta = d if self.lend_delta else None
+        # the batch-norm chain keeps this same tensor for the tangent: sharing it costs nothing
+        self.delta = d if self.shares_delta else None
         return super().chain(d)
 
 
@@ -96,7 +98,7 @@ class _Affine(Rule):
     MIN_DIVISOR = 1e-12
 
     def __init__(self, module: nn.Module, along: _Along, stats: _GroupStats, view: _GroupView,
-                 bk) -> None:
+                 bk: Backend) -> None:
         self.module, self.along, self.bk = module, along, bk
         self.gamma, self.beta = module.weight, module.bias
         self.stats, self.view = stats, view
@@ -124,8 +126,8 @@ class _Affine(Rule):
 
     def chain(self, d: Tensor) -> Tensor:
         if wants_grad(self.gamma):
-            self.stats.lend_delta = self._divide_by_gamma()
-            self.d = None if self.stats.lend_delta else d
+            self.stats.shares_delta = self._divide_by_gamma()
+            self.d = None if self.stats.shares_delta else d
         return self._scale(d)
 
     def tangent(self, r: Tensor) -> Tensor:
@@ -154,10 +156,6 @@ class _Affine(Rule):
     def param_grads(self):
         out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
         return out + ([(self.beta, self.g_beta)] if wants_grad(self.beta) else [])
-
-
-def _per_channel(p: Tensor, like: Tensor) -> Tensor:
-    return p.view([1, -1] + [1] * (like.dim() - 2))
 
 
 def _channel_sum(t: Tensor, p: Tensor) -> Tensor:
@@ -193,7 +191,7 @@ class _Along:
     dot: Callable[..., Tensor]
 
 
-PER_CHANNEL = _Along(_per_channel, _channel_sum, _channel_dot)  # GroupNorm, InstanceNorm
+PER_CHANNEL = _Along(channel_view, _channel_sum, _channel_dot)  # GroupNorm, InstanceNorm
 TRAILING = _Along(_trailing, _leading_sum, _trailing_dot)  # LayerNorm
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks
+from ..backend_protocol import Backend
 
 HEADS = ("ce", "logprob_sum", "output", "mse", "bce")
 #: heads whose y are class labels (or probability targets), and heads whose y are targets
@@ -76,7 +77,7 @@ class SoftmaxHead:
     name = "ce"
     uses_labels = True
 
-    def __init__(self, bk) -> None:
+    def __init__(self, bk: Backend) -> None:
         self.bk = bk
 
     def checks_own_labels(self, z: Tensor) -> bool:
@@ -116,7 +117,7 @@ class WeightedSoftmaxHead:
     def checks_own_labels(self, z: Tensor) -> bool:
         return False
 
-    def __init__(self, bk, label_smoothing: float, weight: Tensor | None,
+    def __init__(self, bk: Backend, label_smoothing: float, weight: Tensor | None,
                  uniform: bool = False) -> None:
         self.bk, self.eps, self.weight, self.uniform = bk, label_smoothing, weight, uniform
         self.name = "logprob_sum" if uniform else "ce"

@@ -18,13 +18,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_function, register_module
 from .activation import with_act
 from .base import Rule, wants_grad
 
 
 class LinearRule(Rule):
-    def __init__(self, module: nn.Linear, bk) -> None:
+    def __init__(self, module: nn.Linear, bk: Backend) -> None:
         self.module, self.bk = module, bk
         self.w, self.b = module.weight, module.bias
         # the products take the parameters as plain tensors: nothing inside the fused step

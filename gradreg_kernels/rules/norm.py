@@ -24,12 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_module
-from .base import Rule, channel_sum, wants_grad
-
-
-def _chan(v: Tensor, like: Tensor) -> Tensor:
-    return v.view([1, -1] + [1] * (like.dim() - 2))
+from ..tensor_ops import channel_sum, channel_view
+from .base import Rule, wants_grad
 
 
 def uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -51,7 +49,7 @@ def update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: 
 
 
 class BatchNormEvalRule(Rule):
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk=None) -> None:
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm) -> None:
         self.module = module
         m = module
         self.inv = torch.rsqrt(m.running_var + m.eps)
@@ -67,7 +65,7 @@ class BatchNormEvalRule(Rule):
         shift = -m.running_mean * self.scale
         if self.beta is not None:
             shift = shift + self.beta
-        return a * _chan(self.scale, a) + _chan(shift, a)
+        return a * channel_view(self.scale, a) + channel_view(shift, a)
 
     def _check(self, a: Tensor) -> None:
         if a.dim() < 2 or a.shape[1] != self.scale.numel():
@@ -77,23 +75,23 @@ class BatchNormEvalRule(Rule):
     def chain(self, d: Tensor) -> Tensor:
         if wants_grad(self.gamma):
             self.d = d
-        return d * _chan(self.scale, d)
+        return d * channel_view(self.scale, d)
 
     def tangent(self, r: Tensor) -> Tensor:
         if wants_grad(self.gamma):
             self.tan_gamma = channel_sum(self.d * r) * self.inv
             if not self.keep_saved:
                 self.d = None
-        return r * _chan(self.scale, r)
+        return r * channel_view(self.scale, r)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         m = self.module
         if wants_grad(self.gamma):
-            g = channel_sum(abar * (self.a - _chan(m.running_mean, abar))) * self.inv
+            g = channel_sum(abar * (self.a - channel_view(m.running_mean, abar))) * self.inv
             self.g_gamma = g if self.tan_gamma is None else g + self.tan_gamma
         if wants_grad(self.beta):
             self.g_beta = channel_sum(abar)
-        return abar * _chan(self.scale, abar) if need_input_grad else None
+        return abar * channel_view(self.scale, abar) if need_input_grad else None
 
     def param_grads(self):
         out = [(self.gamma, self.g_gamma)] if wants_grad(self.gamma) else []
@@ -101,7 +99,7 @@ class BatchNormEvalRule(Rule):
 
 
 class BatchNormTrainRule(Rule):
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk) -> None:
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk: Backend) -> None:
         self.module, self.bk = module, bk
         self.gamma, self.beta = module.weight, module.bias
         self.tan_gamma = self.s = None
@@ -125,7 +123,7 @@ class BatchNormTrainRule(Rule):
         gamma = None if self.gamma is None else self.gamma.detach()
         beta = None if self.beta is None else self.beta.detach()
         y, self.xhat, self.inv_std, mean, var = self.bk.bn_train_forward(a, gamma, beta, eps)
-        self.gamma_c = (_chan(gamma, a) if gamma is not None else a.new_ones(()))
+        self.gamma_c = (channel_view(gamma, a) if gamma is not None else a.new_ones(()))
         self.k = self.gamma_c * self.inv_std
         return y, mean, var
 
@@ -159,7 +157,7 @@ class BatchNormTrainRule(Rule):
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm):
     if uses_batch_stats(m):
         return lambda bk: BatchNormTrainRule(m, bk)
-    return lambda bk: BatchNormEvalRule(m, bk)
+    return lambda bk: BatchNormEvalRule(m)
 
 
 register_module(nn.BatchNorm1d, nn.BatchNorm2d, options=lambda m: (

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_function, register_module
 from .base import FixedLinearRule, Rule
 
 
 class MaxPool2dRule(Rule):
-    def __init__(self, module: nn.MaxPool2d, bk) -> None:
+    def __init__(self, module: nn.MaxPool2d, bk: Backend) -> None:
         self.module, self.bk = module, bk
         m = module
         self.args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
@@ -39,7 +40,7 @@ class MaxPool2dRule(Rule):
 
 
 class AvgPool2dRule(FixedLinearRule):
-    def __init__(self, module: nn.AvgPool2d, bk) -> None:
+    def __init__(self, module: nn.AvgPool2d) -> None:
         self.module = module
         m = module
         stride = m.stride if m.stride is not None else m.kernel_size
@@ -59,7 +60,7 @@ class AvgPool2dRule(FixedLinearRule):
 class AdaptiveAvgPool2dRule(FixedLinearRule):
     """nn.AdaptiveAvgPool2d (e.g. a ResNet's global average pooling, output size 1)."""
 
-    def __init__(self, module: nn.AdaptiveAvgPool2d, bk) -> None:
+    def __init__(self, module: nn.AdaptiveAvgPool2d) -> None:
         self.module = module
         self.output_size = module.output_size
 
@@ -77,8 +78,8 @@ def _max_pool2d(m: nn.MaxPool2d):
 
 
 register_module(nn.MaxPool2d, options=lambda m: m.return_indices)(_max_pool2d)
-register_module(nn.AvgPool2d)(lambda m: lambda bk: AvgPool2dRule(m, bk))
-register_module(nn.AdaptiveAvgPool2d)(lambda m: lambda bk: AdaptiveAvgPool2dRule(m, bk))
+register_module(nn.AvgPool2d)(lambda m: lambda bk: AvgPool2dRule(m))
+register_module(nn.AdaptiveAvgPool2d)(lambda m: lambda bk: AdaptiveAvgPool2dRule(m))
 register_function(F.max_pool2d, module=lambda kernel_size, stride=None, padding=0, dilation=1,
                   ceil_mode=False, return_indices=False: nn.MaxPool2d(
                       kernel_size, stride, padding, dilation, return_indices, ceil_mode))

@@ -35,10 +35,10 @@ def pool1d_rule(module: nn.Module, bk) -> Rule:
         s = k if m.stride is None else _one(m.stride)
         flat = nn.AvgPool2d((1, k), (1, s), (0, _one(m.padding)), m.ceil_mode,
                             m.count_include_pad)
-        return HeightOneRule(AvgPool2dRule(flat, bk), m)
+        return HeightOneRule(AvgPool2dRule(flat), m)
     if isinstance(m, nn.AdaptiveAvgPool1d):
         size = m.output_size if not isinstance(m.output_size, tuple) else m.output_size[0]
-        return HeightOneRule(AdaptiveAvgPool2dRule(nn.AdaptiveAvgPool2d((1, size)), bk), m)
+        return HeightOneRule(AdaptiveAvgPool2dRule(nn.AdaptiveAvgPool2d((1, size))), m)
     raise TypeError(f"no 1-D pooling rule for {type(m).__name__}")
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import register_module
-from .base import Rule, channel_sum, wants_grad
+from ..tensor_ops import channel_sum, channel_view
+from .base import Rule, wants_grad
 
 
 class PReLURule(Rule):
-    def __init__(self, module: nn.PReLU, bk=None) -> None:
+    def __init__(self, module: nn.PReLU) -> None:
         self.module = module
         self.a = module.weight
         self.x = self.d = self.tan_a = None
@@ -27,7 +28,7 @@ class PReLURule(Rule):
         a = self.a.detach()
         if a.numel() == 1 or like.dim() < 2:
             return a.reshape(())
-        return a.view([1, -1] + [1] * (like.dim() - 2))
+        return channel_view(a, like)
 
     def _reduce(self, t: Tensor) -> Tensor:
         if self.a.numel() == 1:
@@ -68,4 +69,4 @@ class PReLURule(Rule):
         return [(self.a, self.g_a)] if wants_grad(self.a) else []
 
 
-register_module(nn.PReLU)(lambda m: lambda bk: PReLURule(m, bk))
+register_module(nn.PReLU)(lambda m: lambda bk: PReLURule(m))

@@ -23,7 +23,7 @@ class ReshapeRule(FixedLinearRule):
 
 
 class FlattenRule(ReshapeRule):
-    def __init__(self, module: nn.Flatten, bk=None) -> None:
+    def __init__(self, module: nn.Flatten) -> None:
         self.module = module
 
     def _apply(self, t: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ class FlattenRule(ReshapeRule):
 
 
 class UnflattenRule(ReshapeRule):
-    def __init__(self, module: nn.Unflatten, bk=None) -> None:
+    def __init__(self, module: nn.Unflatten) -> None:
         self.module = module
 
     def _apply(self, t: Tensor) -> Tensor:
@@ -43,7 +43,7 @@ class ConstantPadRule(FixedLinearRule):
     amounts crop). The tangent pads r with zeros (P r), chain and backward apply Pᵀ: the
     padding taken off again, a crop being undone with zeros."""
 
-    def __init__(self, module: nn.Module, bk=None) -> None:
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.pad = tuple(int(p) for p in module.padding)
         self.unpad = tuple(-p for p in self.pad)
@@ -77,7 +77,7 @@ class IndexPadRule(FixedLinearRule):
 
 
 class IdentityRule(Rule):
-    def __init__(self, module: nn.Module, bk=None) -> None:
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
 
 
@@ -122,11 +122,11 @@ class MeanRule(FixedLinearRule):
 
 # --- registrations ------------------------------------------------------------------------
 
-register_module(nn.Flatten, aliases=True)(lambda m: lambda bk: FlattenRule(m, bk))
-register_module(nn.Unflatten, aliases=True)(lambda m: lambda bk: UnflattenRule(m, bk))
-register_module(nn.Identity, aliases=True)(lambda m: lambda bk: IdentityRule(m, bk))
+register_module(nn.Flatten, aliases=True)(lambda m: lambda bk: FlattenRule(m))
+register_module(nn.Unflatten, aliases=True)(lambda m: lambda bk: UnflattenRule(m))
+register_module(nn.Identity, aliases=True)(lambda m: lambda bk: IdentityRule(m))
 register_module(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-                nn.ConstantPad3d)(lambda m: lambda bk: ConstantPadRule(m, bk))
+                nn.ConstantPad3d)(lambda m: lambda bk: ConstantPadRule(m))
 
 #: reflection / replication padding modules → their F.pad mode
 INDEX_PADS = {nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect",
@@ -194,7 +194,7 @@ def _pad(call: Call) -> Made | str:
     if mode == "constant":
         shim = nn.ConstantPad1d(0, 0.0 if value is None else float(value))
         shim.padding = pad
-        return Made([call.args[0]], lambda bk, resolve: ConstantPadRule(shim, bk))
+        return Made([call.args[0]], lambda bk, resolve: ConstantPadRule(shim))
     if mode in ("reflect", "replicate"):
         return Made([call.args[0]], lambda bk, resolve: IndexPadRule(mode, pad))
     return f"mode={mode!r} (constant, reflect and replicate run fused)"

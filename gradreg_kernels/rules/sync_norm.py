@@ -19,15 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..backend_protocol import Backend
 from ..registry import register_module
-from .base import channel_sum, wants_grad
-from .norm import (
-    BatchNormEvalRule,
-    BatchNormTrainRule,
-    _chan,
-    update_running_stats,
-    uses_batch_stats,
-)
+from ..tensor_ops import batchnorm_second_order, channel_sum, channel_view
+from .base import wants_grad
+from .norm import BatchNormEvalRule, BatchNormTrainRule, update_running_stats, uses_batch_stats
 
 
 def sync_group(m: nn.SyncBatchNorm):
@@ -40,7 +36,7 @@ def sync_group(m: nn.SyncBatchNorm):
 
 
 class SyncBatchNormTrainRule(BatchNormTrainRule):
-    def __init__(self, module: nn.SyncBatchNorm, bk, group) -> None:
+    def __init__(self, module: nn.SyncBatchNorm, bk: Backend, group) -> None:
         super().__init__(module, bk)
         self.group = group
 
@@ -52,7 +48,7 @@ class SyncBatchNormTrainRule(BatchNormTrainRule):
 
     def _means(self, *parts: Tensor, like: Tensor) -> list[Tensor]:
         """Global per-channel means of the local (C,) sums, broadcastable against like."""
-        return [_chan((s / self.n).to(like.dtype), like) for s in self._allsum(*parts)]
+        return [channel_view((s / self.n).to(like.dtype), like) for s in self._allsum(*parts)]
 
     def _project(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """P v = v − mean(v) − x̂ mean(x̂ v) with global means; (P v, mean v, mean x̂ v)."""
@@ -72,16 +68,16 @@ class SyncBatchNormTrainRule(BatchNormTrainRule):
         if n <= 1:
             raise ValueError(f"{type(m).__name__} in train mode needs more than 1 value per "
                              f"channel over the group, got {int(n)}")
-        mean = _chan((sums[0] / n).to(a.dtype), a)
+        mean = channel_view((sums[0] / n).to(a.dtype), a)
         xc = a - mean
         (sq,) = self._allsum(channel_sum(xc * xc))
         var = (sq / n).to(a.dtype)
-        self.inv_std = _chan(torch.rsqrt(var + m.eps), a)
+        self.inv_std = channel_view(torch.rsqrt(var + m.eps), a)
         self.xhat = xc * self.inv_std
         gamma = None if self.gamma is None else self.gamma.detach()
-        self.gamma_c = _chan(gamma, a) if gamma is not None else a.new_ones(())
+        self.gamma_c = channel_view(gamma, a) if gamma is not None else a.new_ones(())
         self.k = self.gamma_c * self.inv_std
-        y = self.xhat if gamma is None else self.xhat * self.gamma_c + _chan(
+        y = self.xhat if gamma is None else self.xhat * self.gamma_c + channel_view(
             self.beta.detach(), a)
         if m.training and m.track_running_stats:
             update_running_stats(m, mean.flatten(), var, int(n))
@@ -93,17 +89,15 @@ class SyncBatchNormTrainRule(BatchNormTrainRule):
         return pd * self.k
 
     def tangent(self, r: Tensor) -> Tensor:
-        from ..backends.torch_ops import TorchBackend  # backends import the rules
-
         d, md, mxd = self.chain_saved
         pr, _, mxr = self._project(r)
         d_pr = channel_sum(d * pr)  # local: Σ δ P ṙ over this process's values
         (d_pr_all,) = self._allsum(d_pr)
         if wants_grad(self.gamma):
             self.tan_gamma = d_pr * self.inv_std.flatten()
-        self.s = TorchBackend._second_order(self.xhat, self.inv_std, self.gamma_c, d, md, mxd,
-                                            pr, mxr, _chan((d_pr_all / self.n).to(pr.dtype),
-                                                           pr))
+        dots = channel_view((d_pr_all / self.n).to(pr.dtype), pr)
+        self.s = batchnorm_second_order(self.xhat, self.inv_std, self.gamma_c, d, md, mxd, pr,
+                                        mxr, dots)
         if not self.keep_saved:
             self.chain_saved = None
         return pr * self.k
@@ -127,7 +121,7 @@ def _sync_batch_norm(m: nn.SyncBatchNorm):
         return lambda bk: SyncBatchNormTrainRule(m, bk, group)
     if uses_batch_stats(m):
         return lambda bk: BatchNormTrainRule(m, bk)
-    return lambda bk: BatchNormEvalRule(m, bk)
+    return lambda bk: BatchNormEvalRule(m)
 
 
 def _options(m: nn.SyncBatchNorm):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from kernel_check import DEVICE, TOL, rel_err
 
+from gradreg_kernels.activation_math import spec_by_name
 from gradreg_kernels.backends.torch_ops import TorchBackend
-from gradreg_kernels.rules.activation_math import spec_by_name
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA kernels need a CUDA device")
 

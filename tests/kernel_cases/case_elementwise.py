@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_check import TOL, rel_err
 
+from gradreg_kernels.activation_math import spec_by_name
 from gradreg_kernels.backends.torch_ops import TorchBackend
-from gradreg_kernels.rules.activation_math import spec_by_name
 
 ACTS = [("relu", ()), ("leaky_relu", (0.1,)), ("softplus", (1.5, 3.0)),
         ("softplus", (1.0, 20.0)), ("softplus", (0.5, 15.0)), ("tanh", ()), ("sigmoid", ()),

@@ -11,8 +11,8 @@ import pytest
 import torch
 from kernel_check import DEVICE
 
+from gradreg_kernels.activation_math import autograd_derivatives, spec_by_name
 from gradreg_kernels.backends.triton.elementwise import ACT_CODES
-from gradreg_kernels.rules.activation_math import autograd_derivatives, spec_by_name
 
 SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30, 3.5, -2.25,
             20.5, -20.5, 88.0, -88.0, 1e-3, -1e-3]

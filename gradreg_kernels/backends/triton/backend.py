@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...rules.activation_math import (
+from ...activation_math import (
     ActivationSpec,
     derivs_from_output,
     output_derivs,
@@ -47,7 +47,8 @@ class ActState:
         for t in ts[1:]:
             if t is not None:
                 dt = torch.promote_types(dt, t.dtype)
-        return dt if self.code == 0 else torch.promote_types(dt, self.zdtype)
+        relu = self.code == elementwise.ACT_CODES["relu"]
+        return dt if relu else torch.promote_types(dt, self.zdtype)
 
 
 def _portable(saved: ActState) -> Tensor:
@@ -55,7 +56,7 @@ def _portable(saved: ActState) -> Tensor:
     mask in z's dtype stands (LeakyReLU's σ' depends only on the sign)."""
     if saved.code in elementwise.PIECEWISE:
         mask = elementwise.unpack_mask(saved.tensor, saved.shape)
-        return mask if saved.code == 0 else mask.to(saved.zdtype)
+        return mask if saved.code == elementwise.ACT_CODES["relu"] else mask.to(saved.zdtype)
     return saved.tensor
 
 

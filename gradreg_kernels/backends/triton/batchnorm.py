@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...tensor_ops import channel_shape
 from ._common import ELEMENT_BLOCK, flat_grid
 
 _SUM_BLOCK = 1024
@@ -166,8 +167,6 @@ def channel_sums(x: Tensor, y: Tensor | None, mode: int) -> tuple[Tensor, Tensor
     return tot[:, 0], tot[:, 1]
 
 
-def _chan_shape(t: Tensor) -> list[int]:
-    return [1, -1] + [1] * (t.dim() - 2)
 
 
 def bn_train_forward(a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
@@ -192,7 +191,7 @@ def bn_train_forward(a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
     _bn_normalize_kernel[flat_grid(a.numel())](a, mean, inv, g, b, y, xhat, a.numel(), c, s,
                                                 AFFINE=affine, BLOCK=ELEMENT_BLOCK)
     dt = a.dtype
-    return y, xhat, inv.to(dt).view(_chan_shape(a)), mean.to(dt), var.to(dt)
+    return y, xhat, inv.to(dt).view(channel_shape(a)), mean.to(dt), var.to(dt)
 
 
 def bn_project(v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
@@ -205,7 +204,7 @@ def bn_project(v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
     ones = torch.ones(c, dtype=torch.float32, device=v.device)
     _bn_scaled_project_kernel[flat_grid(v.numel())](v, xhat, mean, mx, ones, v, out, v.numel(),
                                                      c, s, ADD=False, BLOCK=ELEMENT_BLOCK)
-    return out, mx.to(out.dtype).view(_chan_shape(v))
+    return out, mx.to(out.dtype).view(channel_shape(v))
 
 
 def bn_second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta: Tensor,

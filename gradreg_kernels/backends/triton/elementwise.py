@@ -8,7 +8,7 @@ With z the pre-activation and σ one of the supported activations:
     chain:    σ'(z) ⊙ d (+ s)             (also the pass-4 backward, with s)
     tangent:  σ'(z) ⊙ r  and  s = σ''(z) ⊙ u ⊙ r   (s only for smooth σ)
 Every kernel loads its operands once, computes in float32 and stores in the operand dtype.
-Activation codes (constexpr ACT): see ``ACT_CODES``.
+Activation codes (constexpr ACT): the activation table's (activation_table.NATIVE_CODES).
 """
 
 from __future__ import annotations
@@ -21,11 +21,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...activation_table import NATIVE_CODES, PIECEWISE_CODES
 from ._common import ELEMENT_BLOCK, flat_grid
 
-ACT_CODES = {"relu": 0, "leaky_relu": 1, "softplus": 2, "tanh": 3, "sigmoid": 4, "gelu": 5,
-             "gelu_tanh": 6, "elu": 7, "silu": 8, "mish": 9, "hardswish": 10}
-PIECEWISE = (0, 1)  # codes whose state is a mask and whose σ'' is zero
+ACT_CODES = NATIVE_CODES  # the activation table's codes these kernels implement
+PIECEWISE = PIECEWISE_CODES  # codes whose state is a mask and whose σ'' is zero
+
+# the codes as constexpr globals, the form a Triton kernel may read
+_RELU = tl.constexpr(NATIVE_CODES["relu"])
+_LEAKY_RELU = tl.constexpr(NATIVE_CODES["leaky_relu"])
+_SOFTPLUS = tl.constexpr(NATIVE_CODES["softplus"])
+_TANH = tl.constexpr(NATIVE_CODES["tanh"])
+_SIGMOID = tl.constexpr(NATIVE_CODES["sigmoid"])
+_GELU = tl.constexpr(NATIVE_CODES["gelu"])
+_GELU_TANH = tl.constexpr(NATIVE_CODES["gelu_tanh"])
+_ELU = tl.constexpr(NATIVE_CODES["elu"])
+_SILU = tl.constexpr(NATIVE_CODES["silu"])
+_MISH = tl.constexpr(NATIVE_CODES["mish"])
+_HARDSWISH = tl.constexpr(NATIVE_CODES["hardswish"])
 
 # Kernels spell their constants out (1/√2, 1/√(2π), √(2/π), GELU's 0.044715): Triton
 # kernels may not read non-constexpr globals.
@@ -52,30 +65,30 @@ def _mish_parts(z):
 @triton.jit
 def _act_value(z, ACT: tl.constexpr, p0, p1):
     """σ(z) in float32; p0, p1 the activation's parameters."""
-    if ACT == 0:
+    if ACT == _RELU:
         out = tl.where(z > 0, z, 0.0)
-    elif ACT == 1:
+    elif ACT == _LEAKY_RELU:
         out = tl.where(z > 0, z, z * p0)
-    elif ACT == 2:
+    elif ACT == _SOFTPLUS:
         bz = z * p0
         soft = (tl.maximum(bz, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(bz)))) / p0
         out = tl.where(bz > p1, z, soft)
-    elif ACT == 3:
+    elif ACT == _TANH:
         out = _tanh(z)
-    elif ACT == 4:
+    elif ACT == _SIGMOID:
         out = tl.sigmoid(z)
-    elif ACT == 5:
+    elif ACT == _GELU:
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == 6:
+    elif ACT == _GELU_TANH:
         out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACT == 7:
+    elif ACT == _ELU:
         out = tl.where(z > 0, z, p0 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
-    elif ACT == 8:
+    elif ACT == _SILU:
         out = z * tl.sigmoid(z)
-    elif ACT == 9:
+    elif ACT == _MISH:
         t, g, s = _mish_parts(z)
         out = z * t
-    else:  # 10: Hardswish
+    else:  # Hardswish
         out = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     return out
 
@@ -83,31 +96,31 @@ def _act_value(z, ACT: tl.constexpr, p0, p1):
 @triton.jit
 def _act_d1(z, ACT: tl.constexpr, p0, p1):
     """σ'(z) of a smooth activation (codes ≥ 2), float32."""
-    if ACT == 2:
+    if ACT == _SOFTPLUS:
         bz = z * p0
         out = tl.where(bz > p1, 1.0, tl.sigmoid(bz))
-    elif ACT == 3:
+    elif ACT == _TANH:
         t = _tanh(z)
         out = 1.0 - t * t
-    elif ACT == 4:
+    elif ACT == _SIGMOID:
         s = tl.sigmoid(z)
         out = s * (1.0 - s)
-    elif ACT == 5:
+    elif ACT == _GELU:
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * pdf
-    elif ACT == 6:
+    elif ACT == _GELU_TANH:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
-    elif ACT == 7:
+    elif ACT == _ELU:
         out = tl.where(z > 0, 1.0, p0 * tl.exp(tl.minimum(z, 0.0)))
-    elif ACT == 8:
+    elif ACT == _SILU:
         s = tl.sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))
-    elif ACT == 9:
+    elif ACT == _MISH:
         t, g, s = _mish_parts(z)
         out = t + z * s * g
-    else:  # 10: Hardswish (torch's convention: z/3 + 1/2 on [−3, 3])
+    else:  # Hardswish (torch's convention: z/3 + 1/2 on [−3, 3])
         out = tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, z / 3.0 + 0.5, 1.0))
     return out
 
@@ -115,35 +128,35 @@ def _act_d1(z, ACT: tl.constexpr, p0, p1):
 @triton.jit
 def _act_d2(z, ACT: tl.constexpr, p0, p1):
     """σ''(z) of a smooth activation (codes ≥ 2), float32."""
-    if ACT == 2:
+    if ACT == _SOFTPLUS:
         bz = z * p0
         s = tl.sigmoid(bz)
         out = tl.where(bz > p1, 0.0, p0 * s * (1.0 - s))
-    elif ACT == 3:
+    elif ACT == _TANH:
         t = _tanh(z)
         out = -2.0 * t * (1.0 - t * t)
-    elif ACT == 4:
+    elif ACT == _SIGMOID:
         s = tl.sigmoid(z)
         out = s * (1.0 - s) * (1.0 - 2.0 * s)
-    elif ACT == 5:
+    elif ACT == _GELU:
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         out = pdf * (2.0 - z * z)
-    elif ACT == 6:
+    elif ACT == _GELU_TANH:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         ddu = 6.0 * 0.7978845608028654 * 0.044715 * z
         g = 1.0 - t * t
         gz = g * z  # first: where t = ±1 the products stay 0 until u' itself overflows
         out = g * du + 0.5 * gz * ddu - gz * t * du * du
-    elif ACT == 7:
+    elif ACT == _ELU:
         out = tl.where(z > 0, 0.0, p0 * tl.exp(tl.minimum(z, 0.0)))
-    elif ACT == 8:
+    elif ACT == _SILU:
         s = tl.sigmoid(z)
         out = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
-    elif ACT == 9:
+    elif ACT == _MISH:
         t, g, s = _mish_parts(z)
         out = s * g * (2.0 + z * (1.0 - s - 2.0 * t * s))
-    else:  # 10: Hardswish
+    else:  # Hardswish
         out = tl.where((z > -3.0) & (z < 3.0), 1.0 / 3.0, 0.0)
     return out
 
@@ -160,11 +173,11 @@ def _softplus_s_from_y(y, p0):
 @triton.jit
 def _act_d1_from_y(y, ACT: tl.constexpr, p0, p1):
     """σ'(z) from y = σ(z) for codes 2 (Softplus), 3 (Tanh), 4 (Sigmoid), 7 (ELU)."""
-    if ACT == 2:
+    if ACT == _SOFTPLUS:
         out = tl.where(p0 * y > p1, 1.0, _softplus_s_from_y(y, p0))
-    elif ACT == 3:
+    elif ACT == _TANH:
         out = 1.0 - y * y
-    elif ACT == 4:
+    elif ACT == _SIGMOID:
         out = y * (1.0 - y)
     else:
         out = tl.where(y > 0, 1.0, y + p0)
@@ -174,12 +187,12 @@ def _act_d1_from_y(y, ACT: tl.constexpr, p0, p1):
 @triton.jit
 def _act_d2_from_y(y, ACT: tl.constexpr, p0, p1):
     """σ''(z) from y = σ(z) (codes as _act_d1_from_y)."""
-    if ACT == 2:
+    if ACT == _SOFTPLUS:
         sg = _softplus_s_from_y(y, p0)
         out = tl.where(p0 * y > p1, 0.0, p0 * sg * (1.0 - sg))
-    elif ACT == 3:
+    elif ACT == _TANH:
         out = -2.0 * y * (1.0 - y * y)
-    elif ACT == 4:
+    elif ACT == _SIGMOID:
         out = y * (1.0 - y) * (1.0 - 2.0 * y)
     else:
         out = tl.where(y > 0, 0.0, y + p0)
@@ -196,9 +209,9 @@ def _mask_bit(bits_ptr, offs, m):
 @triton.jit
 def _saved_d1(saved_ptr, offs, m, ACT: tl.constexpr, FROM_Y: tl.constexpr, p0, p1):
     """σ'(z) from the saved state: the bit mask for piecewise-linear σ, else z (or y)."""
-    if ACT == 0:
+    if ACT == _RELU:
         out = _mask_bit(saved_ptr, offs, m).to(tl.float32)
-    elif ACT == 1:
+    elif ACT == _LEAKY_RELU:
         out = tl.where(_mask_bit(saved_ptr, offs, m) != 0, 1.0, p0)
     elif FROM_Y:
         y = tl.load(saved_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -225,7 +238,7 @@ def _act_forward_kernel(z_ptr, y_ptr, mask_ptr, n, p0, p1, v_pos, v_neg, ACT: tl
     y = tl.where(z != z, z, y)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
-        on = (z <= 0) == 0 if ACT == 0 else z > 0  # torch's bit at a NaN (see below)
+        on = (z <= 0) == 0 if ACT == _RELU else z > 0  # torch's bit at a NaN (see below)
         bits = tl.reshape(on.to(tl.int32), (BLOCK // 8, 8))
         byte = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1)
         boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
@@ -239,7 +252,7 @@ def _act_chain_kernel(saved_ptr, d_ptr, s_ptr, out_ptr, n, p0, p1, ACT: tl.const
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if ACT == 0:  # a select, as torch's: an off element is 0 even where d is NaN or ±inf
+    if ACT == _RELU:  # a select, as torch's: an off element is 0 even where d is NaN or ±inf
         out = tl.where(_mask_bit(saved_ptr, offs, m) != 0, d, 0.0)
     else:
         out = _saved_d1(saved_ptr, offs, m, ACT, FROM_Y, p0, p1) * d

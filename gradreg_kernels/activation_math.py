@@ -1,8 +1,9 @@
 """Elementwise activations and their first two derivatives, written in plain torch ops.
 
-Each activation is described by ``ActivationSpec``: a name, its hyper-parameters, whether its
-second derivative is non-zero (``smooth``), and three functions of the pre-activation z:
-value σ(z), first derivative σ'(z) and second derivative σ''(z). These match, at every z
+Each kind of the activation table (activation_table.py) is described by ``ActivationSpec``:
+a name, its hyper-parameters, whether its second derivative is non-zero (``smooth``), and
+three functions of the pre-activation z: value σ(z), first derivative σ'(z) and second
+derivative σ''(z). These match, at every z
 including the kinks, the derivatives PyTorch's own autograd formulas use.
 """
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .activation_table import BY_NAME, kind_of
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -264,43 +267,23 @@ def _tanhshrink() -> ActivationSpec:
     return ActivationSpec("tanhshrink", (), True, F.tanhshrink, d1, d2)
 
 
+#: the table's name → the maker of its spec from its hyper-parameters
+_MAKERS: dict[str, Callable[..., ActivationSpec]] = {
+    "relu": _relu, "leaky_relu": _leaky_relu, "softplus": _softplus, "tanh": _tanh,
+    "sigmoid": _sigmoid, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "elu": _elu,
+    "silu": _silu, "hardtanh": _hardtanh, "hardsigmoid": _hardsigmoid,
+    "hardswish": _hardswish, "mish": _mish, "selu": _selu, "celu": _celu,
+    "logsigmoid": _logsigmoid, "softsign": _softsign, "tanhshrink": _tanhshrink,
+}
+if set(_MAKERS) != set(BY_NAME):
+    raise AssertionError("activation_math and activation_table name different kinds")
+
+
 def activation_spec(module: nn.Module) -> ActivationSpec | None:
-    """The spec of a supported activation module, or None if the module is not one."""
-    if isinstance(module, nn.ReLU):
-        return _relu()
-    if isinstance(module, nn.LeakyReLU):
-        return _leaky_relu(float(module.negative_slope))
-    if isinstance(module, nn.Softplus):
-        return _softplus(float(module.beta), float(module.threshold))
-    if isinstance(module, nn.Tanh):
-        return _tanh()
-    if isinstance(module, nn.Sigmoid):
-        return _sigmoid()
-    if isinstance(module, nn.GELU):
-        return _gelu_tanh() if module.approximate == "tanh" else _gelu()
-    if isinstance(module, nn.ELU):
-        return _elu(float(module.alpha))
-    if isinstance(module, nn.SiLU):
-        return _silu()
-    if isinstance(module, nn.Hardtanh):  # ReLU6 too (a Hardtanh(0, 6))
-        return _hardtanh(float(module.min_val), float(module.max_val))
-    if isinstance(module, nn.Hardsigmoid):
-        return _hardsigmoid()
-    if isinstance(module, nn.Hardswish):
-        return _hardswish()
-    if isinstance(module, nn.Mish):
-        return _mish()
-    if isinstance(module, nn.SELU):
-        return _selu()
-    if isinstance(module, nn.CELU):
-        return _celu(float(module.alpha))
-    if isinstance(module, nn.LogSigmoid):
-        return _logsigmoid()
-    if isinstance(module, nn.Softsign):
-        return _softsign()
-    if isinstance(module, nn.Tanhshrink):
-        return _tanhshrink()
-    return None
+    """The spec of a supported activation module (its row of the activation table, with the
+    module's hyper-parameters), or None if the module is not one."""
+    kind = kind_of(module)
+    return None if kind is None else _MAKERS[kind.name](*kind.params(module))
 
 
 def derivs_from_output(spec: ActivationSpec) -> bool:
@@ -340,16 +323,9 @@ def output_derivs(spec: ActivationSpec, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def spec_by_name(name: str, *params: float) -> ActivationSpec:
     """The spec of an activation given by name and hyper-parameters (for functional use)."""
-    makers: dict[str, Callable[..., ActivationSpec]] = {
-        "relu": _relu, "leaky_relu": _leaky_relu, "softplus": _softplus, "tanh": _tanh,
-        "sigmoid": _sigmoid, "gelu": _gelu, "gelu_tanh": _gelu_tanh, "elu": _elu,
-        "silu": _silu, "hardtanh": _hardtanh, "hardsigmoid": _hardsigmoid,
-        "hardswish": _hardswish, "mish": _mish, "selu": _selu, "celu": _celu,
-        "logsigmoid": _logsigmoid, "softsign": _softsign, "tanhshrink": _tanhshrink,
-    }
-    if name not in makers:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(makers)}")
-    return makers[name](*params)
+    if name not in _MAKERS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(_MAKERS)}")
+    return _MAKERS[name](*params)
 
 
 _AT_INFINITY: dict[tuple, tuple[float, float]] = {}

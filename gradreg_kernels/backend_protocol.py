@@ -1,0 +1,213 @@
+"""The contract between the rules and a backend: the methods a rule calls, by family.
+
+A backend is any object with these methods (TorchBackend implements all of them portably;
+the cpu, cuda and triton backends subclass it and override what they run faster). Shapes
+follow docs/math.md: a batch of N, features in/out, (N, C, H, W) images, K classes.
+
+State a backend keeps between passes (``saved`` below: an activation's mask or z, a
+dropout mask, batch norm's chain operands, a Linear's kept δ) is opaque to the rules: a rule
+stores what a forward or chain step returned and hands it back, unchanged, to the later
+steps of the same backend. Each backend types its own (a dataclass per kind of state).
+
+A leaf module: it imports torch and the activation spec alone, so that rules may name the
+contract without importing a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from .activation_math import ActivationSpec
+from .tensor_ops import ConvGeom
+
+#: a backend's state between passes; only the backend that made it reads it
+Saved = object
+
+
+@dataclass(frozen=True)
+class TransposedDelta:
+    """A Linear's pass-2 δ (N, out) kept as δᵀ (out, N), contiguous: what ``keep_delta``
+    returns where a backend's weight product would copy δ transposed anyway (so δ itself
+    can be released when pass 2 moves on)."""
+
+    t: Tensor
+
+    def delta(self) -> Tensor:
+        """δ (N, out), as a view of δᵀ."""
+        return self.t.t()
+
+
+#: a Linear's δ as ``keep_delta`` keeps it and ``linear_weight_grad`` reads it
+KeptDelta = Tensor | TransposedDelta
+
+
+class Products(Protocol):
+    """Linear and convolution products and their transposes."""
+
+    def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """a wᵀ + b: (N, in) → (N, out)."""
+        ...
+
+    def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
+        """d w: (N, out) → (N, in)."""
+        ...
+
+    def linear_weight_grad(self, pairs: Sequence[tuple[KeptDelta, Tensor]],
+                           acc: Tensor | None = None) -> Tensor:
+        """Σ_k d_kᵀ a_k (+ acc): (out, in); d_k a tensor or a ``keep_delta`` result."""
+        ...
+
+    def linear_param_grads(self, pairs: Sequence[tuple[Tensor, Tensor | None]],
+                           acc: Tensor | None, need_w: bool, need_b: bool
+                           ) -> tuple[Tensor | None, Tensor | None]:
+        """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n]), each None where not needed."""
+        ...
+
+    def keep_delta(self, d: Tensor, in_features: int) -> KeptDelta:
+        """A Linear's pass-2 δ (N, out) in the form this backend's weight product reads."""
+        ...
+
+    def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """A Linear's input a and tangent r (N, in) as pass 4's weight product reads them."""
+        ...
+
+    def conv2d(self, a: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeom) -> Tensor:
+        """2-D cross-correlation (N, C, H, W) → (N, O, H', W')."""
+        ...
+
+    def conv2d_input_grad(self, d: Tensor, w: Tensor, input_shape: Sequence[int],
+                          geom: ConvGeom) -> Tensor:
+        """The transposed convolution (N, O, H', W') → (N, C, H, W)."""
+        ...
+
+    def conv2d_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]], w: Tensor,
+                           geom: ConvGeom) -> Tensor:
+        """Σ_k of the weight gradient of ⟨d_k, conv(a_k, W)⟩: the shape of ``w``."""
+        ...
+
+
+class Elementwise(Protocol):
+    """Activation steps, dropout and the penalty's elementwise terms."""
+
+    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, Saved]:
+        """y = σ(z) and the state the later steps read."""
+        ...
+
+    def act_chain(self, spec: ActivationSpec, saved: Saved, d: Tensor) -> Tensor:
+        """σ'(z) ⊙ d."""
+        ...
+
+    def act_tangent(self, spec: ActivationSpec, saved: Saved, r: Tensor, u: Tensor | None
+                    ) -> tuple[Tensor, Tensor | None]:
+        """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
+        ...
+
+    def act_backward(self, spec: ActivationSpec, saved: Saved, abar: Tensor,
+                     s: Tensor | None) -> Tensor:
+        """σ'(z) ⊙ ā + s."""
+        ...
+
+    def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, Saved]:
+        """y = a ⊙ m, m ∈ {0, 1/(1−p)} drawn as torch's dropout draws it, and m."""
+        ...
+
+    def dropout_apply(self, saved: Saved, t: Tensor) -> Tensor:
+        """t ⊙ m with the mask of ``dropout_forward``."""
+        ...
+
+    def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(Σ (M ⊙ g)², M² ⊙ g) of the input gradient g (N, ...)."""
+        ...
+
+    def all_finite(self, t: Tensor) -> bool:
+        """Whether every value of t is finite."""
+        ...
+
+    def all_finite_many(self, ts: Sequence[Tensor]) -> bool:
+        """Whether every value of every tensor is finite."""
+        ...
+
+
+class Norms(Protocol):
+    """Train-mode batch norm's four passes and per-channel reductions."""
+
+    def bn_train_forward(self, a: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(y, x̂, 1/σ broadcastable, batch mean (C,), batch variance (C,))."""
+        ...
+
+    def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
+        """P v = v − mean(v) − x̂ mean(x̂ v) per channel, and mean(x̂ v) (broadcastable)."""
+        ...
+
+    def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
+                 ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
+        """k ⊙ P δ (k = γ/σ), the state ``bn_tangent`` reads, and δ's channel means."""
+        ...
+
+    def bn_tangent(self, saved: Saved, r: Tensor, xhat: Tensor, k: Tensor,
+                   inv_std: Tensor, gamma_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(k ⊙ P ṙ, the second-order term s, the γ-gradient's tangent term)."""
+        ...
+
+    def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(k ⊙ P ā (+ s), Σ ā ⊙ x̂ per channel, Σ ā per channel)."""
+        ...
+
+    def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """Σ a ⊙ b over every dimension but channel dimension 1: (C,)."""
+        ...
+
+
+class Pools(Protocol):
+    """Max pooling by the flat index of each maximum."""
+
+    def max_pool2d(self, a: Tensor, kernel, stride, padding, dilation, ceil_mode: bool
+                   ) -> tuple[Tensor, Tensor]:
+        """(max pooling of a, the flat per-plane index of each maximum)."""
+        ...
+
+    def pool_gather(self, r: Tensor, idx: Tensor) -> Tensor:
+        """out[n, c, i] = r[n, c, idx[n, c, i]]."""
+        ...
+
+    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
+        """The transpose of ``pool_gather``: d summed into the positions idx points to."""
+        ...
+
+
+class Heads(Protocol):
+    """The loss heads on (N, K) logits."""
+
+    def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(CE_n (N,), p = softmax(z) (N, K))."""
+        ...
+
+    def head_checks_labels(self, z: Tensor) -> bool:
+        """Whether ``softmax_head`` on these logits checks the label range itself."""
+        ...
+
+    def softmax_head(self, z: Tensor, y: Tensor, uniform: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(CE_n, p, ∇CE = p − e_y, ∇ℓ)."""
+        ...
+
+    def target_head(self, kind: str, z: Tensor, y: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """("mse" or "bce") (ℓ_n (N,), ∇ℓ, the Hessian diagonal or None where constant)."""
+        ...
+
+    def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
+        """p ⊙ t − p (pᵀt), row by row: the Hessian of −log softmax times t."""
+        ...
+
+
+class Backend(Products, Elementwise, Norms, Pools, Heads, Protocol):
+    """Every method a rule, the schedule or the functional API calls on a backend."""
+
+    name: str
