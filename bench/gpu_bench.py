@@ -243,8 +243,8 @@ def bench_model(name, batch, args, device, t_start, log) -> dict:
     def over_budget() -> bool:
         return time.perf_counter() - t_start > args.budget_s
 
-    def fused(bk):
-        return lambda: _checked(bk, device) or fused_step(model, x, y, lam, bk)
+    def fused(kernels):
+        return lambda: _checked(kernels, device) or fused_step(model, x, y, lam, kernels)
 
     methods = [("eager double backprop", lambda: eager_step(model, x, y, lam)),
                ("fused triton", fused("triton")), ("fused torch", fused("torch"))]
@@ -306,12 +306,12 @@ def bench_model(name, batch, args, device, t_start, log) -> dict:
     numerics = {}
     if not args.no_numerics and not over_budget():
         ref = oracle_reference(model, x, y, lam)
-        for label, bk in (("eager", None), ("torch", "torch"), ("triton", "triton"),
+        for label, kernels in (("eager", None), ("torch", "torch"), ("triton", "triton"),
                           ("cuda", "cuda")):
-            if bk is not None and _checked(bk, device):
+            if kernels is not None and _checked(kernels, device):
                 continue
-            fn = (lambda m, xx, yy, lm: eager_step(m, xx, yy, lm)) if bk is None else \
-                (lambda m, xx, yy, lm, bk=bk: fused_step(m, xx, yy, lm, bk))
+            fn = (lambda m, xx, yy, lm: eager_step(m, xx, yy, lm)) if kernels is None else \
+                (lambda m, xx, yy, lm, kernels=kernels: fused_step(m, xx, yy, lm, kernels))
             for prec, bf16 in (("float32", False), ("bf16", True)):
                 try:
                     numerics[f"{label} {prec}"] = grad_error(model, x, y, lam, device, fn,
@@ -333,12 +333,12 @@ _READY: dict[tuple[str, str], str | None] = {}
 _SKIP: set[str] = set()
 
 
-def _checked(bk: str, device: torch.device) -> str | None:
-    if bk in _SKIP:
+def _checked(kernels: str, device: torch.device) -> str | None:
+    if kernels in _SKIP:
         return "skipped by --skip-backends"
-    key = (bk, device.type)
+    key = (kernels, device.type)
     if key not in _READY:
-        _READY[key] = backend_ready(bk, device)
+        _READY[key] = backend_ready(kernels, device)
     return _READY[key]
 
 

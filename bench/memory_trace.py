@@ -78,21 +78,22 @@ def trace(model_name: str, backend: str = "cpu") -> tuple[list[tuple[int, int, s
         start[0] = cw.status_kib("VmRSS")
         step()
 
-    bk = get_backend(backend, w.x.device)
-    ext, mm = getattr(bk, "ext", None), getattr(bk, "_mm", None)
+    kernels = get_backend(backend, w.x.device)
+    ext, mm = getattr(kernels, "ext", None), getattr(kernels, "_mm", None)
     if ext is not None:  # the cpu backend: its kernels and products too
-        bk.ext, bk._mm = _TracedExtension(ext, events), _Traced(mm, "oneDNN product", events)
-    methods = [n for n in dir(type(bk)) if not n.startswith("_") and n != "name"
-               and callable(getattr(type(bk), n))]
+        kernels.ext = _TracedExtension(ext, events)
+        kernels._mm = _Traced(mm, "oneDNN product", events)
+    methods = [n for n in dir(type(kernels)) if not n.startswith("_") and n != "name"
+               and callable(getattr(type(kernels), n))]
     for n in methods:
-        setattr(bk, n, _Traced(getattr(bk, n), n, events))
+        setattr(kernels, n, _Traced(getattr(kernels, n), n, events))
     try:
         peak = cw.peak_bytes(traced_step, w.model) // 1024
     finally:
         if ext is not None:
-            bk.ext, bk._mm = ext, mm
+            kernels.ext, kernels._mm = ext, mm
         for n in methods:
-            delattr(bk, n)
+            delattr(kernels, n)
     return events, start[0], start[0] + peak
 
 

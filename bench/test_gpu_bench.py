@@ -24,13 +24,13 @@ def _step(method, model, x, y, lam):
         return gb.eager_step(model, x, y, lam)
     if method == "ordinary":
         return gb.ordinary_step(model, x, y)
-    bk = method.split()[1]
-    why = gb.backend_ready(bk, x.device)
+    kernels = method.split()[1]
+    why = gb.backend_ready(kernels, x.device)
     if why is not None:
         pytest.skip(why)
     if method == "fused triton graph":
         return gb.graphed_step(model, x, y, lam, "triton")
-    return gb.fused_step(model, x, y, lam, bk)
+    return gb.fused_step(model, x, y, lam, kernels)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -60,10 +60,10 @@ class _FusedCall:
     """State of one fused call, shared by the Function's forward and backward."""
 
     def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
-                 lam: float, value_weight: float, check_finite: bool, bk) -> None:
+                 lam: float, value_weight: float, check_finite: bool, kernels) -> None:
         self.schedule, self.x, self.y, self.mask = schedule, x, y, mask
         self.lam, self.w, self.check_finite = lam, value_weight, check_finite
-        self.bk = bk
+        self.kernels = kernels
 
     def forward(self) -> Tensor:
         x, mask = self.x, self.mask
@@ -75,7 +75,7 @@ class _FusedCall:
             checks.check_label_range(y, z)
         ev = head.evaluate(z, y)
         g = self.schedule.chain(ev.pen_grad)
-        pen_sum, seed = self.bk.penalty_terms(g, mask)
+        pen_sum, seed = self.kernels.penalty_terms(g, mask)
         self.data = ev.data.mean()
         self.penalty = pen_sum.div_(b)  # a fresh 0-dim sum: divided in place
         loss = _weighted_sum(self.data, self.penalty, self.w, self.lam)
@@ -220,19 +220,20 @@ def gradreg_loss(
 
     plan = plan_of(model)
     # the backend only for a fused step: a model that falls back never builds an extension
-    bk = None if isinstance(plan, Unsupported) else get_backend(backend, x.device)
+    kernels = None if isinstance(plan, Unsupported) else get_backend(backend, x.device)
     if check_finite:
-        checks.check_finite_input(x, mask, checks.all_finite if bk is None else bk.all_finite)
-        checks.check_finite_params(model, params, checks.all_finite_many if bk is None
-                                   else bk.all_finite_many)
-    head_obj = make_head(head, bk, data, label_smoothing, class_weight, soft)
+        checks.check_finite_input(
+            x, mask, checks.all_finite if kernels is None else kernels.all_finite)
+        checks.check_finite_params(model, params, checks.all_finite_many if kernels is None
+                                   else kernels.all_finite_many)
+    head_obj = make_head(head, kernels, data, label_smoothing, class_weight, soft)
     if isinstance(plan, Unsupported):
         if strict:
             raise UnsupportedModelError(f"gradreg_loss(strict=True) cannot run fused: {plan}")
         _warn_fallback(model, plan)
         return _autograd_loss(model, x, y, lam, head_obj, mask, value_weight, check_finite)
-    assert bk is not None
-    return _fused_loss(plan, params, x, y, lam, head_obj, mask, bk, value_weight, check_finite,
+    assert kernels is not None
+    return _fused_loss(plan, params, x, y, lam, head_obj, mask, kernels, value_weight, check_finite,
                        keep_saved)
 
 
@@ -247,13 +248,13 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
-                head, mask: Tensor | None, bk, value_weight: float,
+                head, mask: Tensor | None, kernels, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
-    schedule = Schedule(plan, bk, head, keep_saved)
-    runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, bk)
+    schedule = Schedule(plan, kernels, head, keep_saved)
+    runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels)
     loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
-                         runner.logits.detach(), bk.name)
+                         runner.logits.detach(), kernels.name)
 
 
 def _autograd_loss(model: nn.Module, x: Tensor, y: Tensor | None, lam: float, head,

@@ -65,7 +65,7 @@ class Unsupported:
 class Step:
     """One node: ``out = rule(ins)`` for a rule step, ``out = host(env)`` for a host step.
 
-    ``make(bk, env)`` makes the node's rule in pass 1 (sizes computed on the host read from
+    ``make(kernels, env)`` makes the node's rule in pass 1 (sizes computed on the host read from
     ``env``); ``free_fwd`` / ``free_tan``: the slots whose last reader in pass 1 / pass 3 this
     step is (released after it)."""
 
@@ -120,14 +120,14 @@ def _is_leaf(m: nn.Module) -> bool:
 
 
 def _without_resolver(made: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
-    """A module rule's maker ``made(bk)`` as a step's ``make(bk, resolve)``."""
-    def make(bk, resolve):
-        return made(bk)
+    """A module rule's maker ``made(kernels)`` as a step's ``make(kernels, resolve)``."""
+    def make(kernels, resolve):
+        return made(kernels)
     return make
 
 
 def _module_maker(m: nn.Module) -> Callable | str:
-    """The rule maker ``bk -> Rule`` of a leaf module, or why it has none."""
+    """The rule maker ``kernels -> Rule`` of a leaf module, or why it has none."""
     if _has_hooks(m):
         return "has hooks (forward hooks or backward hooks), which the fused step would not run"
     if "forward" in m.__dict__:
@@ -330,12 +330,12 @@ class _Builder:
         user_make = made.make
         make: Callable[..., Any]
         if host_slots:
-            def make_with_hosts(bk, env, _m=user_make, _s=host_slots):
-                return _m(bk, _resolver((), _s, env))
+            def make_with_hosts(kernels, env, _m=user_make, _s=host_slots):
+                return _m(kernels, _resolver((), _s, env))
             make = make_with_hosts
         else:
-            def make_plain(bk, env, _m=user_make):
-                return _m(bk, _no_resolve)
+            def make_plain(kernels, env, _m=user_make):
+                return _m(kernels, _no_resolve)
             make = make_plain
         out = self.new_slot()
         self.steps.append(Step(ins + host_slots, out, node.name, make=make,
@@ -539,7 +539,7 @@ def _single(model: nn.Module) -> Plan | Unsupported:
     made = _module_maker(model)
     if isinstance(made, str):
         return Unsupported("<model>", type(model).__name__, made)
-    step = Step((0,), 1, "<model>", make=lambda bk, env, _m=made: _m(bk), n_tensor_ins=1)
+    step = Step((0,), 1, "<model>", make=lambda kernels, env, _m=made: _m(kernels), n_tensor_ins=1)
     return Plan([step], 2, 1)
 
 

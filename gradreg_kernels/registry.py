@@ -6,7 +6,7 @@ Rules register themselves where they are defined (``rules/*.py``; the drop-in mo
 repeat):
 
 - ``register_module(*types, options=..., aliases=...)`` on a factory ``f(module)`` that
-  returns a maker ``bk -> Rule`` or a string saying why this module cannot run fused. A
+  returns a maker ``kernels -> Rule`` or a string saying why this module cannot run fused. A
   module is matched by the nearest registered class in its type's MRO. ``options(module)``
   returns whatever else (beyond the module's type, training flag, hooks and parameters) the
   factory's choice or refusal reads: the plan cache rebuilds a plan when it changes.

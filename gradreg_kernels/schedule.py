@@ -34,8 +34,8 @@ class Schedule:
     can run once; with ``keep_saved`` they can run again (retain_graph, gradcheck).
     """
 
-    def __init__(self, plan: Plan, bk, head, keep_saved: bool = False) -> None:
-        self.plan, self.bk, self.head, self.keep_saved = plan, bk, head, keep_saved
+    def __init__(self, plan: Plan, kernels, head, keep_saved: bool = False) -> None:
+        self.plan, self.kernels, self.head, self.keep_saved = plan, kernels, head, keep_saved
         self.rules: list[Rule | None] = [None] * len(plan.steps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -43,12 +43,12 @@ class Schedule:
         are known now) and keeps what later passes need."""
         env: list = [None] * self.plan.n_slots
         env[0] = x
-        rules, bk, keep = self.rules, self.bk, self.keep_saved
+        rules, kernels, keep = self.rules, self.kernels, self.keep_saved
         for i, st in enumerate(self.plan.steps):
             if st.host is not None:
                 env[st.out] = st.host(env)
             else:
-                rule = st.make(bk, env)
+                rule = st.make(kernels, env)
                 rule.set_keep_saved(keep)
                 rules[i] = rule
                 if st.multi:

@@ -81,6 +81,9 @@ def worker(rank: int, world: int, port: int, case: str, dtype_name: str, out: st
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         torch.save({"grads": grads, "buffers": buffers, "backends": backends},
                    Path(out) / f"rank{rank}.pt")
+        # no rank tears its process group down while the other still has gloo work in
+        # flight (an early teardown aborts the other process: "terminate called …")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

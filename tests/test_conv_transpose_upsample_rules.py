@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 
 @pytest.fixture
-def bk():
+def kernels():
     return gradreg_kernels.backends.get_backend("torch", torch.device("cpu"))
 
 
@@ -78,9 +78,9 @@ def convt_linear(m: nn.ConvTranspose2d, x: Tensor, w: Tensor | None = None) -> T
 @pytest.mark.parametrize("grads", [(True, True), (False, True), (True, False)],
                          ids=["wb", "frozen_w", "frozen_b"])
 @pytest.mark.parametrize("need_input_grad", [True, False])
-def test_conv_transpose_four_passes(bk, case, grads, need_input_grad):
+def test_conv_transpose_four_passes(kernels, case, grads, need_input_grad):
     m, a = make_convt(case, *grads)
-    rule = ConvTranspose2dRule(m, bk)
+    rule = ConvTranspose2dRule(m, kernels)
     with torch.no_grad():
         z = rule.forward(a)
     want_z = m(a).detach()
@@ -118,11 +118,11 @@ def test_conv_transpose_four_passes(bk, case, grads, need_input_grad):
 
 
 @pytest.mark.parametrize("case", CONVT_CASES[:3], ids=CONVT_IDS[:3])
-def test_conv_transpose_keep_saved_reruns(bk, case):
+def test_conv_transpose_keep_saved_reruns(kernels, case):
     """Under keep_saved, passes 3-4 run twice with the same results (d and the tangent
     term kept)."""
     m, a = make_convt(case)
-    rule = ConvTranspose2dRule(m, bk)
+    rule = ConvTranspose2dRule(m, kernels)
     rule.set_keep_saved(True)
     with torch.no_grad():
         z = rule.forward(a)

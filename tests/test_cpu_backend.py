@@ -30,7 +30,7 @@ if shutil.which(cpu_build.compiler().split()[0]) is None:
 
 
 @pytest.fixture(scope="module")
-def bk():
+def kernels():
     from gradreg_kernels.backends import cpu
 
     why = cpu.available()
@@ -56,23 +56,24 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-6) -> None:
 # the weight product copies the narrower side): both orders of in / out
 @pytest.mark.parametrize("n", [1, 3, 67, 131, 300, 1111])
 @pytest.mark.parametrize("out_f, in_f", [(29, 37), (41, 23)])
-def test_linear_products(bk, n, out_f, in_f):
+def test_linear_products(kernels, n, out_f, in_f):
     a, w, b = torch.randn(n, in_f), torch.randn(out_f, in_f), torch.randn(out_f)
     d, d2, a2 = torch.randn(n, out_f), torch.randn(n, out_f), torch.randn(n, in_f)
-    close(bk.linear(a, w, b), REF.linear(a, w, b))
-    close(bk.linear(a, w, None), REF.linear(a, w, None))
-    close(bk.linear_input_grad(d, w), REF.linear_input_grad(d, w))
-    close(bk.linear_weight_grad([(d, a)]), REF.linear_weight_grad([(d, a)]))
-    close(bk.linear_weight_grad([(d, a), (d2, a2)]), REF.linear_weight_grad([(d, a), (d2, a2)]))
+    close(kernels.linear(a, w, b), REF.linear(a, w, b))
+    close(kernels.linear(a, w, None), REF.linear(a, w, None))
+    close(kernels.linear_input_grad(d, w), REF.linear_input_grad(d, w))
+    close(kernels.linear_weight_grad([(d, a)]), REF.linear_weight_grad([(d, a)]))
+    pairs = [(d, a), (d2, a2)]
+    close(kernels.linear_weight_grad(pairs), REF.linear_weight_grad(pairs))
 
 
 @pytest.mark.parametrize("n, out_f, in_f", [(5, 29, 37), (256, 300, 97), (131, 129, 2000)])
-def test_weight_product_accumulates_in_place(bk, n, out_f, in_f):
+def test_weight_product_accumulates_in_place(kernels, n, out_f, in_f):
     """acc += Σ dᵀa in place on both backends (the oneDNN one in blocks of output rows, the
     last one short), one pair and two."""
     pairs = [(torch.randn(n, out_f), torch.randn(n, in_f)) for _ in range(2)]
     acc0 = torch.randn(out_f, in_f)
-    for backend in (bk, REF):
+    for backend in (kernels, REF):
         for k in (1, 2):
             acc = acc0.clone()
             out = backend.linear_weight_grad(pairs[:k], acc=acc)
@@ -81,33 +82,33 @@ def test_weight_product_accumulates_in_place(bk, n, out_f, in_f):
             close(out, ref.float())
 
 
-def test_weight_product_reads_stacked_operands_without_a_copy(bk):
+def test_weight_product_reads_stacked_operands_without_a_copy(kernels):
     """The Linear rule's [a; r] buffer is read as one operand; other parts are concatenated."""
     from gradreg_kernels.backends.cpu import _stacked_rows
 
     a, r = torch.randn(67, 801), torch.randn(67, 801)
-    a_view, r_view = bk.weight_grad_operands(a, r)
+    a_view, r_view = kernels.weight_grad_operands(a, r)
     assert _stacked_rows([a_view, r_view]).data_ptr() == a_view.data_ptr()  # no copy
     assert _stacked_rows([r_view, a_view]).data_ptr() not in (a_view.data_ptr(),
                                                               r_view.data_ptr())  # order
     assert torch.equal(_stacked_rows([a, r]), torch.cat([a, r]))
     z, d = torch.randn(67, 512), torch.randn(67, 512)
-    close(bk.linear_weight_grad([(z, a_view), (d, r_view)]),
+    close(kernels.linear_weight_grad([(z, a_view), (d, r_view)]),
           REF.linear_weight_grad([(z, a), (d, r)]))
 
 
-def test_products_see_weights_updated_in_place(bk):
+def test_products_see_weights_updated_in_place(kernels):
     """oneDNN reads W through a view on every call: an optimizer step in place is seen."""
     w, d, a = torch.randn(512, 784), torch.randn(256, 512), torch.randn(256, 784)
     for _ in range(2):
-        close(bk.linear_input_grad(d, w), REF.linear_input_grad(d, w))
-        close(bk.linear(a, w, None), REF.linear(a, w, None))
+        close(kernels.linear_input_grad(d, w), REF.linear_input_grad(d, w))
+        close(kernels.linear(a, w, None), REF.linear(a, w, None))
         w.mul_(-0.5).add_(1.0)
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 10, 16])
 @pytest.mark.parametrize("n, in_f", [(1, 3), (5, 16), (64, 512), (131, 17), (300, 1001)])
-def test_thin_products(bk, k, n, in_f):
+def test_thin_products(kernels, k, n, in_f):
     """A layer with ≤ THIN_MAX outputs runs its products in the extension's one-sweep
     kernels: each against float64, odd sizes (rows and columns not multiples of 16)."""
     from gradreg_kernels.backends.cpu import THIN_MAX
@@ -116,38 +117,38 @@ def test_thin_products(bk, k, n, in_f):
     a, w, b = torch.randn(n, in_f), torch.randn(k, in_f), torch.randn(k)
     d, d2, a2 = torch.randn(n, k), torch.randn(n, k), torch.randn(n, in_f)
     ad, wd = a.double(), w.double()
-    close(bk.linear(a, w, b), ad @ wd.t() + b.double())
-    close(bk.linear(a, w, None), ad @ wd.t())
-    close(bk.linear_input_grad(d, w), d.double() @ wd)
+    close(kernels.linear(a, w, b), ad @ wd.t() + b.double())
+    close(kernels.linear(a, w, None), ad @ wd.t())
+    close(kernels.linear_input_grad(d, w), d.double() @ wd)
     ref = d.double().t() @ ad + d2.double().t() @ a2.double()
-    close(bk.linear_weight_grad([(d, a), (d2, a2)]), ref)
+    close(kernels.linear_weight_grad([(d, a), (d2, a2)]), ref)
     acc0 = torch.randn(k, in_f)
     acc = acc0.clone()
-    gw, gb = bk.linear_param_grads([(d, a), (d2, a2)], acc, True, True)
+    gw, gb = kernels.linear_param_grads([(d, a), (d2, a2)], acc, True, True)
     assert gw.data_ptr() == acc.data_ptr()  # added in place
     close(gw, ref + acc0.double())
     close(gb, d.double().sum(0))
 
 
-def test_thin_kernels_name_bad_operands(bk):
+def test_thin_kernels_name_bad_operands(kernels):
     with pytest.raises(RuntimeError, match="1 to 16 rows"):
-        bk.ext.thin_linear(torch.randn(3, 5), torch.randn(17, 5), None)
+        kernels.ext.thin_linear(torch.randn(3, 5), torch.randn(17, 5), None)
     with pytest.raises(RuntimeError, match="d \\(N, K\\) and W \\(K, in\\)"):
-        bk.ext.thin_input_grad(torch.randn(3, 4), torch.randn(5, 7))
+        kernels.ext.thin_input_grad(torch.randn(3, 4), torch.randn(5, 7))
     with pytest.raises(RuntimeError, match="acc must be"):
-        bk.ext.thin_weight_grad([torch.randn(3, 4)], [torch.randn(3, 5)], torch.randn(4, 6),
+        kernels.ext.thin_weight_grad([torch.randn(3, 4)], [torch.randn(3, 5)], torch.randn(4, 6),
                                 False)
 
 
 @pytest.mark.parametrize("need_w, need_b", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("n, out_f, in_f", [(3, 29, 37), (64, 512, 784), (131, 300, 97)])
-def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(bk, need_w, need_b, n, out_f,
+def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(kernels, need_w, need_b, n, out_f,
                                                              in_f):
     """(Σ dᵀa (+ acc), Σ_n z̄) on both backends, the oneDNN path taking the bias sum from
     the transposing sweep."""
     pairs = [(torch.randn(n, out_f), torch.randn(n, in_f)) for _ in range(2)]
     ref_w = sum(d.double().t() @ a.double() for d, a in pairs)
-    for backend in (bk, REF):
+    for backend in (kernels, REF):
         for acc in (None, torch.randn(out_f, in_f)):
             if acc is not None and not need_w:
                 continue
@@ -163,31 +164,31 @@ def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(bk, need_w, need_b,
                 assert gb is None
 
 
-def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(bk):
+def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(kernels):
     """keep_delta gives δᵀ (a new buffer: δ itself can go) where oneDNN's product copies δ
     transposed anyway, δ as it is elsewhere; every weight product reads the kept form."""
     from gradreg_kernels.backend_protocol import TransposedDelta
 
     d, a, a2 = torch.randn(300, 200), torch.randn(300, 301), torch.randn(300, 301)
-    kept = bk.keep_delta(d, 301)
+    kept = kernels.keep_delta(d, 301)
     assert isinstance(kept, TransposedDelta) and kept.t.is_contiguous()
     assert kept.t._base is None and kept.t.data_ptr() != d.data_ptr()
-    assert bk.keep_delta(d, 150) is d                       # δ wider than the input
-    assert bk.keep_delta(torch.randn(300, 16), 301).shape == (300, 16)  # thin layer
-    assert bk.keep_delta(torch.randn(2, 200), 301).shape == (2, 200)    # small product
+    assert kernels.keep_delta(d, 150) is d                       # δ wider than the input
+    assert kernels.keep_delta(torch.randn(300, 16), 301).shape == (300, 16)  # thin layer
+    assert kernels.keep_delta(torch.randn(2, 200), 301).shape == (2, 200)    # small product
     ref = d.double().t() @ a.double()
-    close(bk.linear_weight_grad([(kept, a)]), ref)
+    close(kernels.linear_weight_grad([(kept, a)]), ref)
     acc0 = torch.randn(200, 301)
-    close(bk.linear_weight_grad([(kept, a)], acc=acc0.clone()), ref + acc0.double())
+    close(kernels.linear_weight_grad([(kept, a)], acc=acc0.clone()), ref + acc0.double())
     ref2 = ref + d.double().t() @ a2.double()
-    close(bk.linear_weight_grad([(kept, a), (d, a2)]), ref2)
-    gw, gb = bk.linear_param_grads([(kept, a)], None, True, True)
+    close(kernels.linear_weight_grad([(kept, a), (d, a2)]), ref2)
+    gw, gb = kernels.linear_param_grads([(kept, a)], None, True, True)
     close(gw, ref)
     close(gb, d.double().sum(0))
 
 
 @pytest.mark.parametrize("keep_saved", [False, True])
-def test_step_with_kept_deltas_matches_float64_oracle(bk, keep_saved):
+def test_step_with_kept_deltas_matches_float64_oracle(kernels, keep_saved):
     """An MLP whose dᵀr terms run in pass 3 from the kept δᵀ (B = 300; λ large enough that the
     penalty's terms carry the gradient): against the float64 oracle; under keep_saved a
     second backward adds the same gradients again."""
@@ -209,12 +210,12 @@ def test_step_with_kept_deltas_matches_float64_oracle(bk, keep_saved):
 
 
 @pytest.mark.parametrize("c", [1, 15, 16, 45, 512])
-def test_transpose_cat(bk, c):
+def test_transpose_cat(kernels, c):
     """Exact, with 16 × 16 register tiles and the edges element by element; the column sums
     of the first operand (the bias gradient) on the side."""
     parts = [torch.randn(n, c) for n in (3, 70, 1, 32)]
-    assert torch.equal(bk.ext.transpose_cat(parts), torch.cat(parts).t())
-    out, sums = bk.ext.transpose_cat_sum(parts[1:])
+    assert torch.equal(kernels.ext.transpose_cat(parts), torch.cat(parts).t())
+    out, sums = kernels.ext.transpose_cat_sum(parts[1:])
     assert torch.equal(out, torch.cat(parts[1:]).t())
     close(sums, parts[1].double().sum(0))
 
@@ -233,7 +234,7 @@ FROM_INPUT = {("softplus", 1.5, 4.0), ("gelu",), ("gelu_tanh",), ("silu",), ("mi
 
 
 @pytest.mark.parametrize("act", ACTS, ids=["-".join(map(str, a)) for a in ACTS])
-def test_activation_steps(bk, act):
+def test_activation_steps(kernels, act):
     spec = spec_by_name(*act)
     z = torch.randn(3, 41, 7) * 3
     # kinks, tails, both sides of softplus' linear region and where 1 − e^{−βy} cancels
@@ -242,7 +243,7 @@ def test_activation_steps(bk, act):
     d, r, u, s0 = (torch.randn_like(z) for _ in range(4))
     # every output against float64, allowed a few times the portable float32 error
     z64 = z.double()
-    y, saved = bk.act_forward(spec, z)
+    y, saved = kernels.act_forward(spec, z)
     y_ref, saved_ref = REF.act_forward(spec, z)
     y64, saved64 = REF.act_forward(spec, z64)
 
@@ -257,9 +258,9 @@ def test_activation_steps(bk, act):
         assert isinstance(saved, _SmoothState) and saved.from_output and saved.tensor is y
     if act in FROM_INPUT:  # the state is z itself (σ', σ'' recomputed from it), one buffer
         assert isinstance(saved, _SmoothState) and not saved.from_output and saved.tensor is z
-    check(bk.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d),
+    check(kernels.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d),
           REF.act_chain(spec, saved64, d.double()))
-    out, s = bk.act_tangent(spec, saved, r, u)
+    out, s = kernels.act_tangent(spec, saved, r, u)
     out_ref, s_ref = REF.act_tangent(spec, saved_ref, r, u)
     out64, s64 = REF.act_tangent(spec, saved64, r.double(), u.double())
     check(out, out_ref, out64)
@@ -267,21 +268,21 @@ def test_activation_steps(bk, act):
     if s is not None:
         check(s, s_ref, s64)
     s_in = s0 if spec.smooth else None
-    check(bk.act_backward(spec, saved, d, s_in), REF.act_backward(spec, saved_ref, d, s_in),
+    check(kernels.act_backward(spec, saved, d, s_in), REF.act_backward(spec, saved_ref, d, s_in),
           REF.act_backward(spec, saved64, d.double(), None if s_in is None else s_in.double()))
 
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "mish", "hardswish"])
-def test_smooth_derivatives_on_a_dense_grid(bk, name):
+def test_smooth_derivatives_on_a_dense_grid(kernels, name):
     """σ, σ', σ'' at every float on a fine grid over [−12, 12] (the fitted Φ of GELU has two
     branches, |z| below and above √2): the worst error, relative to max(|value|, 1), within
     3e-7 (2.5 float32 ulps) or 1.5× that of the same formula in torch's float32 ops."""
     spec = spec_by_name(name)
     z = torch.linspace(-12.0, 12.0, 240_001)
-    y, saved = bk.act_forward(spec, z)
+    y, saved = kernels.act_forward(spec, z)
     ones = torch.ones_like(z)
-    d1 = bk.act_chain(spec, saved, ones)
-    _, d2 = bk.act_tangent(spec, saved, ones, ones)
+    d1 = kernels.act_chain(spec, saved, ones)
+    _, d2 = kernels.act_tangent(spec, saved, ones, ones)
     z64 = z.double()
     def worst(t: torch.Tensor, ref: torch.Tensor) -> float:
         return float(((t.double() - ref).abs() / ref.abs().clamp_min(1.0)).max())
@@ -297,70 +298,70 @@ def test_smooth_derivatives_on_a_dense_grid(bk, name):
         assert ((y[tail].double() - ref).abs() <= 1e-4 * ref.abs()).all()
 
 
-def test_relu_saves_one_bit_per_element(bk):
+def test_relu_saves_one_bit_per_element(kernels):
     z = torch.randn(9, 131)
-    _, saved = bk.act_forward(spec_by_name("relu"), z)
+    _, saved = kernels.act_forward(spec_by_name("relu"), z)
     assert saved.bits.dtype == torch.uint8 and saved.bits.numel() == (z.numel() + 7) // 8
 
 
 # ---- dropout ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(1, 5), (7, 33), (3, 4, 5, 5)])
-def test_dropout_draws_torch_mask_and_stream(bk, shape):
+def test_dropout_draws_torch_mask_and_stream(kernels, shape):
     a, t = torch.randn(shape), torch.randn(shape)
     torch.manual_seed(11)
-    y, saved = bk.dropout_forward(a, 0.4)
+    y, saved = kernels.dropout_forward(a, 0.4)
     after = torch.rand(3)
     torch.manual_seed(11)
     y_ref, saved_ref = REF.dropout_forward(a, 0.4)
     after_ref = torch.rand(3)
     close(y, y_ref, 1e-7)
-    close(bk.dropout_apply(saved, t), REF.dropout_apply(saved_ref, t), 1e-7)
+    close(kernels.dropout_apply(saved, t), REF.dropout_apply(saved_ref, t), 1e-7)
     assert torch.equal(after, after_ref)
 
 
 # ---- heads ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("n,k", [(1, 2), (3, 10), (65, 7)])
-def test_softmax_head_and_hvp(bk, uniform, n, k):
+def test_softmax_head_and_hvp(kernels, uniform, n, k):
     z, t = torch.randn(n, k) * 4, torch.randn(n, k)
     y = torch.randint(0, k, (n,))
-    got = bk.softmax_head(z, y, uniform)
+    got = kernels.softmax_head(z, y, uniform)
     want = REF.softmax_head(z, y, uniform)
     for g, w in zip(got, want, strict=True):
         close(g, w)
-    close(bk.softmax_hvp(got[1], t), REF.softmax_hvp(want[1], t))
+    close(kernels.softmax_hvp(got[1], t), REF.softmax_hvp(want[1], t))
 
 
 # ---- pooling ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [(2, 2, 0, 1, False), (2, 2, 0, 1, True), (3, 2, 1, 1, True),
                                   (2, 1, 0, 2, False)])
-def test_max_pool_gather_scatter(bk, args):
+def test_max_pool_gather_scatter(kernels, args):
     a = torch.randn(3, 5, 11, 9)
     a[0, 0] = torch.randint(0, 3, (11, 9)).float()  # ties: the first maximum wins
     a[1, 2, 3:6, 2:5] = float("nan")  # NaN wins, as in torch
-    y, idx = bk.max_pool2d(a, *args)
+    y, idx = kernels.max_pool2d(a, *args)
     y_ref, idx_ref = REF.max_pool2d(a, *args)
     assert torch.allclose(y, y_ref, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(idx, idx_ref)
     r, d = torch.randn_like(a), torch.randn_like(y)
-    close(bk.pool_gather(r, idx), REF.pool_gather(r, idx), 1e-12)
-    close(bk.pool_scatter(d, idx, a.shape), REF.pool_scatter(d, idx, a.shape), 1e-6)
+    close(kernels.pool_gather(r, idx), REF.pool_gather(r, idx), 1e-12)
+    close(kernels.pool_scatter(d, idx, a.shape), REF.pool_scatter(d, idx, a.shape), 1e-6)
 
 
 # ---- train-mode batch norm --------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(5, 7), (3, 6, 5, 4), (1, 3, 9, 7)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_batchnorm_steps(bk, shape, affine):
+def test_batchnorm_steps(kernels, shape, affine):
     a = torch.randn(shape) * 2 + 1
     c = shape[1]
     gamma, beta = (torch.randn(c), torch.randn(c)) if affine else (None, None)
-    got = bk.bn_train_forward(a, gamma, beta, 1e-5)
+    got = kernels.bn_train_forward(a, gamma, beta, 1e-5)
     want = REF.bn_train_forward(a, gamma, beta, 1e-5)
     for g, w in zip(got, want, strict=True):
         close(g, w, 1e-5)
     xhat, inv_std = want[1], want[2]
     d, r = torch.randn(shape), torch.randn(shape)
-    pd, mxd = bk.bn_project(d, xhat)
+    pd, mxd = kernels.bn_project(d, xhat)
     pd_ref, mxd_ref = REF.bn_project(d, xhat)
     close(pd, pd_ref, 1e-5)
     close(mxd, mxd_ref, 1e-5)
@@ -368,55 +369,55 @@ def test_batchnorm_steps(bk, shape, affine):
     # the fused per-pass kernels (the tangent's includes the second-order term s) against
     # the portable composition of the steps
     k = (gamma_c * inv_std).reshape(-1).expand(c).contiguous()
-    out, saved, means = bk.bn_chain(d, xhat, k)
+    out, saved, means = kernels.bn_chain(d, xhat, k)
     out_ref, saved_ref, means_ref = REF.bn_chain(d, xhat, k)
     close(out, out_ref, 1e-5)
     for m, m_ref in zip(means, means_ref, strict=True):
         close(m, m_ref, 1e-5)
     tangent_ref = REF.bn_tangent(saved_ref, r, xhat, k, inv_std, gamma_c)
-    for g, w in zip(bk.bn_tangent(saved, r, xhat, k, inv_std, gamma_c), tangent_ref,
+    for g, w in zip(kernels.bn_tangent(saved, r, xhat, k, inv_std, gamma_c), tangent_ref,
                     strict=True):
         close(g, w, 1e-5)
     s_ref = tangent_ref[1]  # the second-order term, the backward's extra input
     abar = torch.randn(shape)
     for extra in (None, s_ref):
-        for g, w in zip(bk.bn_backward(abar, xhat, k, extra),
+        for g, w in zip(kernels.bn_backward(abar, xhat, k, extra),
                         REF.bn_backward(abar, xhat, k, extra), strict=True):
             close(g, w, 1e-5)
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (3, 6, 5, 4), (1, 3, 9, 7)])
-def test_batchnorm_without_affine_keeps_one_tensor(bk, shape):
+def test_batchnorm_without_affine_keeps_one_tensor(kernels, shape):
     """Without γ, β the output y is x̂ itself, not an equal second tensor."""
-    y, xhat, *_ = bk.bn_train_forward(torch.randn(shape), None, None, 1e-5)
+    y, xhat, *_ = kernels.bn_train_forward(torch.randn(shape), None, None, 1e-5)
     assert y is xhat
-    y, xhat, *_ = bk.bn_train_forward(torch.randn(shape), torch.randn(shape[1]), None, 1e-5)
+    y, xhat, *_ = kernels.bn_train_forward(torch.randn(shape), torch.randn(shape[1]), None, 1e-5)
     assert y.data_ptr() != xhat.data_ptr()
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (3, 6, 5, 4), (1, 3, 9, 7), (3001, 13), (2, 5, 1)])
-def test_channel_dot(bk, shape):
+def test_channel_dot(kernels, shape):
     """Σ a ⊙ b per channel of (N, C, ...) operands; (R, C) ones (a LayerNorm's features)
     take the row sweep, with enough rows for every thread to hold a partial sum."""
     a, b = torch.randn(shape) * 3, torch.randn(shape)
     want = (a.double() * b.double()).sum(dim=[0] + list(range(2, a.dim())))
-    close(bk.channel_dot(a, b), want.float(), 1e-6)
+    close(kernels.channel_dot(a, b), want.float(), 1e-6)
     close(REF.channel_dot(a, b), want.float(), 1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 7, 65537, 200003])
-def test_whole_tensor_reductions(bk, n):
+def test_whole_tensor_reductions(kernels, n):
     """The penalty's Σ g² and the input's finite check, over one chunk and over several."""
     t = torch.randn(n) * 3
-    total, seed = bk.penalty_terms(t, None)
+    total, seed = kernels.penalty_terms(t, None)
     close(total, (t.double() ** 2).sum().float(), 1e-6)
     assert seed is t
-    assert bk.all_finite(t)
+    assert kernels.all_finite(t)
     for bad in (math.nan, math.inf, -math.inf):
         t2 = t.clone()
         t2[n // 2] = bad
-        assert not bk.all_finite(t2)
-    assert bk.all_finite(torch.full((n,), 3e38))  # its sum overflows; every value is finite
+        assert not kernels.all_finite(t2)
+    assert kernels.all_finite(torch.full((n,), 3e38))  # its sum overflows; every value is finite
 
 
 # ---- convolutions -----------------------------------------------------------------------------
@@ -430,13 +431,13 @@ def test_whole_tensor_reductions(bk, n):
     (3, 16, 32, 32, 32, 1, 2, 0, 1),  # strided 1×1 (ResNet shortcut): product to every 2nd pixel
     (2, 5, 9, 8, 7, 1, 3, 0, 1),      # strided 1×1 with rows and columns dropped
 ])
-def test_conv_input_grad(bk, geom):
+def test_conv_input_grad(kernels, geom):
     n, c, h, w_, o, k, s, p, dil = geom
     w = torch.randn(o, c, k, k)
     y_shape = F.conv2d(torch.zeros(n, c, h, w_), w, None, s, p, dil).shape
     d = torch.randn(y_shape)
     g = ((s, s), (p, p), (dil, dil), 1)
-    got = bk.conv2d_input_grad(d, w, (n, c, h, w_), g)
+    got = kernels.conv2d_input_grad(d, w, (n, c, h, w_), g)
     close(got, REF.conv2d_input_grad(d.double(), w.double(), (n, c, h, w_), g), 1e-6)
 
 
@@ -488,14 +489,14 @@ def test_full_step_matches_float64_oracle(b, kind, head, value_weight):
     assert _global_rel(got, want) < 1e-4
 
 
-def test_auto_picks_cpu_backend_on_cpu_tensors(bk):
+def test_auto_picks_cpu_backend_on_cpu_tensors(kernels):
     assert get_backend("auto", torch.device("cpu")).name == "cpu"
     model = nn.Sequential(nn.Linear(4, 3))
     out = gradreg_loss(model, torch.randn(2, 4), torch.tensor([0, 2]), lam=1.0)
     assert out.backend == "cpu"
 
 
-def test_environment_switch_turns_the_backend_off(bk, monkeypatch):
+def test_environment_switch_turns_the_backend_off(kernels, monkeypatch):
     from gradreg_kernels.backends import cpu
 
     dev = torch.device("cpu")
@@ -509,7 +510,7 @@ def test_environment_switch_turns_the_backend_off(bk, monkeypatch):
     assert get_backend("auto", dev).name == "cpu"
 
 
-def test_float64_runs_the_portable_kernels(bk):
+def test_float64_runs_the_portable_kernels(kernels):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
@@ -526,8 +527,8 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_unchanged_source_is_never_rebuilt(bk, monkeypatch):
-    so = Path(bk.ext.__file__)
+def test_unchanged_source_is_never_rebuilt(kernels, monkeypatch):
+    so = Path(kernels.ext.__file__)
     mtime = so.stat().st_mtime_ns
 
     def no_build(*args, **kw):
@@ -549,10 +550,10 @@ def test_unchanged_source_is_never_rebuilt(bk, monkeypatch):
     assert so.stat().st_mtime_ns == mtime
 
 
-def test_two_processes_building_at_once_build_once(bk, tmp_path):
+def test_two_processes_building_at_once_build_once(kernels, tmp_path):
     # The real compiler is replaced by a slow stand-in that copies the built module, so
     # the test exercises the lock and the stamp, not the compiler.
-    real_so = Path(bk.ext.__file__)
+    real_so = Path(kernels.ext.__file__)
     log = tmp_path / "builds.log"
     code = f"""
         import shutil, time
@@ -593,11 +594,11 @@ def test_two_processes_building_at_once_build_once(bk, tmp_path):
     assert len(enters) == len(loads) == 2 and max(enters) < min(loads)
 
 
-def test_a_corrupted_cached_library_is_rebuilt(bk, tmp_path):
+def test_a_corrupted_cached_library_is_rebuilt(kernels, tmp_path):
     """A cache entry whose library was truncated after its build finished (loading it
     would crash the process with SIGBUS): the stamp's size and SHA-256 no longer match, and
     the next first use rebuilds it."""
-    real_so = Path(bk.ext.__file__)
+    real_so = Path(kernels.ext.__file__)
     cache = tmp_path / "cache"
     log = tmp_path / "builds.log"
     code = f"""
@@ -653,13 +654,13 @@ def test_no_compiler_gives_clear_error_and_portable_backend_works(tmp_path):
     assert res.stdout.strip() == "ok"
 
 
-def test_bad_operand_gives_clear_error(bk):
+def test_bad_operand_gives_clear_error(kernels):
     with pytest.raises(RuntimeError, match="float32"):
-        bk.ext.mask_forward(torch.randn(3, dtype=torch.float64), 0.0)
+        kernels.ext.mask_forward(torch.randn(3, dtype=torch.float64), 0.0)
     with pytest.raises(RuntimeError, match="bit mask"):
-        bk.ext.mask_apply(torch.zeros(1, dtype=torch.uint8), torch.randn(20), 1.0, 0.0)
+        kernels.ext.mask_apply(torch.zeros(1, dtype=torch.uint8), torch.randn(20), 1.0, 0.0)
     with pytest.raises(ValueError, match=r"y must lie in \[0, 3\).*y\[1\] = 3"):
-        bk.ext.softmax_head(torch.randn(2, 3), torch.tensor([0, 3]), False)
+        kernels.ext.softmax_head(torch.randn(2, 3), torch.tensor([0, 3]), False)
 
 
 def test_functional_dropout_unchanged_by_backend_mask():
@@ -684,7 +685,7 @@ def _fast_path_cnn():
 
 @pytest.mark.parametrize("value_weight", [1.0, 0.0])
 @pytest.mark.parametrize("b", [2, 37, 130])
-def test_fast_paths_match_float64_oracle(bk, b, value_weight):
+def test_fast_paths_match_float64_oracle(kernels, b, value_weight):
     torch.manual_seed(b)
     model = _fast_path_cnn()
     x, y = torch.randn(b, 1, 12, 12), torch.randint(0, 5, (b,))
@@ -704,7 +705,7 @@ def test_fast_paths_match_float64_oracle(bk, b, value_weight):
 
 @pytest.mark.parametrize("b", [1, 5, 129])
 @pytest.mark.parametrize("widths", [(37, 9), (37, 7, 16, 11)], ids=["logistic", "thin-hidden"])
-def test_thin_layers_in_the_fused_step(bk, b, widths):
+def test_thin_layers_in_the_fused_step(kernels, b, widths):
     """Layers with ≤ 16 outputs anywhere in the chain (a logistic regression; 7- and 16-wide
     hidden layers, whose dᵀr terms run in pass 3 or 4 by batch size), the input gradient
     asked for too: loss, every parameter gradient and x.grad against the float64 oracle."""
@@ -729,7 +730,7 @@ def test_thin_layers_in_the_fused_step(bk, b, widths):
 
 
 @pytest.mark.parametrize("b", [2, 130])  # the dᵀr term in pass 4 (b = 2) and in pass 3
-def test_keep_saved_backward_twice_on_the_fast_paths(bk, b):
+def test_keep_saved_backward_twice_on_the_fast_paths(kernels, b):
     """keep_saved=True: a second backward adds the same gradients again (float32 kernels)."""
     torch.manual_seed(b)
     model = _fast_path_cnn()

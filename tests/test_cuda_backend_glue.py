@@ -81,9 +81,9 @@ class StandInExtension:
 def backend(monkeypatch):
     monkeypatch.setattr(cuda_mod, "_stream", lambda t: 0)
     monkeypatch.setattr(cuda_mod, "_ok", lambda *ts: _ok_cpu(*ts))
-    bk = cuda_mod.CudaBackend.__new__(cuda_mod.CudaBackend)
-    bk.ext = StandInExtension()
-    return bk
+    kernels = cuda_mod.CudaBackend.__new__(cuda_mod.CudaBackend)
+    kernels.ext = StandInExtension()
+    return kernels
 
 
 def _ok_cpu(*ts):

@@ -330,9 +330,9 @@ def test_second_derivatives_on_the_cpu_kernels_match_float64(act, monkeypatch):
 
     if available() is not None:
         pytest.skip(f"cpu backend unavailable: {available()}")
-    bk = get_backend("cpu", torch.device("cpu"))
-    counting = _Counting(bk.ext)
-    monkeypatch.setattr(bk, "ext", counting)
+    kernels = get_backend("cpu", torch.device("cpu"))
+    counting = _Counting(kernels.ext)
+    monkeypatch.setattr(kernels, "ext", counting)
     args, ref = ACTS[act]
     g = torch.Generator().manual_seed(len(act))
     x, w, b = (torch.randn(*s, generator=g) for s in ((7, 9), (6, 9), (6,)))

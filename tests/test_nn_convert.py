@@ -191,16 +191,16 @@ def test_input_gradient_alone_makes_no_weight_product(monkeypatch):
     """Under autograd.grad(out, x) the drop-ins skip the weight-gradient products."""
     from gradreg_kernels import get_backend
 
-    bk = get_backend("torch", torch.device("cpu"))
+    kernels = get_backend("torch", torch.device("cpu"))
     calls = Counter()
     for name in ("linear_weight_grad", "conv2d_weight_grad"):
-        real = getattr(bk, name)
+        real = getattr(kernels, name)
 
         def counted(*args, _real=real, _name=name, **kw):
             calls[_name] += 1
             return _real(*args, **kw)
 
-        monkeypatch.setattr(bk, name, counted)
+        monkeypatch.setattr(kernels, name, counted)
     model = convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
                                   nn.Linear(3 * 5 * 5, 4)), backend="torch")
     x = torch.randn(3, 2, 7, 7, requires_grad=True)

@@ -47,11 +47,11 @@ def _same_values(y: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(map(str, k)))
 def test_activation_forward_maps_special_values_as_torch(kind, backend):
     spec = spec_by_name(*kind)
-    bk = get_backend(backend, torch.device("cpu"))
+    kernels = get_backend(backend, torch.device("cpu"))
     z = _specials()
     with torch.no_grad():
         ref = spec.value(z.clone())  # torch's own function
-    y, _ = bk.act_forward(spec, z.clone())
+    y, _ = kernels.act_forward(spec, z.clone())
     _same_values(y, ref)
 
 
@@ -68,15 +68,15 @@ def test_activation_derivatives_at_huge_values_are_torch_autograds(kind, backend
     1 − t² at 2e-17 instead of 0 makes z (1 − t²) huge at z = 1e10. Where torch's own double
     backward breaks down (Mish's σ'' is NaN above z = 100), σ'' is its limit 0."""
     spec = spec_by_name(*kind)
-    bk = get_backend(backend, torch.device("cpu"))
+    kernels = get_backend(backend, torch.device("cpu"))
     z = torch.tensor(HUGE * 3, dtype=torch.float32)
     d1, d2 = autograd_derivatives(spec, z)
-    _, saved = bk.act_forward(spec, z.clone())
+    _, saved = kernels.act_forward(spec, z.clone())
     ones = torch.ones_like(z)
-    chain = bk.act_chain(spec, saved, ones.clone())
+    chain = kernels.act_chain(spec, saved, ones.clone())
     _same_values(chain, d1)
     if spec.smooth:
-        _, s = bk.act_tangent(spec, saved, ones.clone(), ones.clone())
+        _, s = kernels.act_tangent(spec, saved, ones.clone(), ones.clone())
         if spec.name == "mish":
             broken = torch.isnan(d2) & (z >= 100)
             assert (s[broken] == 0).all()

@@ -69,11 +69,11 @@ def test_six_l_minus_one_products(counting, widths, act):
     x, y = torch.randn(batch, widths[0]), torch.randint(0, widths[-1], (batch,))
     out = gradreg_loss(model, x, y, 1.0, backend="counting")
     out.loss.backward()
-    bk = _INSTANCES["counting"]
+    kernels = _INSTANCES["counting"]
     units = [2 * batch * widths[i] * widths[i + 1] for i in range(n_layers)]
-    assert bk.flops == 6 * sum(units) - units[0]  # 6 units per layer, 5 for the first
-    assert bk.flops / (sum(units) / n_layers) == pytest.approx(6 * n_layers - 1, rel=0.5)
-    c = bk.calls
+    assert kernels.flops == 6 * sum(units) - units[0]  # 6 units per layer, 5 for the first
+    assert kernels.flops / (sum(units) / n_layers) == pytest.approx(6 * n_layers - 1, rel=0.5)
+    c = kernels.calls
     assert c["linear"] == 2 * n_layers  # pass 1 and pass 3
     assert c["linear_input_grad"] == 2 * n_layers - 1  # pass 2, and pass 4 minus the input
     assert c["linear_weight_grad"] == 2 * n_layers  # dᵀr in pass 3, z̄ᵀa in pass 4
@@ -113,7 +113,7 @@ def test_weight_gradient_terms_run_where_memory_is_lower(counting, batch, folded
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))  # 6144 / 3072 / 240
     x, y = torch.randn(batch, 64), torch.randint(0, 5, (batch,))
     gradreg_loss(model, x, y, 1.0, backend="counting").loss.backward()
-    bk = _INSTANCES["counting"]
-    assert bk.calls["linear_weight_grad"] == 2 + folded
+    kernels = _INSTANCES["counting"]
+    assert kernels.calls["linear_weight_grad"] == 2 + folded
     units = [2 * batch * 64 * 48, 2 * batch * 48 * 5]
-    assert bk.flops == 6 * sum(units) - units[0]
+    assert kernels.flops == 6 * sum(units) - units[0]

@@ -105,12 +105,12 @@ def save_with_act(ctx, tensors: tuple, act_saved: object) -> None:
         ctx.act_saved = act_saved
 
 
-def activate_and_save(ctx, bk, spec, z: Tensor, inputs: tuple) -> Tensor:
+def activate_and_save(ctx, kernels, spec, z: Tensor, inputs: tuple) -> Tensor:
     """σ(z) (z itself for spec None), saving ``inputs`` and what the activation keeps."""
     if spec is None:
         save_with_act(ctx, inputs, None)
         return z
-    y, act_saved = bk.act_forward(spec, z)
+    y, act_saved = kernels.act_forward(spec, z)
     save_with_act(ctx, inputs, act_saved)
     return y
 

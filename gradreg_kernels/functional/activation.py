@@ -35,21 +35,21 @@ Pullback = Callable[[Tensor, Sequence[Tensor | None], Sequence[bool]], Sequence[
 class ActivationGrad(Function):
     """dz = σ'(z) ⊙ dy, differentiable in dy and (for smooth σ) in what z was made from.
 
-    apply(dy, saved, spec, bk, pullback, *sources): ``saved`` is what ``bk.act_forward``
+    apply(dy, saved, spec, kernels, pullback, *sources): ``saved`` is what ``kernels.act_forward``
     kept (a mask or z itself, a constant here); ``sources`` are the tensors z was computed
     from, passed only so the second-order term σ''(z) ⊙ dy ⊙ g can reach them.
     """
 
     @staticmethod
-    def forward(ctx, dy: Tensor, saved, spec: ActivationSpec, bk, pullback: Pullback,
+    def forward(ctx, dy: Tensor, saved, spec: ActivationSpec, kernels, pullback: Pullback,
                 *sources: Tensor | None) -> Tensor:
-        record_inputs(ctx, dy, saved, spec, bk, pullback, *sources)
+        record_inputs(ctx, dy, saved, spec, kernels, pullback, *sources)
         ctx.n_src = len(sources)
-        ctx.spec, ctx.bk, ctx.pullback, ctx.saved = spec, bk, pullback, saved
+        ctx.spec, ctx.kernels, ctx.pullback, ctx.saved = spec, kernels, pullback, saved
         if spec.smooth:
             ctx.save_for_backward(dy, *sources)
         ctx.set_materialize_grads(False)
-        return bk.act_chain(spec, saved, dy)
+        return kernels.act_chain(spec, saved, dy)
 
     @staticmethod
     @last_differentiable
@@ -57,11 +57,11 @@ class ActivationGrad(Function):
         n_src = ctx.n_src
         if g is None:
             return (None,) * (5 + n_src)
-        spec, bk = ctx.spec, ctx.bk
+        spec, kernels = ctx.spec, ctx.kernels
         dy, src = None, ()
         if spec.smooth:
             dy, *src = ctx.saved_tensors
-        d_dy, s = bk.act_tangent(spec, ctx.saved, g, dy)
+        d_dy, s = kernels.act_tangent(spec, ctx.saved, g, dy)
         src_grads: Sequence[Tensor | None] = (None,) * n_src
         if s is not None:
             needs = [input_needed(ctx, 5 + i) for i in range(n_src)]
@@ -85,11 +85,12 @@ def _bias_pullback(dim: int) -> Pullback:
 
 class _BiasAct(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, b: Tensor | None, spec: ActivationSpec, bk, dim: int) -> Tensor:
-        record_inputs(ctx, x, b, spec, bk, dim)
+    def forward(ctx, x: Tensor, b: Tensor | None, spec: ActivationSpec, kernels,
+                dim: int) -> Tensor:
+        record_inputs(ctx, x, b, spec, kernels, dim)
         z = x if b is None else x + b.view(_bias_shape(b, x, dim))
-        y, saved = bk.act_forward(spec, z)
-        ctx.spec, ctx.bk, ctx.dim = spec, bk, dim
+        y, saved = kernels.act_forward(spec, z)
+        ctx.spec, ctx.kernels, ctx.dim = spec, kernels, dim
         save_with_act(ctx, (x, b), saved)
         ctx.set_materialize_grads(False)
         return y
@@ -99,7 +100,8 @@ class _BiasAct(Function):
         if dy is None:
             return None, None, None, None, None
         (x, b), act_saved = load_with_act(ctx, 2)
-        dz = apply(ActivationGrad, dy, act_saved, ctx.spec, ctx.bk, _bias_pullback(ctx.dim), x, b)
+        dz = apply(ActivationGrad, dy, act_saved, ctx.spec, ctx.kernels,
+                   _bias_pullback(ctx.dim), x, b)
         dims = [i for i in range(dz.dim()) if i != ctx.dim]
         db = dz.sum(dims) if b is not None and input_needed(ctx, 1) else None
         return dz, db, None, None, None

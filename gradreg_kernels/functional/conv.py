@@ -40,21 +40,21 @@ class Conv2dInputGrad(Function):
 
     @staticmethod
     def forward(ctx, d: Tensor, w: Tensor, in_shape: tuple[int, ...], geom: ConvGeom,
-                bk) -> Tensor:
-        record_inputs(ctx, d, w, in_shape, geom, bk)
-        ctx.geom, ctx.bk = geom, bk
+                kernels) -> Tensor:
+        record_inputs(ctx, d, w, in_shape, geom, kernels)
+        ctx.geom, ctx.kernels = geom, kernels
         ctx.save_for_backward(d, w)
         ctx.set_materialize_grads(False)
-        return bk.conv2d_input_grad(d, w, in_shape, geom)
+        return kernels.conv2d_input_grad(d, w, in_shape, geom)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
         if g is None:
             return None, None, None, None, None
         d, w = ctx.saved_tensors
-        geom, bk = ctx.geom, ctx.bk
-        gd = apply(Conv2dAct, g, w, None, geom, None, bk) if input_needed(ctx, 0) else None
-        gw = (apply(Conv2dWeightGrad, d, g, tuple(w.shape), geom, bk)
+        geom, kernels = ctx.geom, ctx.kernels
+        gd = apply(Conv2dAct, g, w, None, geom, None, kernels) if input_needed(ctx, 0) else None
+        gw = (apply(Conv2dWeightGrad, d, g, tuple(w.shape), geom, kernels)
               if input_needed(ctx, 1) else None)
         return gd, gw, None, None, None
 
@@ -64,31 +64,31 @@ class Conv2dWeightGrad(Function):
 
     @staticmethod
     def forward(ctx, d: Tensor, a: Tensor, w_shape: tuple[int, ...], geom: ConvGeom,
-                bk) -> Tensor:
-        record_inputs(ctx, d, a, w_shape, geom, bk)
-        ctx.geom, ctx.bk = geom, bk
+                kernels) -> Tensor:
+        record_inputs(ctx, d, a, w_shape, geom, kernels)
+        ctx.geom, ctx.kernels = geom, kernels
         ctx.save_for_backward(d, a)
         ctx.set_materialize_grads(False)
-        return bk.conv2d_weight_grad([(d, a)], _shape_only(d, w_shape), geom)
+        return kernels.conv2d_weight_grad([(d, a)], _shape_only(d, w_shape), geom)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
         if g is None:
             return None, None, None, None, None
         d, a = ctx.saved_tensors
-        geom, bk = ctx.geom, ctx.bk
-        gd = apply(Conv2dAct, a, g, None, geom, None, bk) if input_needed(ctx, 0) else None
-        ga = (apply(Conv2dInputGrad, d, g, tuple(a.shape), geom, bk)
+        geom, kernels = ctx.geom, ctx.kernels
+        gd = apply(Conv2dAct, a, g, None, geom, None, kernels) if input_needed(ctx, 0) else None
+        ga = (apply(Conv2dInputGrad, d, g, tuple(a.shape), geom, kernels)
               if input_needed(ctx, 1) else None)
         return gd, ga, None, None, None
 
 
-def _conv_pullback(bk, geom: ConvGeom):
+def _conv_pullback(kernels, geom: ConvGeom):
     """s at z = W ⋆ a + b ↦ (Wᵀ ⋆ s, G(s, a), Σ_{n,h,w} s) for (a, W, b)."""
     def pull(s: Tensor, src, needs):
         a, w, _ = src
-        return (bk.conv2d_input_grad(s, w, a.shape, geom) if needs[0] else None,
-                bk.conv2d_weight_grad([(s, a)], w, geom) if needs[1] else None,
+        return (kernels.conv2d_input_grad(s, w, a.shape, geom) if needs[0] else None,
+                kernels.conv2d_weight_grad([(s, a)], w, geom) if needs[1] else None,
                 s.sum((0, 2, 3)) if needs[2] else None)
     return pull
 
@@ -98,24 +98,25 @@ class Conv2dAct(Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeom,
-                spec: ActivationSpec | None, bk) -> Tensor:
-        record_inputs(ctx, a, w, b, geom, spec, bk)
-        ctx.geom, ctx.spec, ctx.bk = geom, spec, bk
+                spec: ActivationSpec | None, kernels) -> Tensor:
+        record_inputs(ctx, a, w, b, geom, spec, kernels)
+        ctx.geom, ctx.spec, ctx.kernels = geom, spec, kernels
         ctx.set_materialize_grads(False)
-        return activate_and_save(ctx, bk, spec, bk.conv2d(a, w, b, geom), (a, w, b))
+        return activate_and_save(ctx, kernels, spec, kernels.conv2d(a, w, b, geom), (a, w, b))
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
             return (None,) * 6
         (a, w, b), act_saved = load_with_act(ctx, 3)
-        geom, spec, bk = ctx.geom, ctx.spec, ctx.bk
+        geom, spec, kernels = ctx.geom, ctx.spec, ctx.kernels
         dz = dy
         if spec is not None:
-            dz = apply(ActivationGrad, dy, act_saved, spec, bk, _conv_pullback(bk, geom), a, w, b)
-        da = (apply(Conv2dInputGrad, dz, w, tuple(a.shape), geom, bk)
+            dz = apply(ActivationGrad, dy, act_saved, spec, kernels,
+                       _conv_pullback(kernels, geom), a, w, b)
+        da = (apply(Conv2dInputGrad, dz, w, tuple(a.shape), geom, kernels)
               if input_needed(ctx, 0) else None)
-        dw = (apply(Conv2dWeightGrad, dz, a, tuple(w.shape), geom, bk)
+        dw = (apply(Conv2dWeightGrad, dz, a, tuple(w.shape), geom, kernels)
               if input_needed(ctx, 1) else None)
         db = dz.sum((0, 2, 3)) if b is not None and input_needed(ctx, 2) else None
         return da, dw, db, None, None, None

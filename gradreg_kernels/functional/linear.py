@@ -32,20 +32,20 @@ class LinearInputGrad(Function):
     """d W: (N, out), (out, in) → (N, in)."""
 
     @staticmethod
-    def forward(ctx, d: Tensor, w: Tensor, bk) -> Tensor:
-        record_inputs(ctx, d, w, bk)
-        ctx.bk = bk
+    def forward(ctx, d: Tensor, w: Tensor, kernels) -> Tensor:
+        record_inputs(ctx, d, w, kernels)
+        ctx.kernels = kernels
         ctx.save_for_backward(d, w)
         ctx.set_materialize_grads(False)
-        return bk.linear_input_grad(d, w)
+        return kernels.linear_input_grad(d, w)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
         if g is None:
             return None, None, None
         d, w = ctx.saved_tensors
-        gd = apply(LinearAct, g, w, None, None, ctx.bk) if input_needed(ctx, 0) else None
-        gw = apply(LinearWeightGrad, d, g, ctx.bk) if input_needed(ctx, 1) else None
+        gd = apply(LinearAct, g, w, None, None, ctx.kernels) if input_needed(ctx, 0) else None
+        gw = apply(LinearWeightGrad, d, g, ctx.kernels) if input_needed(ctx, 1) else None
         return gd, gw, None
 
 
@@ -53,29 +53,29 @@ class LinearWeightGrad(Function):
     """dᵀ a: (N, out), (N, in) → (out, in)."""
 
     @staticmethod
-    def forward(ctx, d: Tensor, a: Tensor, bk) -> Tensor:
-        record_inputs(ctx, d, a, bk)
-        ctx.bk = bk
+    def forward(ctx, d: Tensor, a: Tensor, kernels) -> Tensor:
+        record_inputs(ctx, d, a, kernels)
+        ctx.kernels = kernels
         ctx.save_for_backward(d, a)
         ctx.set_materialize_grads(False)
-        return bk.linear_weight_grad([(d, a)])
+        return kernels.linear_weight_grad([(d, a)])
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
         if g is None:
             return None, None, None
         d, a = ctx.saved_tensors
-        gd = apply(LinearAct, a, g, None, None, ctx.bk) if input_needed(ctx, 0) else None
-        ga = apply(LinearInputGrad, d, g, ctx.bk) if input_needed(ctx, 1) else None
+        gd = apply(LinearAct, a, g, None, None, ctx.kernels) if input_needed(ctx, 0) else None
+        ga = apply(LinearInputGrad, d, g, ctx.kernels) if input_needed(ctx, 1) else None
         return gd, ga, None
 
 
-def _linear_pullback(bk):
+def _linear_pullback(kernels):
     """s at z = a Wᵀ + b ↦ (s W, sᵀ a, Σ_n s) for (a, W, b)."""
     def pull(s: Tensor, src, needs):
         a, w, _ = src
-        gw, gb = bk.linear_param_grads([(s, a)], None, needs[1], needs[2])
-        return (bk.linear_input_grad(s, w) if needs[0] else None), gw, gb
+        gw, gb = kernels.linear_param_grads([(s, a)], None, needs[1], needs[2])
+        return (kernels.linear_input_grad(s, w) if needs[0] else None), gw, gb
     return pull
 
 
@@ -84,23 +84,24 @@ class LinearAct(Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, w: Tensor, b: Tensor | None, spec: ActivationSpec | None,
-                bk) -> Tensor:
-        record_inputs(ctx, a, w, b, spec, bk)
-        ctx.spec, ctx.bk = spec, bk
+                kernels) -> Tensor:
+        record_inputs(ctx, a, w, b, spec, kernels)
+        ctx.spec, ctx.kernels = spec, kernels
         ctx.set_materialize_grads(False)
-        return activate_and_save(ctx, bk, spec, bk.linear(a, w, b), (a, w, b))
+        return activate_and_save(ctx, kernels, spec, kernels.linear(a, w, b), (a, w, b))
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
             return None, None, None, None, None
         (a, w, b), act_saved = load_with_act(ctx, 3)
-        bk, spec = ctx.bk, ctx.spec
+        kernels, spec = ctx.kernels, ctx.spec
         dz = dy
         if spec is not None:
-            dz = apply(ActivationGrad, dy, act_saved, spec, bk, _linear_pullback(bk), a, w, b)
-        da = apply(LinearInputGrad, dz, w, bk) if input_needed(ctx, 0) else None
-        dw = apply(LinearWeightGrad, dz, a, bk) if input_needed(ctx, 1) else None
+            dz = apply(ActivationGrad, dy, act_saved, spec, kernels,
+                       _linear_pullback(kernels), a, w, b)
+        da = apply(LinearInputGrad, dz, w, kernels) if input_needed(ctx, 0) else None
+        dw = apply(LinearWeightGrad, dz, a, kernels) if input_needed(ctx, 1) else None
         db = dz.sum(0) if b is not None and input_needed(ctx, 2) else None
         return da, dw, db, None, None
 
@@ -121,7 +122,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                          f"{tuple(x.shape)}")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
-    bk = resolve_backend(backend, x.device)
+    kernels = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
-    y = apply(LinearAct, x.reshape(-1, in_f), weight, bias, spec, bk)
+    y = apply(LinearAct, x.reshape(-1, in_f), weight, bias, spec, kernels)
     return y.view(*lead, out_f)

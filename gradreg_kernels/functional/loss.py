@@ -27,9 +27,9 @@ class SoftmaxCEGrad(Function):
     """(g, z) ↦ g[:, None] ⊙ (p − e_y); z is passed for its graph only (p is saved)."""
 
     @staticmethod
-    def forward(ctx, g: Tensor, z: Tensor, p: Tensor, y: Tensor, bk) -> Tensor:
-        record_inputs(ctx, g, z, p, y, bk)
-        ctx.bk = bk
+    def forward(ctx, g: Tensor, z: Tensor, p: Tensor, y: Tensor, kernels) -> Tensor:
+        record_inputs(ctx, g, z, p, y, kernels)
+        ctx.kernels = kernels
         q = _grad_at_logits(p, y)
         ctx.save_for_backward(g, p, q)
         ctx.set_materialize_grads(False)
@@ -42,7 +42,7 @@ class SoftmaxCEGrad(Function):
             return None, None, None, None, None
         g, p, q = ctx.saved_tensors
         d_g = (r * q).sum(1) if input_needed(ctx, 0) else None
-        d_z = ctx.bk.softmax_hvp(p, r) * g[:, None] if input_needed(ctx, 1) else None
+        d_z = ctx.kernels.softmax_hvp(p, r) * g[:, None] if input_needed(ctx, 1) else None
         return d_g, d_z, None, None, None
 
 
@@ -50,10 +50,10 @@ class SoftmaxCE(Function):
     """Per-example cross-entropy (N,) of logits z (N, K) and labels y (N,)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, y: Tensor, bk) -> Tensor:
-        record_inputs(ctx, z, y, bk)
-        ce, p = bk.softmax_ce(z, y)
-        ctx.p, ctx.y, ctx.bk = p, y, bk
+    def forward(ctx, z: Tensor, y: Tensor, kernels) -> Tensor:
+        record_inputs(ctx, z, y, kernels)
+        ce, p = kernels.softmax_ce(z, y)
+        ctx.p, ctx.y, ctx.kernels = p, y, kernels
         ctx.save_for_backward(z)
         ctx.set_materialize_grads(False)
         return ce
@@ -63,7 +63,7 @@ class SoftmaxCE(Function):
         if g is None or not input_needed(ctx, 0):
             return None, None, None
         (z,) = ctx.saved_tensors
-        return apply(SoftmaxCEGrad, g, z, ctx.p, ctx.y, ctx.bk), None, None
+        return apply(SoftmaxCEGrad, g, z, ctx.p, ctx.y, ctx.kernels), None, None
 
 
 def _capturing(t: Tensor) -> bool:

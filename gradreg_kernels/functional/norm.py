@@ -34,13 +34,13 @@ class BatchNormTrainGrad(Function):
 
     @staticmethod
     def forward(ctx, dy: Tensor, x: Tensor, gamma: Tensor | None, xhat: Tensor,
-                inv_std: Tensor, want: tuple[bool, bool, bool], bk):
-        record_inputs(ctx, dy, x, gamma, xhat, inv_std, want, bk)
-        ctx.bk = bk
+                inv_std: Tensor, want: tuple[bool, bool, bool], kernels):
+        record_inputs(ctx, dy, x, gamma, xhat, inv_std, want, kernels)
+        ctx.kernels = kernels
         gamma_c = channel_view(gamma, dy) if gamma is not None else dy.new_ones(())
         k = (gamma_c * inv_std).reshape(-1).expand(dy.shape[1]).contiguous()
         # k P dy and the channel means of dy and x̂ dy, in one fused sweep
-        dx, ctx.chain_saved, (mean_dy, mean_xdy) = bk.bn_chain(dy, xhat, k)
+        dx, ctx.chain_saved, (mean_dy, mean_xdy) = kernels.bn_chain(dy, xhat, k)
         n = dy.numel() // dy.shape[1]
         dgamma = mean_xdy * n if want[1] else None  # Σ dy x̂
         dbeta = mean_dy * n if want[2] else None  # Σ dy
@@ -52,13 +52,13 @@ class BatchNormTrainGrad(Function):
     @last_differentiable
     def backward(ctx, r: Tensor | None, g_gamma: Tensor | None, g_beta: Tensor | None):
         dy, gamma, xhat, inv_std, k = ctx.saved_tensors
-        bk = ctx.bk
+        kernels = ctx.kernels
         gamma_c = channel_view(gamma, dy) if gamma is not None else dy.new_ones(())
         need_dy, need_x, need_g = (input_needed(ctx, i) for i in range(3))
         d_dy = d_x = d_gamma = None
         if r is not None:
             # k P r, ∂/∂x ⟨dy, (γ/σ) P r⟩ and Σ dy P r / σ, fused (backend bn_tangent)
-            kpr, s, tan_gamma = bk.bn_tangent(ctx.chain_saved, r, xhat, k, inv_std, gamma_c)
+            kpr, s, tan_gamma = kernels.bn_tangent(ctx.chain_saved, r, xhat, k, inv_std, gamma_c)
             d_dy = kpr if need_dy else None
             d_x = s if need_x else None
             d_gamma = tan_gamma if need_g else None
@@ -67,7 +67,7 @@ class BatchNormTrainGrad(Function):
             if need_dy:
                 d_dy = xhat * gc if d_dy is None else d_dy.add_(xhat * gc)
             if need_x:
-                p, _ = bk.bn_project(dy * gc, xhat)
+                p, _ = kernels.bn_project(dy * gc, xhat)
                 d_x = inv_std * p if d_x is None else d_x.add_(inv_std * p)
         if g_beta is not None and need_dy:
             gb = channel_view(g_beta, dy).expand_as(dy)
@@ -79,10 +79,10 @@ class BatchNormTrain(Function):
     """y = γ x̂ + β with batch statistics; returns y, μ and the biased variance (constants)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, bk):
-        record_inputs(ctx, x, gamma, beta, eps, bk)
-        ctx.bk = bk
-        y, xhat, inv_std, mean, var = bk.bn_train_forward(x, gamma, beta, eps)
+    def forward(ctx, x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, kernels):
+        record_inputs(ctx, x, gamma, beta, eps, kernels)
+        ctx.kernels = kernels
+        y, xhat, inv_std, mean, var = kernels.bn_train_forward(x, gamma, beta, eps)
         ctx.save_for_backward(x, gamma)
         ctx.xhat, ctx.inv_std = xhat, inv_std
         ctx.mark_non_differentiable(mean, var)
@@ -96,7 +96,7 @@ class BatchNormTrain(Function):
         x, gamma = ctx.saved_tensors
         want = (input_needed(ctx, 0), input_needed(ctx, 1), input_needed(ctx, 2))
         dx, dgamma, dbeta = apply(BatchNormTrainGrad, dy, x, gamma, ctx.xhat, ctx.inv_std,
-                                                     want, ctx.bk)
+                                                     want, ctx.kernels)
         return dx, dgamma, dbeta, None, None
 
 
@@ -190,8 +190,8 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     if n <= 1:
         raise ValueError(f"batch_norm in training mode needs more than 1 value per channel, "
                          f"got input of shape {tuple(x.shape)}")
-    bk = resolve_backend(backend, x.device)
-    y, mean, var = apply(BatchNormTrain, x, weight, bias, float(eps), bk)
+    kernels = resolve_backend(backend, x.device)
+    y, mean, var = apply(BatchNormTrain, x, weight, bias, float(eps), kernels)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -21,42 +21,42 @@ class PoolGather(Function):
     """out[n, c, i] = r[n, c, idx[n, c, i]]."""
 
     @staticmethod
-    def forward(ctx, r: Tensor, idx: Tensor, bk) -> Tensor:
-        record_inputs(ctx, r, idx, bk)
-        ctx.idx, ctx.in_shape, ctx.bk = idx, tuple(r.shape), bk
+    def forward(ctx, r: Tensor, idx: Tensor, kernels) -> Tensor:
+        record_inputs(ctx, r, idx, kernels)
+        ctx.idx, ctx.in_shape, ctx.kernels = idx, tuple(r.shape), kernels
         ctx.set_materialize_grads(False)
-        return bk.pool_gather(r, idx)
+        return kernels.pool_gather(r, idx)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
         if g is None or not input_needed(ctx, 0):
             return None, None, None
-        return apply(PoolScatter, g, ctx.idx, ctx.in_shape, ctx.bk), None, None
+        return apply(PoolScatter, g, ctx.idx, ctx.in_shape, ctx.kernels), None, None
 
 
 class PoolScatter(Function):
     """The transpose of PoolGather: sums d into the input positions idx points to."""
 
     @staticmethod
-    def forward(ctx, d: Tensor, idx: Tensor, in_shape: Sequence[int], bk) -> Tensor:
-        record_inputs(ctx, d, idx, in_shape, bk)
-        ctx.idx, ctx.bk = idx, bk
+    def forward(ctx, d: Tensor, idx: Tensor, in_shape: Sequence[int], kernels) -> Tensor:
+        record_inputs(ctx, d, idx, in_shape, kernels)
+        ctx.idx, ctx.kernels = idx, kernels
         ctx.set_materialize_grads(False)
-        return bk.pool_scatter(d, idx, in_shape)
+        return kernels.pool_scatter(d, idx, in_shape)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
         if g is None or not input_needed(ctx, 0):
             return None, None, None, None
-        return apply(PoolGather, g, ctx.idx, ctx.bk), None, None, None
+        return apply(PoolGather, g, ctx.idx, ctx.kernels), None, None, None
 
 
 class MaxPool2d(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, args: tuple, bk) -> Tensor:
-        record_inputs(ctx, x, args, bk)
-        y, idx = bk.max_pool2d(x, *args)
-        ctx.idx, ctx.in_shape, ctx.bk = idx, tuple(x.shape), bk
+    def forward(ctx, x: Tensor, args: tuple, kernels) -> Tensor:
+        record_inputs(ctx, x, args, kernels)
+        y, idx = kernels.max_pool2d(x, *args)
+        ctx.idx, ctx.in_shape, ctx.kernels = idx, tuple(x.shape), kernels
         ctx.set_materialize_grads(False)
         return y
 
@@ -64,7 +64,7 @@ class MaxPool2d(Function):
     def backward(ctx, dy: Tensor | None):
         if dy is None or not input_needed(ctx, 0):
             return None, None, None
-        return apply(PoolScatter, dy, ctx.idx, ctx.in_shape, ctx.bk), None, None
+        return apply(PoolScatter, dy, ctx.idx, ctx.in_shape, ctx.kernels), None, None
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,

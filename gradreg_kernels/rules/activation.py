@@ -22,21 +22,21 @@ from .residual import SequenceRule
 
 
 class ActivationRule(Rule):
-    def __init__(self, module: nn.Module, spec: ActivationSpec, bk: Backend) -> None:
-        self.module, self.spec, self.bk = module, spec, bk
+    def __init__(self, module: nn.Module, spec: ActivationSpec, kernels: Backend) -> None:
+        self.module, self.spec, self.kernels = module, spec, kernels
         self.u = self.s = None
 
     def forward(self, a: Tensor) -> Tensor:
-        y, self.saved = self.bk.act_forward(self.spec, a)
+        y, self.saved = self.kernels.act_forward(self.spec, a)
         return y
 
     def chain(self, d: Tensor) -> Tensor:
         if self.spec.smooth:
             self.u = d
-        return self.bk.act_chain(self.spec, self.saved, d)
+        return self.kernels.act_chain(self.spec, self.saved, d)
 
     def tangent(self, r: Tensor) -> Tensor:
-        out, self.s = self.bk.act_tangent(self.spec, self.saved, r, self.u)
+        out, self.s = self.kernels.act_tangent(self.spec, self.saved, r, self.u)
         if not self.keep_saved:
             self.u = None
         return out
@@ -44,24 +44,25 @@ class ActivationRule(Rule):
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if not need_input_grad:
             return None
-        return self.bk.act_backward(self.spec, self.saved, abar, self.s)
+        return self.kernels.act_backward(self.spec, self.saved, abar, self.s)
 
 
 def with_act(m: nn.Module, make: Callable[[object], Rule]) -> Callable[[object], Rule]:
     """The layer's rule, then its fused activation's (a drop-in Linear / Conv2d with ``act``,
     read when the rules are made: a kept plan follows a changed ``act``)."""
 
-    def made(bk) -> Rule:
+    def made(kernels) -> Rule:
         spec = getattr(m, "act", None)
-        layer = make(bk)
-        return layer if spec is None else SequenceRule([layer, ActivationRule(m, spec, bk)], m)
+        layer = make(kernels)
+        return layer if spec is None else SequenceRule([layer, ActivationRule(m, spec, kernels)], m)
 
     return made
 
 
 #: every activation module type (each one's parameters are read when its rule is made)
 ACTIVATION_TYPES = MODULE_TYPES + (nn.ReLU6,)  # the table's, and ReLU6 (a Hardtanh)
-register_module(*ACTIVATION_TYPES)(lambda m: lambda bk: ActivationRule(m, activation_spec(m), bk))
+register_module(*ACTIVATION_TYPES)(
+    lambda m: lambda kernels: ActivationRule(m, activation_spec(m), kernels))
 
 
 def _no_inplace(ctor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -177,12 +177,12 @@ def _scalar_or_reason(v, what: str) -> str | None:
 def _linear_combination(a, b, ca: float, cb: float) -> Made | str:
     """c_a a + c_b b for tensors or numbers (a HostArg is a number known at run time)."""
     if isinstance(a, TensorArg) and isinstance(b, TensorArg):
-        return Made([a, b], lambda bk, resolve: SumRule((ca, cb)))
+        return Made([a, b], lambda kernels, resolve: SumRule((ca, cb)))
     t, c, other, co = (a, ca, b, cb) if isinstance(a, TensorArg) else (b, cb, a, ca)
     why = _scalar_or_reason(other, "adds")
     if why:
         return why
-    return Made([t], lambda bk, resolve: ScaleShiftRule(c, co * resolve(other)))
+    return Made([t], lambda kernels, resolve: ScaleShiftRule(c, co * resolve(other)))
 
 
 def _add(call: Call) -> Made | str:
@@ -206,10 +206,10 @@ def _rsub(call: Call) -> Made | str:  # torch.rsub(a, b) = b - a
 def _mul(call: Call) -> Made | str:
     a, b = call.args[:2]
     if isinstance(a, TensorArg) and isinstance(b, TensorArg):
-        return Made([a, b], lambda bk, resolve: ProductRule())
+        return Made([a, b], lambda kernels, resolve: ProductRule())
     t, c = (a, b) if isinstance(a, TensorArg) else (b, a)
     why = _scalar_or_reason(c, "multiplies by")
-    return why or Made([t], lambda bk, resolve: ScaleShiftRule(resolve(c)))
+    return why or Made([t], lambda kernels, resolve: ScaleShiftRule(resolve(c)))
 
 
 def _div(call: Call) -> Made | str:
@@ -219,15 +219,15 @@ def _div(call: Call) -> Made | str:
     if call.kwargs.get("rounding_mode") is not None:
         return "rounding_mode is not differentiable"
     why = _scalar_or_reason(b, "divides by")
-    return why or Made([a], lambda bk, resolve: ScaleShiftRule(1.0 / resolve(b)))
+    return why or Made([a], lambda kernels, resolve: ScaleShiftRule(1.0 / resolve(b)))
 
 
 def _neg(call: Call) -> Made | str:
-    return Made([call.args[0]], lambda bk, resolve: ScaleShiftRule(-1.0))
+    return Made([call.args[0]], lambda kernels, resolve: ScaleShiftRule(-1.0))
 
 
 def _pos(call: Call) -> Made | str:
-    return Made([call.args[0]], lambda bk, resolve: ScaleShiftRule(1.0))
+    return Made([call.args[0]], lambda kernels, resolve: ScaleShiftRule(1.0))
 
 
 def _cat(call: Call) -> Made | str:
@@ -239,8 +239,8 @@ def _cat(call: Call) -> Made | str:
     if not isinstance(dim, int):
         return "the dim must be a constant"
     if len(tensors) == 1:
-        return Made(list(tensors), lambda bk, resolve: ScaleShiftRule(1.0))
-    return Made(list(tensors), lambda bk, resolve: CatRule(dim))
+        return Made(list(tensors), lambda kernels, resolve: ScaleShiftRule(1.0))
+    return Made(list(tensors), lambda kernels, resolve: CatRule(dim))
 
 
 def _pieces(how: str):
@@ -256,7 +256,7 @@ def _pieces(how: str):
         if any(isinstance(v, TensorArg) for v in flat_args((spec, dim))):
             return f"{how} with sizes taken from a tensor's values"
         return Made([a], None, pieces=lambda i: Made(
-            [a], lambda bk, resolve: PieceRule(how, resolve(spec), resolve(dim), i),
+            [a], lambda kernels, resolve: PieceRule(how, resolve(spec), resolve(dim), i),
             aliases=True))
 
     return factory

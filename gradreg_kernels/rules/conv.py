@@ -40,8 +40,8 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 
 
 class Conv2dRule(Rule):
-    def __init__(self, module: nn.Conv2d, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.Conv2d, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         self.w, self.b = module.weight, module.bias
         self.geom = (tuple(module.stride), conv_padding(module), tuple(module.dilation),
                      module.groups)
@@ -52,29 +52,29 @@ class Conv2dRule(Rule):
         self.in_shape = a.shape
         if self.need_w:
             self.a = a
-        return self.bk.conv2d(a, self.w, self.b, self.geom)
+        return self.kernels.conv2d(a, self.w, self.b, self.geom)
 
     def chain(self, d: Tensor) -> Tensor:
         if self.need_w:
             self.d = d
-        return self.bk.conv2d_input_grad(d, self.w, self.in_shape, self.geom)
+        return self.kernels.conv2d_input_grad(d, self.w, self.in_shape, self.geom)
 
     def tangent(self, r: Tensor) -> Tensor:
         if self.need_w:
-            self.gw_tangent = self.bk.conv2d_weight_grad([(self.d, r)], self.w, self.geom)
+            self.gw_tangent = self.kernels.conv2d_weight_grad([(self.d, r)], self.w, self.geom)
             if not self.keep_saved:
                 self.d = None
-        return self.bk.conv2d(r, self.w, None, self.geom)
+        return self.kernels.conv2d(r, self.w, None, self.geom)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if self.need_w:
-            gw = self.bk.conv2d_weight_grad([(abar, self.a)], self.w, self.geom)
+            gw = self.kernels.conv2d_weight_grad([(abar, self.a)], self.w, self.geom)
             self.gw = self.add_tangent_term(gw)
         if wants_grad(self.b):
             self.gb = abar.sum((0, 2, 3))
         if not need_input_grad:
             return None
-        return self.bk.conv2d_input_grad(abar, self.w, self.in_shape, self.geom)
+        return self.kernels.conv2d_input_grad(abar, self.w, self.in_shape, self.geom)
 
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
@@ -85,8 +85,8 @@ class UnpaddedConv2dRule(Conv2dRule):
     """The convolution of a Conv2d whose padding runs as a rule of its own (padding_mode
     'reflect' / 'replicate': pad first, then convolve without padding, as torch does)."""
 
-    def __init__(self, module: nn.Conv2d, bk: Backend) -> None:
-        super().__init__(module, bk)
+    def __init__(self, module: nn.Conv2d, kernels: Backend) -> None:
+        super().__init__(module, kernels)
         stride, _, dilation, groups = self.geom
         self.geom = (stride, (0, 0), dilation, groups)
 
@@ -107,8 +107,8 @@ class Conv1dRule(Conv2dRule):
     the kernel (O, C/G, 1, K), stride (1, s), padding (0, p) and dilation (1, d); every pass
     of the 2-D rule unchanged, its weight gradient viewed back as (O, C/G, K)."""
 
-    def __init__(self, module: nn.Conv1d, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.Conv1d, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         self.w, self.b = module.weight.detach().unsqueeze(2), module.bias
         self.geom = ((1, module.stride[0]), (0, conv1d_padding(module)),
                      (1, module.dilation[0]), module.groups)
@@ -123,13 +123,13 @@ class Conv1dRule(Conv2dRule):
 def _conv2d(m: nn.Conv2d):
     if m.padding_mode in ("reflect", "replicate"):  # torch pads, then convolves unpadded
         pad = tuple(m._reversed_padding_repeated_twice)
-        return with_act(m, lambda bk: SequenceRule(
-            [IndexPadRule(m.padding_mode, pad), UnpaddedConv2dRule(m, bk)], m))
+        return with_act(m, lambda kernels: SequenceRule(
+            [IndexPadRule(m.padding_mode, pad), UnpaddedConv2dRule(m, kernels)], m))
     if m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r} (zeros, reflect and replicate run fused)"
     if conv_padding(m) is None:
         return "padding='same' with an even kernel extent needs asymmetric padding"
-    return with_act(m, lambda bk: Conv2dRule(m, bk))
+    return with_act(m, lambda kernels: Conv2dRule(m, kernels))
 
 
 def _conv1d(m: nn.Conv1d):
@@ -137,7 +137,7 @@ def _conv1d(m: nn.Conv1d):
         return f"padding_mode={m.padding_mode!r} (only 'zeros' runs fused)"
     if conv1d_padding(m) is None:
         return "padding='same' with an even kernel extent needs asymmetric padding"
-    return lambda bk: HeightOneRule(Conv1dRule(m, bk), m)
+    return lambda kernels: HeightOneRule(Conv1dRule(m, kernels), m)
 
 
 def _conv_options(m: nn.Module) -> tuple:

@@ -50,11 +50,11 @@ class ConvTranspose2dRule(Rule):
     Shapes: a, r (N, C, H, W); z, d, z̄ (N, O, H', W'); W (C, O/G, kH, kW); b (O,).
     """
 
-    def __init__(self, module: nn.ConvTranspose2d, bk: object) -> None:
+    def __init__(self, module: nn.ConvTranspose2d, kernels: object) -> None:
         reason = conv_transpose2d_unsupported(module)
         if reason is not None:
             raise ValueError(f"ConvTranspose2dRule: {reason}")
-        self.module, self.bk = module, bk
+        self.module, self.kernels = module, kernels
         self.w, self.b = module.weight, module.bias
         self.stride = tuple(int(s) for s in module.stride)
         self.padding = tuple(int(p) for p in module.padding)
@@ -119,7 +119,7 @@ class ConvTranspose2dRule(Rule):
 
 
 def _conv_transpose2d(m: nn.ConvTranspose2d):
-    return conv_transpose2d_unsupported(m) or (lambda bk: ConvTranspose2dRule(m, bk))
+    return conv_transpose2d_unsupported(m) or (lambda kernels: ConvTranspose2dRule(m, kernels))
 
 
 register_module(nn.ConvTranspose2d, options=lambda m: (m.padding_mode, m.padding))(

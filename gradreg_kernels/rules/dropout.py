@@ -23,18 +23,18 @@ FEATURE_DROPOUT_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 class DropoutRule(FixedLinearRule):
     """y = m ⊙ a: a fixed linear map once m is drawn, and its own transpose."""
 
-    def __init__(self, module: nn.Dropout, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.Dropout, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         self.active = module.training and module.p > 0
 
     def forward(self, a: Tensor) -> Tensor:
         if not self.active:
             return a
-        y, self.mask = self.bk.dropout_forward(a, float(self.module.p))
+        y, self.mask = self.kernels.dropout_forward(a, float(self.module.p))
         return y
 
     def _apply(self, t: Tensor) -> Tensor:
-        return self.bk.dropout_apply(self.mask, t) if self.active else t
+        return self.kernels.dropout_apply(self.mask, t) if self.active else t
 
     def _transpose(self, d: Tensor) -> Tensor:
         return self._apply(d)  # diag(m) is symmetric
@@ -43,8 +43,8 @@ class DropoutRule(FixedLinearRule):
 class FeatureDropoutRule(DropoutRule):
     """nn.Dropout1d/2d/3d: whole channels zeroed, y = a ⊙ m with m of shape (N, C, 1, ...)."""
 
-    def __init__(self, module: nn.Module, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.Module, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         self.rank = FEATURE_DROPOUT_RANK[type(module)]
         self.active = module.training and module.p > 0
 
@@ -64,9 +64,9 @@ class FeatureDropoutRule(DropoutRule):
         return t * self.mask if self.active else t
 
 
-register_module(nn.Dropout, aliases=True)(lambda m: lambda bk: DropoutRule(m, bk))
+register_module(nn.Dropout, aliases=True)(lambda m: lambda kernels: DropoutRule(m, kernels))
 register_module(*FEATURE_DROPOUT_RANK, aliases=True)(
-    lambda m: lambda bk: FeatureDropoutRule(m, bk))
+    lambda m: lambda kernels: FeatureDropoutRule(m, kernels))
 
 
 def _functional(cls: type[nn.Module]):

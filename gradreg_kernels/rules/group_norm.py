@@ -68,8 +68,8 @@ class _GroupStats(BatchNormTrainRule):
     """x̂ per channel of a (1, M, D) view: batch norm in train mode without affine or
     running statistics (a group of one value gives x̂ = 0, as torch's own norms do)."""
 
-    def __init__(self, eps: float, bk: Backend) -> None:
-        self.module, self.bk, self.eps = None, bk, eps
+    def __init__(self, eps: float, kernels: Backend) -> None:
+        self.module, self.kernels, self.eps = None, kernels, eps
         self.gamma = self.beta = self.tan_gamma = self.s = None
         #: set by the affine after this rule: keep the chain's δ for its γ term (``delta``)
         self.shares_delta = False
@@ -98,15 +98,15 @@ class _Affine(Rule):
     MIN_DIVISOR = 1e-12
 
     def __init__(self, module: nn.Module, along: _Along, stats: _GroupStats, view: _GroupView,
-                 bk: Backend) -> None:
-        self.module, self.along, self.bk = module, along, bk
+                 kernels: Backend) -> None:
+        self.module, self.along, self.kernels = module, along, kernels
         self.gamma, self.beta = module.weight, module.bias
         self.stats, self.view = stats, view
         self.u = self.d = self.tan_gamma = None
 
     def _dot(self, a: Tensor, b: Tensor) -> Tensor:
         """R(a ⊙ b), shaped like γ."""
-        return self.along.dot(self.bk, a, b, self.gamma)
+        return self.along.dot(self.kernels, a, b, self.gamma)
 
     def _divide_by_gamma(self) -> bool:
         g = self.gamma.detach()
@@ -162,8 +162,8 @@ def _channel_sum(t: Tensor, p: Tensor) -> Tensor:
     return channel_sum(t)
 
 
-def _channel_dot(bk, a: Tensor, b: Tensor, p: Tensor) -> Tensor:
-    return bk.channel_dot(a, b)
+def _channel_dot(kernels, a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    return kernels.channel_dot(a, b)
 
 
 def _trailing(p: Tensor, like: Tensor) -> Tensor:
@@ -174,16 +174,16 @@ def _leading_sum(t: Tensor, p: Tensor) -> Tensor:
     return t.sum(dim=list(range(t.dim() - p.dim()))) if t.dim() > p.dim() else t
 
 
-def _trailing_dot(bk, a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+def _trailing_dot(kernels, a: Tensor, b: Tensor, p: Tensor) -> Tensor:
     """R(a ⊙ b) over the leading dimensions: the (rows, features) view's column dots."""
     width = p.numel()
-    return bk.channel_dot(a.reshape(-1, width), b.reshape(-1, width)).view(p.shape)
+    return kernels.channel_dot(a.reshape(-1, width), b.reshape(-1, width)).view(p.shape)
 
 
 @dataclass(frozen=True)
 class _Along:
     """How an affine's γ, β (shape P) line up with its (N, ...) operands: ``shaped(p, t)``
-    broadcasts p against t, ``reduced(t, p)`` sums t back to P, ``dot(bk, a, b, p)`` is
+    broadcasts p against t, ``reduced(t, p)`` sums t back to P, ``dot(kernels, a, b, p)`` is
     reduced(a ⊙ b, p) without the a ⊙ b temporary."""
 
     shaped: Callable[[Tensor, Tensor], Tensor]
@@ -195,16 +195,16 @@ PER_CHANNEL = _Along(channel_view, _channel_sum, _channel_dot)  # GroupNorm, Ins
 TRAILING = _Along(_trailing, _leading_sum, _trailing_dot)  # LayerNorm
 
 
-def _normalized(module: nn.Module, view: _GroupView, along: _Along, eps: float, bk
+def _normalized(module: nn.Module, view: _GroupView, along: _Along, eps: float, kernels
                 ) -> SequenceRule:
-    stats = _GroupStats(eps, bk)
+    stats = _GroupStats(eps, kernels)
     rules: list[Rule] = [view, stats, _Ungroup(view)]
     if module.weight is not None or module.bias is not None:
-        rules.append(_Affine(module, along, stats, view, bk))
+        rules.append(_Affine(module, along, stats, view, kernels))
     return SequenceRule(rules, module)
 
 
-def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
+def group_norm_rule(module: nn.GroupNorm, kernels) -> SequenceRule:
     """The rule of nn.GroupNorm on (N, C, ...) inputs."""
     g, c = module.num_groups, module.num_channels
 
@@ -217,10 +217,10 @@ def group_norm_rule(module: nn.GroupNorm, bk) -> SequenceRule:
                              f"training, got input size {list(shape)}")
         return shape[0] * g
 
-    return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, kernels)
 
 
-def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> SequenceRule:
+def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, kernels) -> SequenceRule:
     """The rule of nn.InstanceNorm1d/2d with instance statistics only (track_running_stats
     False): GroupNorm with one group per channel, on batched (N, C, ...) inputs."""
     c = module.num_features
@@ -235,10 +235,10 @@ def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, bk) -> Seq
                              f"when training, got input size {list(shape)}")
         return shape[0] * c
 
-    return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), PER_CHANNEL, module.eps, kernels)
 
 
-def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
+def layer_norm_rule(module: nn.LayerNorm, kernels) -> SequenceRule:
     """The rule of nn.LayerNorm: each sample normalized over its trailing normalized_shape."""
     shape = tuple(module.normalized_shape)
     size = math.prod(shape)
@@ -249,16 +249,16 @@ def layer_norm_rule(module: nn.LayerNorm, bk) -> SequenceRule:
                              f"{', '.join(map(str, shape))}), got shape {in_shape}")
         return math.prod(in_shape) // size
 
-    return _normalized(module, _GroupView(groups_of), TRAILING, module.eps, bk)
+    return _normalized(module, _GroupView(groups_of), TRAILING, module.eps, kernels)
 
 
 def _instance_norm(m: nn.modules.instancenorm._InstanceNorm):
     if m.track_running_stats:
         return "track_running_stats=True (only instance statistics run fused)"
-    return lambda bk: instance_norm_rule(m, bk)
+    return lambda kernels: instance_norm_rule(m, kernels)
 
 
-register_module(nn.GroupNorm)(lambda m: lambda bk: group_norm_rule(m, bk))
-register_module(nn.LayerNorm)(lambda m: lambda bk: layer_norm_rule(m, bk))
+register_module(nn.GroupNorm)(lambda m: lambda kernels: group_norm_rule(m, kernels))
+register_module(nn.LayerNorm)(lambda m: lambda kernels: layer_norm_rule(m, kernels))
 register_module(nn.InstanceNorm1d, nn.InstanceNorm2d,
                 options=lambda m: m.track_running_stats)(_instance_norm)

@@ -77,20 +77,20 @@ class SoftmaxHead:
     name = "ce"
     uses_labels = True
 
-    def __init__(self, bk: Backend) -> None:
-        self.bk = bk
+    def __init__(self, kernels: Backend) -> None:
+        self.kernels = kernels
 
     def checks_own_labels(self, z: Tensor) -> bool:
         """Whether the backend's softmax head raises for a label outside [0, K) itself."""
-        return self.bk.head_checks_labels(z)
+        return self.kernels.head_checks_labels(z)
 
     def evaluate(self, z: Tensor, y: Tensor) -> HeadEval:
         _check_matrix_logits(self.name, z)
-        ce, self.p, data_grad, pen_grad = self.bk.softmax_head(z, y, self.uniform)
+        ce, self.p, data_grad, pen_grad = self.kernels.softmax_head(z, y, self.uniform)
         return HeadEval(ce, data_grad, pen_grad)
 
     def hvp(self, t: Tensor) -> Tensor | None:
-        return self.bk.softmax_hvp(self.p, t)
+        return self.kernels.softmax_hvp(self.p, t)
 
     def per_example(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logp = F.log_softmax(_f32(z), dim=1)
@@ -117,9 +117,10 @@ class WeightedSoftmaxHead:
     def checks_own_labels(self, z: Tensor) -> bool:
         return False
 
-    def __init__(self, bk: Backend, label_smoothing: float, weight: Tensor | None,
+    def __init__(self, kernels: Backend, label_smoothing: float, weight: Tensor | None,
                  uniform: bool = False) -> None:
-        self.bk, self.eps, self.weight, self.uniform = bk, label_smoothing, weight, uniform
+        self.kernels, self.eps = kernels, label_smoothing
+        self.weight, self.uniform = weight, uniform
         self.name = "logprob_sum" if uniform else "ce"
 
     def _a(self, y: Tensor, k: int, like: Tensor) -> Tensor:
@@ -153,7 +154,7 @@ class WeightedSoftmaxHead:
         return HeadEval(data, data_grad, pen_grad)
 
     def hvp(self, t: Tensor) -> Tensor | None:
-        ht = self.bk.softmax_hvp(self.p, t)
+        ht = self.kernels.softmax_hvp(self.p, t)
         return ht if self.s is None else ht * self.s
 
     def per_example(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,7 +168,7 @@ class OutputHead:
     name = "output"
     uses_labels = False
 
-    def __init__(self, bk=None) -> None:
+    def __init__(self, kernels=None) -> None:
         pass
 
     def evaluate(self, z: Tensor, y: Tensor | None) -> HeadEval:
@@ -191,8 +192,8 @@ class _TargetHead:
     name = ""
     uses_labels = False
 
-    def __init__(self, bk=None) -> None:
-        self.bk = bk
+    def __init__(self, kernels=None) -> None:
+        self.kernels = kernels
 
     def _targets(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if y.shape != z.shape:
@@ -204,7 +205,7 @@ class _TargetHead:
     def evaluate(self, z: Tensor, y: Tensor) -> HeadEval:
         zf, yf = self._targets(z, y)
         self.k = zf.shape[1]
-        data, grad, self.d2 = self.bk.target_head(self.name, zf, yf)
+        data, grad, self.d2 = self.kernels.target_head(self.name, zf, yf)
         grad = grad.view(z.shape)
         return HeadEval(data, grad, grad)
 
@@ -367,26 +368,26 @@ def validate_head(head, what: str = "head") -> None:
                         f"got {type(head).__name__}")
 
 
-def _one_head(head, bk, label_smoothing: float, class_weight: Tensor | None,
+def _one_head(head, kernels, label_smoothing: float, class_weight: Tensor | None,
               soft_targets: bool):
     validate_head(head)
     if not isinstance(head, str):
         return CallableHead(head)
     if head in CLASS_HEADS:
         if label_smoothing or class_weight is not None or soft_targets:
-            return WeightedSoftmaxHead(bk, label_smoothing, class_weight,
+            return WeightedSoftmaxHead(kernels, label_smoothing, class_weight,
                                        uniform=head == "logprob_sum")
-        return CEHead(bk) if head == "ce" else LogProbSumHead(bk)
-    return {"output": OutputHead, "mse": MSEHead, "bce": BCEHead}[head](bk)
+        return CEHead(kernels) if head == "ce" else LogProbSumHead(kernels)
+    return {"output": OutputHead, "mse": MSEHead, "bce": BCEHead}[head](kernels)
 
 
-def make_head(head, bk, data=None, label_smoothing: float = 0.0,
+def make_head(head, kernels, data=None, label_smoothing: float = 0.0,
               class_weight: Tensor | None = None, soft_targets: bool = False):
     """The head object for ``gradreg_loss``'s ``head=`` / ``data=`` and CE options."""
-    pen = _one_head(head, bk, label_smoothing, class_weight, soft_targets)
+    pen = _one_head(head, kernels, label_smoothing, class_weight, soft_targets)
     if data is None:
         return pen
-    return DataTermHead(pen, _one_head(data, bk, label_smoothing, class_weight,
+    return DataTermHead(pen, _one_head(data, kernels, label_smoothing, class_weight,
                                        soft_targets))
 
 

@@ -8,7 +8,7 @@ The two ΔW terms cost the same products either way; where they run is a memory 
   the tangent pass on, so that the product reads [a; r] without stacking it then);
 - from 2 N (in + out) ≥ in · out on: dᵀ r at once in pass 3, so d and r are released there
   and pass 4 adds z̄ᵀ a into it in place (``acc``; a copy of it under keep_saved). Pass 2
-  then keeps d in the form the backend's weight product reads (``bk.keep_delta``: the cpu
+  then keeps d in the form the backend's weight product reads (``kernels.keep_delta``: the cpu
   backend's transposed copy, made once the chain's product is done, instead of d and its
   copy side by side in pass 3, where the step's memory peaks).
 """
@@ -25,8 +25,8 @@ from .base import Rule, wants_grad
 
 
 class LinearRule(Rule):
-    def __init__(self, module: nn.Linear, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.Linear, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         self.w, self.b = module.weight, module.bias
         # the products take the parameters as plain tensors: nothing inside the fused step
         # records an autograd graph, so they are detached once here instead of per product
@@ -55,7 +55,7 @@ class LinearRule(Rule):
             a = a.reshape(-1, in_f)
         if self.need_w:
             self.a = a
-        return self._shaped(self.bk.linear(a, self.wd, self.bd))
+        return self._shaped(self.kernels.linear(a, self.wd, self.bd))
 
     def _tangent_term_in_pass_3(self, n: int) -> bool:
         out_f, in_f = self.w.shape
@@ -63,9 +63,9 @@ class LinearRule(Rule):
 
     def chain(self, d: Tensor) -> Tensor:
         d2 = self._flat(d, self.w.shape[0])
-        u = self._shaped(self.bk.linear_input_grad(d2, self.wd))
+        u = self._shaped(self.kernels.linear_input_grad(d2, self.wd))
         if self.need_w:
-            self.d = (self.bk.keep_delta(d2, self.w.shape[1])
+            self.d = (self.kernels.keep_delta(d2, self.w.shape[1])
                       if self._tangent_term_in_pass_3(d2.shape[0]) else d2)
         return u
 
@@ -73,29 +73,29 @@ class LinearRule(Rule):
         r2 = self._flat(r, self.w.shape[1])
         if self.need_w:
             if self._tangent_term_in_pass_3(r2.shape[0]):
-                self.gw_tangent = self.bk.linear_weight_grad([(self.d, r2)])
+                self.gw_tangent = self.kernels.linear_weight_grad([(self.d, r2)])
                 if not self.keep_saved:
                     self.d = None
             else:
-                self.a, self.r = self.bk.weight_grad_operands(self.a, r2)
-        return self._shaped(self.bk.linear(r2, self.wd, None))
+                self.a, self.r = self.kernels.weight_grad_operands(self.a, r2)
+        return self._shaped(self.kernels.linear(r2, self.wd, None))
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         z = self._flat(abar, self.w.shape[0])
         if self.need_w or self.need_b:
             pairs = [(z, self.a)] if self.r is None else [(z, self.a), (self.d, self.r)]
             acc = self.take_tangent_term() if self.need_w else None
-            self.gw, self.gb = self.bk.linear_param_grads(pairs, acc, self.need_w, self.need_b)
+            self.gw, self.gb = self.kernels.linear_param_grads(pairs, acc, self.need_w, self.need_b)
         if not need_input_grad:
             return None
-        return self._shaped(self.bk.linear_input_grad(z, self.wd))
+        return self._shaped(self.kernels.linear_input_grad(z, self.wd))
 
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
         return (out + [(self.b, self.gb)]) if self.need_b else out
 
 
-register_module(nn.Linear)(lambda m: with_act(m, lambda bk: LinearRule(m, bk)))
+register_module(nn.Linear)(lambda m: with_act(m, lambda kernels: LinearRule(m, kernels)))
 
 
 def as_param_of(m: nn.Module, name: str, t: Tensor | None) -> None:

@@ -99,8 +99,8 @@ class BatchNormEvalRule(Rule):
 
 
 class BatchNormTrainRule(Rule):
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         self.gamma, self.beta = module.weight, module.bias
         self.tan_gamma = self.s = None
 
@@ -122,17 +122,17 @@ class BatchNormTrainRule(Rule):
         """y = γ x̂ + β over the batch statistics (saving x̂, 1/σ, k = γ/σ), μ and var."""
         gamma = None if self.gamma is None else self.gamma.detach()
         beta = None if self.beta is None else self.beta.detach()
-        y, self.xhat, self.inv_std, mean, var = self.bk.bn_train_forward(a, gamma, beta, eps)
+        y, self.xhat, self.inv_std, mean, var = self.kernels.bn_train_forward(a, gamma, beta, eps)
         self.gamma_c = (channel_view(gamma, a) if gamma is not None else a.new_ones(()))
         self.k = self.gamma_c * self.inv_std
         return y, mean, var
 
     def chain(self, d: Tensor) -> Tensor:
-        out, self.chain_saved, _ = self.bk.bn_chain(d, self.xhat, self.k.flatten())
+        out, self.chain_saved, _ = self.kernels.bn_chain(d, self.xhat, self.k.flatten())
         return out
 
     def tangent(self, r: Tensor) -> Tensor:
-        out, self.s, tan_gamma = self.bk.bn_tangent(self.chain_saved, r, self.xhat,
+        out, self.s, tan_gamma = self.kernels.bn_tangent(self.chain_saved, r, self.xhat,
                                                     self.k.flatten(), self.inv_std, self.gamma_c)
         if wants_grad(self.gamma):
             self.tan_gamma = tan_gamma
@@ -142,7 +142,7 @@ class BatchNormTrainRule(Rule):
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         s = self.s if need_input_grad else None
-        out, g_xhat, g_sum = self.bk.bn_backward(abar, self.xhat, self.k.flatten(), s)
+        out, g_xhat, g_sum = self.kernels.bn_backward(abar, self.xhat, self.k.flatten(), s)
         if wants_grad(self.gamma):
             self.g_gamma = g_xhat if self.tan_gamma is None else g_xhat + self.tan_gamma
         if wants_grad(self.beta):
@@ -156,8 +156,8 @@ class BatchNormTrainRule(Rule):
 
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm):
     if uses_batch_stats(m):
-        return lambda bk: BatchNormTrainRule(m, bk)
-    return lambda bk: BatchNormEvalRule(m)
+        return lambda kernels: BatchNormTrainRule(m, kernels)
+    return lambda kernels: BatchNormEvalRule(m)
 
 
 register_module(nn.BatchNorm1d, nn.BatchNorm2d, options=lambda m: (

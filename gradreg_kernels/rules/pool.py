@@ -19,24 +19,24 @@ from .base import FixedLinearRule, Rule
 
 
 class MaxPool2dRule(Rule):
-    def __init__(self, module: nn.MaxPool2d, bk: Backend) -> None:
-        self.module, self.bk = module, bk
+    def __init__(self, module: nn.MaxPool2d, kernels: Backend) -> None:
+        self.module, self.kernels = module, kernels
         m = module
         self.args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
     def forward(self, a: Tensor) -> Tensor:
         self.in_shape = a.shape
-        y, self.idx = self.bk.max_pool2d(a, *self.args)
+        y, self.idx = self.kernels.max_pool2d(a, *self.args)
         return y
 
     def chain(self, d: Tensor) -> Tensor:
-        return self.bk.pool_scatter(d, self.idx, self.in_shape)
+        return self.kernels.pool_scatter(d, self.idx, self.in_shape)
 
     def tangent(self, r: Tensor) -> Tensor:
-        return self.bk.pool_gather(r, self.idx)
+        return self.kernels.pool_gather(r, self.idx)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self.bk.pool_scatter(abar, self.idx, self.in_shape) if need_input_grad else None
+        return self.kernels.pool_scatter(abar, self.idx, self.in_shape) if need_input_grad else None
 
 
 class AvgPool2dRule(FixedLinearRule):
@@ -74,12 +74,12 @@ class AdaptiveAvgPool2dRule(FixedLinearRule):
 def _max_pool2d(m: nn.MaxPool2d):
     if m.return_indices:
         return "return_indices=True returns a tuple"
-    return lambda bk: MaxPool2dRule(m, bk)
+    return lambda kernels: MaxPool2dRule(m, kernels)
 
 
 register_module(nn.MaxPool2d, options=lambda m: m.return_indices)(_max_pool2d)
-register_module(nn.AvgPool2d)(lambda m: lambda bk: AvgPool2dRule(m))
-register_module(nn.AdaptiveAvgPool2d)(lambda m: lambda bk: AdaptiveAvgPool2dRule(m))
+register_module(nn.AvgPool2d)(lambda m: lambda kernels: AvgPool2dRule(m))
+register_module(nn.AdaptiveAvgPool2d)(lambda m: lambda kernels: AdaptiveAvgPool2dRule(m))
 register_function(F.max_pool2d, module=lambda kernel_size, stride=None, padding=0, dilation=1,
                   ceil_mode=False, return_indices=False: nn.MaxPool2d(
                       kernel_size, stride, padding, dilation, return_indices, ceil_mode))

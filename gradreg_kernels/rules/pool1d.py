@@ -21,7 +21,7 @@ def _one(v) -> int:
     return int(v[0]) if isinstance(v, tuple | list) else int(v)
 
 
-def pool1d_rule(module: nn.Module, bk) -> Rule:
+def pool1d_rule(module: nn.Module, kernels) -> Rule:
     """The rule of a MaxPool1d, AvgPool1d or AdaptiveAvgPool1d."""
     m = module
     if isinstance(m, nn.MaxPool1d):
@@ -29,7 +29,7 @@ def pool1d_rule(module: nn.Module, bk) -> Rule:
         s = k if m.stride is None else _one(m.stride)
         flat = nn.MaxPool2d((1, k), (1, s), (0, _one(m.padding)), (1, _one(m.dilation)),
                             ceil_mode=m.ceil_mode)
-        return HeightOneRule(MaxPool2dRule(flat, bk), m)
+        return HeightOneRule(MaxPool2dRule(flat, kernels), m)
     if isinstance(m, nn.AvgPool1d):
         k = _one(m.kernel_size)
         s = k if m.stride is None else _one(m.stride)
@@ -45,7 +45,7 @@ def pool1d_rule(module: nn.Module, bk) -> Rule:
 def _pool1d(m: nn.Module):
     if getattr(m, "return_indices", False):
         return "return_indices=True returns a tuple"
-    return lambda bk: pool1d_rule(m, bk)
+    return lambda kernels: pool1d_rule(m, kernels)
 
 
 register_module(nn.MaxPool1d, options=lambda m: m.return_indices)(_pool1d)

@@ -69,4 +69,4 @@ class PReLURule(Rule):
         return [(self.a, self.g_a)] if wants_grad(self.a) else []
 
 
-register_module(nn.PReLU)(lambda m: lambda bk: PReLURule(m))
+register_module(nn.PReLU)(lambda m: lambda kernels: PReLURule(m))

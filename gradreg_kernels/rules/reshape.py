@@ -122,18 +122,18 @@ class MeanRule(FixedLinearRule):
 
 # --- registrations ------------------------------------------------------------------------
 
-register_module(nn.Flatten, aliases=True)(lambda m: lambda bk: FlattenRule(m))
-register_module(nn.Unflatten, aliases=True)(lambda m: lambda bk: UnflattenRule(m))
-register_module(nn.Identity, aliases=True)(lambda m: lambda bk: IdentityRule(m))
+register_module(nn.Flatten, aliases=True)(lambda m: lambda kernels: FlattenRule(m))
+register_module(nn.Unflatten, aliases=True)(lambda m: lambda kernels: UnflattenRule(m))
+register_module(nn.Identity, aliases=True)(lambda m: lambda kernels: IdentityRule(m))
 register_module(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-                nn.ConstantPad3d)(lambda m: lambda bk: ConstantPadRule(m))
+                nn.ConstantPad3d)(lambda m: lambda kernels: ConstantPadRule(m))
 
 #: reflection / replication padding modules → their F.pad mode
 INDEX_PADS = {nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect",
               nn.ReflectionPad3d: "reflect", nn.ReplicationPad1d: "replicate",
               nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate"}
 register_module(*INDEX_PADS)(
-    lambda m: lambda bk: IndexPadRule(INDEX_PADS[type(m)], m.padding, m))
+    lambda m: lambda kernels: IndexPadRule(INDEX_PADS[type(m)], m.padding, m))
 
 
 def _tensor_first(call: Call) -> str | None:
@@ -156,7 +156,7 @@ def _shape_op(apply: Callable[..., Tensor]):
         if any(isinstance(v, torch.dtype) for v in flat_args((rest, kw))):
             return "a view as another dtype"
 
-        def make(bk, resolve) -> Rule:
+        def make(kernels, resolve) -> Rule:
             args, kwargs = resolve(rest), resolve(kw)
             return ShapeRule(lambda t: apply(t, *args, **kwargs))
 
@@ -176,7 +176,7 @@ def _reduce_op(mean: bool):
                 isinstance(v, HostArg) for v in flat_args((dims, keepdim))):
             return "a dtype, or dims computed at run time"
         dims = None if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
-        return Made([call.args[0]], lambda bk, resolve: MeanRule(dims, bool(keepdim), mean))
+        return Made([call.args[0]], lambda kernels, resolve: MeanRule(dims, bool(keepdim), mean))
 
     return factory
 
@@ -194,9 +194,9 @@ def _pad(call: Call) -> Made | str:
     if mode == "constant":
         shim = nn.ConstantPad1d(0, 0.0 if value is None else float(value))
         shim.padding = pad
-        return Made([call.args[0]], lambda bk, resolve: ConstantPadRule(shim))
+        return Made([call.args[0]], lambda kernels, resolve: ConstantPadRule(shim))
     if mode in ("reflect", "replicate"):
-        return Made([call.args[0]], lambda bk, resolve: IndexPadRule(mode, pad))
+        return Made([call.args[0]], lambda kernels, resolve: IndexPadRule(mode, pad))
     return f"mode={mode!r} (constant, reflect and replicate run fused)"
 
 

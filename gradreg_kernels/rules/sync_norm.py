@@ -36,8 +36,8 @@ def sync_group(m: nn.SyncBatchNorm):
 
 
 class SyncBatchNormTrainRule(BatchNormTrainRule):
-    def __init__(self, module: nn.SyncBatchNorm, bk: Backend, group) -> None:
-        super().__init__(module, bk)
+    def __init__(self, module: nn.SyncBatchNorm, kernels: Backend, group) -> None:
+        super().__init__(module, kernels)
         self.group = group
 
     def _allsum(self, *parts: Tensor) -> list[Tensor]:
@@ -118,10 +118,10 @@ class SyncBatchNormTrainRule(BatchNormTrainRule):
 def _sync_batch_norm(m: nn.SyncBatchNorm):
     group = sync_group(m)
     if group is not None:
-        return lambda bk: SyncBatchNormTrainRule(m, bk, group)
+        return lambda kernels: SyncBatchNormTrainRule(m, kernels, group)
     if uses_batch_stats(m):
-        return lambda bk: BatchNormTrainRule(m, bk)
-    return lambda bk: BatchNormEvalRule(m)
+        return lambda kernels: BatchNormTrainRule(m, kernels)
+    return lambda kernels: BatchNormEvalRule(m)
 
 
 def _options(m: nn.SyncBatchNorm):

@@ -110,7 +110,7 @@ class UpsampleNearestRule(FixedLinearRule):
 
 def _upsample(m: nn.Upsample):
     why = upsample_unsupported(m.mode, m.align_corners, m.recompute_scale_factor, m.size)
-    return why or (lambda bk: UpsampleNearestRule(m.size, m.scale_factor, m))
+    return why or (lambda kernels: UpsampleNearestRule(m.size, m.scale_factor, m))
 
 
 register_module(nn.Upsample, options=lambda m: (m.mode, m.align_corners,
@@ -133,7 +133,7 @@ def _interpolate(call: Call) -> Made | str:
     if why or opts.get("antialias"):
         return why or "antialias=True"
     size, scale = opts.get("size"), opts.get("scale_factor")
-    return Made([call.args[0]], lambda bk, resolve: UpsampleNearestRule(
+    return Made([call.args[0]], lambda kernels, resolve: UpsampleNearestRule(
         resolve(size), resolve(scale), mode=mode,
         recompute_scale_factor=opts.get("recompute_scale_factor")))
 

@@ -28,7 +28,7 @@ def _triton():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name,params", ACTS)
 def test_activation_steps_match_reference(name, params, dtype, device, poison):
-    bk, spec = _triton(), spec_by_name(name, *params)
+    kernels, spec = _triton(), spec_by_name(name, *params)
     g = torch.Generator().manual_seed(7)
     # non-contiguous z (a transpose) with odd sizes; values across the kinks
     z = 2.5 * torch.randn(29, 37, generator=g)
@@ -39,13 +39,13 @@ def test_activation_steps_match_reference(name, params, dtype, device, poison):
     z64, d64, r64, u64, s64 = (t.double() for t in (z, d, r, u, s))
     tol = TOL[dtype]
 
-    y, saved = bk.act_forward(spec, z)
+    y, saved = kernels.act_forward(spec, z)
     y_ref, saved_ref = REF.act_forward(spec, z64)
     assert y.dtype == dtype and rel_err(y, y_ref) < tol
     from_y = dtype == torch.float32 and (name, params) in FROM_Y
     assert saved.from_y == from_y and (saved.tensor is y) == from_y
-    assert rel_err(bk.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d64)) < tol
-    t_out, t_s = bk.act_tangent(spec, saved, r, u if spec.smooth else None)
+    assert rel_err(kernels.act_chain(spec, saved, d), REF.act_chain(spec, saved_ref, d64)) < tol
+    t_out, t_s = kernels.act_tangent(spec, saved, r, u if spec.smooth else None)
     t_ref, s_ref = REF.act_tangent(spec, saved_ref, r64, u64 if spec.smooth else None)
     assert rel_err(t_out, t_ref) < tol
     if spec.smooth:
@@ -54,7 +54,7 @@ def test_activation_steps_match_reference(name, params, dtype, device, poison):
         assert t_s is None
     s_in = s if spec.smooth else None
     s_in64 = s64 if spec.smooth else None
-    back = bk.act_backward(spec, saved, d, s_in)
+    back = kernels.act_backward(spec, saved, d, s_in)
     assert rel_err(back, REF.act_backward(spec, saved_ref, d64, s_in64)) < tol
 
 
@@ -64,21 +64,21 @@ def test_relu_keeps_a_one_bit_mask(n, device):
     blocks and a ragged tail), and the portable path unpacks it."""
     from gradreg_kernels.backends.triton.elementwise import unpack_mask
 
-    bk, spec = _triton(), spec_by_name("relu")
+    kernels, spec = _triton(), spec_by_name("relu")
     z = torch.randn(n, device=device)
-    _, saved = bk.act_forward(spec, z)
+    _, saved = kernels.act_forward(spec, z)
     assert saved.tensor.dtype == torch.uint8 and saved.tensor.numel() == (n + 7) // 8
     bits = ((saved.tensor[:, None].long() >> torch.arange(8, device=device)) & 1).flatten()
     assert torch.equal(bits[:n].bool(), z > 0) and not bits[n:].any()
     assert torch.equal(unpack_mask(saved.tensor, z.shape), z > 0)
     d = torch.randn(n, device=device, dtype=torch.float64)  # the portable path
-    assert torch.equal(bk.act_chain(spec, saved, d), d * (z > 0))
+    assert torch.equal(kernels.act_chain(spec, saved, d), d * (z > 0))
 
 
 def test_float64_takes_the_portable_path(device):
-    bk, spec = _triton(), spec_by_name("tanh")
+    kernels, spec = _triton(), spec_by_name("tanh")
     z = torch.randn(4, 3, device=device, dtype=torch.float64)
-    y, saved = bk.act_forward(spec, z)
+    y, saved = kernels.act_forward(spec, z)
     assert torch.equal(y, torch.tanh(z)) and saved is z
 
 
@@ -86,17 +86,17 @@ def test_float64_takes_the_portable_path(device):
 def test_output_state_on_the_portable_path(name, params, device):
     """A float32 state kept as y, met by float64 operands (the portable path): σ', σ''
     recomputed from y in torch ops agree with the float64 reference."""
-    bk, spec = _triton(), spec_by_name(name, *params)
+    kernels, spec = _triton(), spec_by_name(name, *params)
     g = torch.Generator().manual_seed(3)
     z = (2.5 * torch.randn(7, 11, generator=g)).to(device)
     d, r, u, s = (torch.randn(7, 11, generator=g, dtype=torch.float64).to(device)
                   for _ in range(4))
-    _, saved = bk.act_forward(spec, z)
+    _, saved = kernels.act_forward(spec, z)
     assert saved.from_y
     _, ref = REF.act_forward(spec, z.double())
     tol = 1e-5
-    assert rel_err(bk.act_chain(spec, saved, d), REF.act_chain(spec, ref, d)) < tol
-    out, s_out = bk.act_tangent(spec, saved, r, u)
+    assert rel_err(kernels.act_chain(spec, saved, d), REF.act_chain(spec, ref, d)) < tol
+    out, s_out = kernels.act_tangent(spec, saved, r, u)
     out_ref, s_ref = REF.act_tangent(spec, ref, r, u)
     assert rel_err(out, out_ref) < tol and rel_err(s_out, s_ref) < tol
-    assert rel_err(bk.act_backward(spec, saved, d, s), REF.act_backward(spec, ref, d, s)) < tol
+    assert rel_err(kernels.act_backward(spec, saved, d, s), REF.act_backward(spec, ref, d, s)) < tol

@@ -21,8 +21,8 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
               (32, 64, 32, 4, 5)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
-                          num_stages=s) for bm, bn, bk, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": kernels}, num_warps=w,
+                          num_stages=s) for bm, bn, kernels, w, s in shapes]
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "PRECISION"])

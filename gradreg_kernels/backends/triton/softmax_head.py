@@ -72,9 +72,9 @@ def softmax_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     out_dt = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     ce = torch.empty(n, dtype=out_dt, device=z.device)
     p = torch.empty((n, k), dtype=out_dt, device=z.device)
-    bk, bm = triton.next_power_of_2(k), _block_m(k)
+    kernels, bm = triton.next_power_of_2(k), _block_m(k)
     _softmax_ce_kernel[(triton.cdiv(n, bm),)](z, y.contiguous(), ce, p, n, k, z.stride(0),
-                                              BLOCK_M=bm, BLOCK_K=bk)
+                                              BLOCK_M=bm, BLOCK_K=kernels)
     return ce, p
 
 
@@ -83,9 +83,9 @@ def softmax_hvp(p: Tensor, t: Tensor) -> Tensor:
     p, t = p.contiguous(), _rows(t)
     n, k = p.shape
     out = torch.empty((n, k), dtype=torch.promote_types(p.dtype, t.dtype), device=p.device)
-    bk, bm = triton.next_power_of_2(k), _block_m(k)
+    kernels, bm = triton.next_power_of_2(k), _block_m(k)
     _softmax_hvp_kernel[(triton.cdiv(n, bm),)](p, t, out, n, k, t.stride(0),
-                                               BLOCK_M=bm, BLOCK_K=bk)
+                                               BLOCK_M=bm, BLOCK_K=kernels)
     return out
 
 
@@ -120,7 +120,7 @@ def target_head(kind: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor
     data = torch.empty(n, dtype=torch.float32, device=z.device)
     grad = torch.empty((n, k), dtype=torch.float32, device=z.device)
     d2 = torch.empty_like(grad) if kind == "bce" else grad  # mse stores no d2
-    bk, bm = triton.next_power_of_2(k), _block_m(k)
+    kernels, bm = triton.next_power_of_2(k), _block_m(k)
     _target_head_kernel[(triton.cdiv(n, bm),)](z, y, data, grad, d2, n, k, BCE=kind == "bce",
-                                               BLOCK_M=bm, BLOCK_K=bk)
+                                               BLOCK_M=bm, BLOCK_K=kernels)
     return data, grad, (d2 if kind == "bce" else None)
