@@ -62,9 +62,10 @@ def _as_float(v: Tensor) -> Tensor:
 
 def mean_intervals(values: Tensor, resamples: int = RESAMPLES, level: float = LEVEL,
                    seed: int = SEED) -> list[Interval]:
-    """Intervals of the column means of ``values`` (N, M): one per column, all from the
-    same resampled image sets. A (N,) tensor gives one interval. NaN rows of a column are
-    dropped from that column (its n says how many images it kept)."""
+    """Intervals of the column means of ``values`` (N, M): one per column; consecutive
+    columns that keep the same number of images share one set of resampled indices. A (N,)
+    tensor gives one interval. NaN rows of a column are dropped from that column (its n
+    says how many images it kept)."""
     v = _as_float(values)
     v = v.reshape(v.shape[0], -1)
     if not 0 < level < 1:

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..attacks import eval_mode, fgsm
+from ..attacks import fgsm
 from ..data import Dataset
 from ..transfer import write_json
 from .bootstrap import Interval, mean_interval, paired_difference
+from .paper import _predict
 
 #: λ_paper of the paper's grid, logspace(2, 5, 13)
 PAPER_GRID = [10 ** (2 + 0.25 * i) for i in range(13)]
@@ -90,11 +91,9 @@ def validation_split(data: Dataset, n_val: int) -> tuple[Dataset, Tensor, Tensor
     return Dataset(tx, ty, vx, vy, data.num_classes, data.name + " (validation split)"), vx, vy
 
 
-def _correct(model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> Tensor:
+def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """(N,) float: 1 where the model classifies the image right."""
-    with eval_mode(model), torch.no_grad():
-        pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
-    return (pred == y).float()
+    return (_predict(model, x) == y).float()
 
 
 def _fgsm_examples(model: nn.Module, x: Tensor, y: Tensor, eps: float,
@@ -103,8 +102,8 @@ def _fgsm_examples(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                       for i in range(0, len(x), batch)])
 
 
-def per_image_scores(model: nn.Module, normal: nn.Module, x: Tensor, y: Tensor,
-                     transfer_x: list[Tensor]) -> dict[str, Tensor]:
+def per_image_scores(model: nn.Module, x: Tensor, y: Tensor, transfer_x: list[Tensor]
+                     ) -> dict[str, Tensor]:
     """Per validation image: clean correctness, the score (mean over VAL_EPS of correctness
     on the normal model's FGSM examples ``transfer_x``) and white-box FGSM correctness."""
     transfer = torch.stack([_correct(model, xa, y) for xa in transfer_x], 1).mean(1)
@@ -181,7 +180,7 @@ def run_lambda(cfg: LambdaConfig, data: Dataset | None = None,
     for lp in sizes["grid"]:
         lam = package_lam(lp, data.in_shape)
         model, secs = train(f"gradreg_lam_paper_{lp:.4g}", "gradreg", lam)
-        s = per_image_scores(model, normal, vx, vy, transfer_x)
+        s = per_image_scores(model, vx, vy, transfer_x)
         per_image.append(s)
         row = {"lam_paper": lp, "log10_lam_paper": math.log10(lp), "lam": lam,
                "train_seconds": secs,

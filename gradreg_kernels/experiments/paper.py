@@ -243,8 +243,7 @@ def measures(models: dict[str, nn.Module], x: Tensor, y: Tensor, means: Tensor,
     hit = torch.zeros(len(names), len(names), len(y), dtype=torch.bool)
     for si, s in enumerate(names):
         for ti, t in enumerate(names):
-            with eval_mode(models[t]), torch.no_grad():
-                hit[si, ti] = (_predict(models[t], per[s]["tgsm_adv"]) == target).cpu()
+            hit[si, ti] = (_predict(models[t], per[s]["tgsm_adv"]) == target).cpu()
     return per, hit
 
 
