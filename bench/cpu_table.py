@@ -1,7 +1,7 @@
 """Side-by-side CPU table: every step of bench/cpu_workloads.py on every model, interleaved.
 
     python bench/cpu_table.py [--rounds 5] [--reps 10] [--models mlp_relu_b256,...]
-                              [--threads 2] [--profile] [--ceiling]
+                              [--threads 2] [--profile] [--ceiling] [--autocast bf16]
 
 Each round times ``reps`` calls of every method in turn (after warm-up), so load from other
 processes hits all methods alike; the table gives the median over rounds × reps, the ratios
@@ -100,6 +100,24 @@ def profile_split(w: cw.Workload, steps_n: int = 10) -> str:
             f"{outside / total:.0%}")
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its flags that matter to the products' dtypes."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine(), "x86_64"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    kept = [f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+            if f in flags]
+    return f"{name} ({' '.join(kept) or 'no AVX-512'})"
+
+
 def _fastest_ordinary(med: dict) -> float:
     """The faster ordinary step's median: eager PyTorch or JAX jit (when it ran)."""
     return min(med["ordinary"], med.get("jax_ordinary", float("inf")))
@@ -151,7 +169,10 @@ def main() -> None:
     ap.add_argument("--ceiling", action="store_true",
                     help="also time each step's library products replayed alone")
     ap.add_argument("--memory-only", action="store_true", help="print peak MiB as JSON")
+    ap.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                    help="run every torch step under CPU autocast to this dtype")
     args = ap.parse_args()
+    cw.AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
     cw.THREADS = args.threads
     cw.set_threads()
     # memory first, with every block of 64 KiB or more mapped on allocation and unmapped on
@@ -165,8 +186,9 @@ def main() -> None:
         print(json.dumps(mems))
         return
     cw.malloc_mode(exact_rss=False)
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, float32, ms per step (median)")
+    precision = "float32" if args.autocast is None else f"CPU autocast to {args.autocast}"
+    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{precision}, ms per step (median)")
     print(HEADER)
     meds = {}
     for w in chosen:

@@ -84,12 +84,25 @@ def workloads() -> list[Workload]:
     return out
 
 
+#: the dtype of ``torch.autocast("cpu", ...)`` every torch step runs under (None: float32)
+AUTOCAST: torch.dtype | None = None
+
+
 def torch_steps(w: Workload) -> dict[str, Callable[[], None]]:
-    """The torch steps of workloads.py on this workload, at this table's λ."""
+    """The torch steps of workloads.py on this workload, at this table's λ, each under CPU
+    autocast to ``AUTOCAST`` when it is set (forward and backward inside the context)."""
     model, x, y = w.model, w.x, w.y
+    dtype = AUTOCAST
 
     def bound(step) -> Callable[[], None]:
-        return lambda: step(model, x, y)
+        if dtype is None:
+            return lambda: step(model, x, y)
+
+        def mixed() -> None:
+            with torch.autocast("cpu", dtype=dtype):
+                step(model, x, y)
+
+        return mixed
 
     return {"fused_cpu": bound(fused_step("cpu", LAM)),
             "fused_torch": bound(fused_step("torch", LAM)),
@@ -98,7 +111,10 @@ def torch_steps(w: Workload) -> dict[str, Callable[[], None]]:
 
 
 def jax_steps(w: Workload) -> dict[str, Callable[[], None]] | str:
-    """The JAX steps, or why they cannot run (JAX not installed)."""
+    """The JAX steps, or why they cannot run (JAX not installed, or a mixed-precision table:
+    the JAX port is float32)."""
+    if AUTOCAST is not None:
+        return "the JAX port runs float32 only"
     try:
         import jax
     except ImportError:

@@ -16,6 +16,7 @@ contract without importing a backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,8 +46,22 @@ class TransposedDelta:
 KeptDelta = Tensor | TransposedDelta
 
 
+class Precision(Protocol):
+    """The precision a fused step runs in."""
+
+    def precision_scope(self) -> AbstractContextManager:
+        """A context around the whole step (the cpu backend turns autocast off where its
+        dtype would be emulated; others change nothing)."""
+        ...
+
+
 class Products(Protocol):
     """Linear and convolution products and their transposes."""
+
+    def product_weight(self, w: Tensor) -> Tensor:
+        """A layer's weight as this backend's products read it, made once per step (under
+        CPU autocast the cpu backend's bf16 copy; else w itself)."""
+        ...
 
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """a wᵀ + b: (N, in) → (N, out)."""
@@ -207,7 +222,7 @@ class Heads(Protocol):
         ...
 
 
-class Backend(Products, Elementwise, Norms, Pools, Heads, Protocol):
+class Backend(Precision, Products, Elementwise, Norms, Pools, Heads, Protocol):
     """Every method a rule, the schedule or the functional API calls on a backend."""
 
     name: str

@@ -250,9 +250,10 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
                 head, mask: Tensor | None, kernels, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
-    schedule = Schedule(plan, kernels, head, keep_saved)
-    runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels)
-    loss = _FusedGradReg.apply(runner, params, x, *params)
+    with kernels.precision_scope():  # autocast off where the backend runs it in float32
+        schedule = Schedule(plan, kernels, head, keep_saved)
+        runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels)
+        loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
                          runner.logits.detach(), kernels.name)
 

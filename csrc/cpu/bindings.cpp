@@ -4,9 +4,12 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gradreg-kernels fused CPU kernels (float32)";
-  m.def("mask_forward", &gradreg::mask_forward, "y = z>0 ? z : lo z and the packed bit mask");
-  m.def("mask_apply", &gradreg::mask_apply, "t ⊙ (bit ? hi : lo)");
+  m.doc() = "gradreg-kernels fused CPU kernels (float32; bf16 where CPU autocast needs it)";
+  m.def("mask_forward", &gradreg::mask_forward, "y = z>0 ? z : lo z and the packed bit mask",
+        pybind11::arg("z"), pybind11::arg("lo"), pybind11::arg("out_dtype") = pybind11::none());
+  m.def("mask_apply", &gradreg::mask_apply, "t ⊙ (bit ? hi : lo)", pybind11::arg("bits"),
+        pybind11::arg("t"), pybind11::arg("hi"), pybind11::arg("lo"),
+        pybind11::arg("out_dtype") = pybind11::none());
   m.def("dropout_forward", &gradreg::dropout_forward, "a ⊙ keep · scale and the packed mask");
   m.def("smooth_value", &gradreg::smooth_value, "σ(z) alone");
   m.def("z_mul_add", &gradreg::z_mul_add, "σ'(z) ⊙ t (+ s) from the kept z",

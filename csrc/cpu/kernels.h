@@ -1,4 +1,5 @@
-// Fused CPU kernels of the four passes (float32, contiguous tensors).
+// Fused CPU kernels of the four passes (float32, contiguous tensors; the masked steps and
+// the pools also read and write bfloat16, for CPU autocast).
 // Each kernel is one sweep over its operands, split over threads with at::parallel_for.
 #pragma once
 
@@ -14,8 +15,11 @@ namespace gradreg {
 
 // ---- masked (piecewise-linear) steps: ReLU, LeakyReLU, Dropout -----------------------
 // Masks are packed bits, bit i of byte i/8 for element i (set: the "hi" branch).
-std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo);
-at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo);
+// Operands float32 or bf16; the result in out_dtype (float32 or bf16; None: the operand's).
+std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo,
+                                                c10::optional<at::ScalarType> out_dtype);
+at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
+                      c10::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
                                                    double scale);
 
@@ -81,5 +85,7 @@ bool all_finite_many(const std::vector<at::Tensor>& ts);
 
 // ---- shared checks -------------------------------------------------------------------
 void check_f32(const at::Tensor& t, const char* what);
+// a contiguous CPU tensor of float32 or bfloat16 (the kernels that read autocast operands)
+void check_f32_or_bf16(const at::Tensor& t, const char* what);
 
 }  // namespace gradreg

@@ -6,17 +6,18 @@
 // reads z > 0 (false: the slope). With AVX-512 a 16-lane compare gives
 // 16 mask bits at once and a masked blend applies them; elsewhere the selects are arithmetic,
 // not branches (the bits are random: a mispredicted branch per element would cost more
-// than the whole sweep).
+// than the whole sweep). Operands and results are float32 or bfloat16, each its own
+// (lanes.h): under CPU autocast a sweep reads a float32 δ and writes the bf16 operand of the
+// next product, with no conversion pass between them.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <type_traits>
 
 #include "kernels.h"
+#include "lanes.h"
 
 namespace gradreg {
 namespace {
@@ -29,7 +30,8 @@ at::Tensor empty_bits(int64_t n, const at::Tensor& like) {
 
 // Elements [16 g0, min(16 g1, n)) of y = max(z, 0) + lo·min(z, 0) and their bits: !(z <= 0)
 // for ReLU (lo = 0), z > 0 for LeakyReLU. y at a non-finite z is fixed up by the caller.
-void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t* __restrict bits,
+template <typename TI, typename TO>
+void mask_forward_range(const TI* __restrict z, TO* __restrict y, uint8_t* __restrict bits,
                         float lo, int64_t g0, int64_t g1, int64_t n) {
   int64_t i = g0 * 16;
   const int64_t end = std::min(g1 * 16, n);
@@ -37,10 +39,10 @@ void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t*
   const __m512 zero = _mm512_setzero_ps(), l = _mm512_set1_ps(lo);
   const bool relu = lo == 0.f;
   for (; i + 16 <= end; i += 16) {
-    const __m512 v = _mm512_loadu_ps(z + i);
+    const __m512 v = load16(z + i);
     const __mmask16 m = relu ? _mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ)
                              : _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
-    _mm512_storeu_ps(y + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), v));
+    store16(y + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), v));
     const uint16_t mb = static_cast<uint16_t>(m);
     std::memcpy(bits + i / 8, &mb, 2);
   }
@@ -49,8 +51,8 @@ void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t*
     uint8_t byte = 0;
     const int64_t m = std::min<int64_t>(8, end - i);
     for (int64_t k = 0; k < m; ++k) {
-      const float v = z[i + k];
-      y[i + k] = std::fmax(v, 0.f) + lo * std::fmin(v, 0.f);
+      const float v = to_f32(z[i + k]);
+      y[i + k] = from_f32<TO>(std::fmax(v, 0.f) + lo * std::fmin(v, 0.f));
       const bool on = lo == 0.f ? !(v <= 0.f) : v > 0.f;
       byte |= static_cast<uint8_t>(on) << k;
     }
@@ -58,8 +60,9 @@ void mask_forward_range(const float* __restrict z, float* __restrict y, uint8_t*
   }
 }
 
-void mask_apply_range(const uint8_t* __restrict bits, const float* __restrict t,
-                      float* __restrict out, float hi, float lo, int64_t g0, int64_t g1,
+template <typename TI, typename TO>
+void mask_apply_range(const uint8_t* __restrict bits, const TI* __restrict t,
+                      TO* __restrict out, float hi, float lo, int64_t g0, int64_t g1,
                       int64_t n) {
   int64_t i = g0 * 16;
   const int64_t end = std::min(g1 * 16, n);
@@ -68,78 +71,84 @@ void mask_apply_range(const uint8_t* __restrict bits, const float* __restrict t,
   for (; i + 16 <= end; i += 16) {
     uint16_t mb;
     std::memcpy(&mb, bits + i / 8, 2);
-    const __m512 v = _mm512_loadu_ps(t + i);
+    const __m512 v = load16(t + i);
     const __mmask16 m = static_cast<__mmask16>(mb);
     const __m512 off = lo == 0.f ? _mm512_setzero_ps() : _mm512_mul_ps(v, l);
-    _mm512_storeu_ps(out + i, _mm512_mask_blend_ps(m, off, _mm512_mul_ps(v, h)));
+    store16(out + i, _mm512_mask_blend_ps(m, off, _mm512_mul_ps(v, h)));
   }
 #endif
   for (; i < end; ++i) {
     const bool on = (bits[i >> 3] >> (i & 7)) & 1;
-    const float off = lo == 0.f ? 0.f : t[i] * lo;
-    out[i] = on ? t[i] * hi : off;
+    const float v = to_f32(t[i]);
+    const float off = lo == 0.f ? 0.f : v * lo;
+    out[i] = from_f32<TO>(on ? v * hi : off);
   }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo) {
-  check_f32(z, "z");
+std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo,
+                                                c10::optional<at::ScalarType> out_dtype) {
+  check_f32_or_bf16(z, "z");
   const int64_t n = z.numel();
-  auto y = at::empty_like(z);
+  auto y = at::empty_like(z, z.options().dtype(out_dtype.value_or(z.scalar_type())));
+  check_f32_or_bf16(y, "mask_forward's result");
   auto bits = empty_bits(n, z);
-  const float* zp = z.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   uint8_t* bp = bits.data_ptr<uint8_t>();
   const float l = static_cast<float>(lo);
-  at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
-    mask_forward_range(zp, yp, bp, l, g0, g1, n);
+  with_storage(z, y, [&](const auto* zp, auto* yp) {
+    at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
+      mask_forward_range(zp, yp, bp, l, g0, g1, n);
+    });
   });
   return {y, bits};
 }
 
-at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo) {
-  check_f32(t, "t");
+at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
+                      c10::optional<at::ScalarType> out_dtype) {
+  check_f32_or_bf16(t, "t");
   const int64_t n = t.numel();
   TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (n + 7) / 8,
               "mask_apply: bit mask does not match a tensor of ", n, " elements");
-  auto out = at::empty_like(t);
-  const float* tp = t.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  auto out = at::empty_like(t, t.options().dtype(out_dtype.value_or(t.scalar_type())));
+  check_f32_or_bf16(out, "mask_apply's result");
   const uint8_t* bp = bits.data_ptr<uint8_t>();
   const float h = static_cast<float>(hi), l = static_cast<float>(lo);
-  at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
-    mask_apply_range(bp, tp, op, h, l, g0, g1, n);
+  with_storage(t, out, [&](const auto* tp, auto* op) {
+    at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
+      mask_apply_range(bp, tp, op, h, l, g0, g1, n);
+    });
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
                                                    double scale) {
-  // y = a ⊙ keep · scale; bit = keep (keep: a 0/1 tensor of a's size)
-  check_f32(a, "a");
+  // y = a ⊙ keep · scale; bit = keep (keep: a 0/1 tensor of a's size); y in a's dtype
+  check_f32_or_bf16(a, "a");
   TORCH_CHECK(keep.numel() == a.numel(), "dropout_forward: keep mask size mismatch");
   auto k8 = keep.to(at::kByte).contiguous();
   const int64_t n = a.numel();
   auto y = at::empty_like(a);
   auto bits = empty_bits(n, a);
-  const float* ap = a.data_ptr<float>();
   const uint8_t* kp = k8.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
   uint8_t* bp = bits.data_ptr<uint8_t>();
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
-    const int64_t end = std::min(g1 * 16, n);
-    for (int64_t i = g0 * 16; i < end; i += 8) {
-      uint8_t byte = 0;
-      const int64_t m = std::min<int64_t>(8, end - i);
-      for (int64_t k = 0; k < m; ++k) {
-        const uint8_t on = kp[i + k] != 0;
-        yp[i + k] = ap[i + k] * (s * static_cast<float>(on));
-        byte |= static_cast<uint8_t>(on << k);
+  with_storage(a, y, [&](const auto* ap, auto* yp) {
+    using TO = std::remove_pointer_t<decltype(yp)>;
+    at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
+      const int64_t end = std::min(g1 * 16, n);
+      for (int64_t i = g0 * 16; i < end; i += 8) {
+        uint8_t byte = 0;
+        const int64_t m = std::min<int64_t>(8, end - i);
+        for (int64_t k = 0; k < m; ++k) {
+          const uint8_t on = kp[i + k] != 0;
+          yp[i + k] = from_f32<TO>(to_f32(ap[i + k]) * (s * static_cast<float>(on)));
+          byte |= static_cast<uint8_t>(on << k);
+        }
+        bp[i / 8] = byte;
       }
-      bp[i / 8] = byte;
-    }
+    });
   });
   return {y, bits};
 }

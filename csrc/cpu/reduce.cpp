@@ -4,6 +4,7 @@
 //                0 for finite values and NaN as soon as one value is not;
 //   all_finite_many: the same over a list of small tensors (the parameters) in one call and
 //                one thread (a task per tensor would cost more than its sweep).
+// sum_squares and all_finite read float32 or bf16 (an autocast step's g), summing in float.
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "lanes.h"
 
 namespace gradreg {
 namespace {
@@ -34,26 +36,34 @@ double chunked_sum(const at::Tensor& t, F f) {
 
 }  // namespace
 
+// f(ptr) with t's element type (float32 or bf16)
+template <typename F>
+auto with_values(const at::Tensor& t, F f) {
+  check_f32_or_bf16(t, "t");
+  return t.scalar_type() == at::kBFloat16 ? f(t.const_data_ptr<bf16>())
+                                          : f(t.const_data_ptr<float>());
+}
+
 at::Tensor sum_squares(const at::Tensor& t) {
-  check_f32(t, "t");
-  const float* p = t.data_ptr<float>();
-  const double total = chunked_sum(t, [p](int64_t b, int64_t e) {
-    float s = 0.f;
+  const double total = with_values(t, [&](const auto* p) {
+    return chunked_sum(t, [p](int64_t b, int64_t e) {
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = b; i < e; ++i) s += p[i] * p[i];
-    return static_cast<double>(s);
+      for (int64_t i = b; i < e; ++i) s += to_f32(p[i]) * to_f32(p[i]);
+      return static_cast<double>(s);
+    });
   });
-  return at::scalar_tensor(total, t.options());
+  return at::scalar_tensor(total, t.options().dtype(at::kFloat));
 }
 
 bool all_finite(const at::Tensor& t) {
-  check_f32(t, "t");
-  const float* p = t.data_ptr<float>();
-  const double total = chunked_sum(t, [p](int64_t b, int64_t e) {
-    float s = 0.f;
+  const double total = with_values(t, [&](const auto* p) {
+    return chunked_sum(t, [p](int64_t b, int64_t e) {
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = b; i < e; ++i) s += p[i] - p[i];
-    return static_cast<double>(s);
+      for (int64_t i = b; i < e; ++i) s += to_f32(p[i]) - to_f32(p[i]);
+      return static_cast<double>(s);
+    });
   });
   return !std::isnan(total);
 }

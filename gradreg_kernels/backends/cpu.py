@@ -14,6 +14,12 @@ Same kernels, same math as ``TorchBackend``; only how each step runs changes:
   softmax head gives CE, p, ∇CE and ∇ℓ in one row sweep; max-pool gather / scatter and the
   train-mode batch-norm steps run per plane / per channel.
 
+Under CPU autocast to a dtype this CPU multiplies natively (bf16 with AVX-512 BF16 / AMX;
+cpu_autocast.py), the products run in it through oneDNN (float32 accumulation) on weights
+cast once per step (``product_weight``), and the masked, pooling and reduction kernels read
+and write bf16 directly; the heads, the few-output products, batch norm, the smooth
+activations and every parameter gradient stay float32 (docs/math.md, "Precision").
+
 Anything else (other dtypes, non-contiguous operands that would need a copy anyway,
 convolutions, which torch already runs through oneDNN) goes to ``TorchBackend``.
 The ``saved`` objects of ``act_forward`` / ``dropout_forward`` are private to this backend.
@@ -21,6 +27,7 @@ The ``saved`` objects of ``act_forward`` / ``dropout_forward`` are private to th
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ from ..activation_math import ActivationSpec, derivs_from_output
 from ..activation_table import ACTIVATIONS
 from ..backend_protocol import KeptDelta, TransposedDelta
 from ..tensor_ops import ConvGeom, channel_view
+from . import cpu_autocast
 from .cpu_build import CpuBuildError, load_extension
 from .torch_ops import NonFinite, TorchBackend
 
@@ -155,6 +163,31 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A contiguous operand in ``dtype`` (no copy when it is one already)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
+def _dense(*ts: Tensor | None) -> bool:
+    """Whether every given operand is a contiguous float32 or bf16 CPU tensor (the dtypes the
+    masked, pooling and reduction kernels read; None counts as one)."""
+    for t in ts:
+        if t is not None and (t.dtype not in (torch.float32, torch.bfloat16) or not t.is_cpu
+                              or not t.is_contiguous()):
+            return False
+    return True
+
+
+def _widened(*ts: Tensor | None) -> list[Tensor | None]:
+    """Under autocast with native products, bf16 operands as float32 (the kernels that
+    compute in float32: batch norm, heads); else the operands as they are."""
+    if cpu_autocast.product_dtype() is None:
+        return list(ts)
+    return [_f32(t) if t is not None and t.dtype == torch.bfloat16 else t for t in ts]
+
+
 def _without_history(t: Tensor | None) -> Tensor | None:
     """t without autograd history for oneDNN's ops, which have no derivative (the rules
     pass detached parameters already; only a tensor that requires grad is detached)."""
@@ -186,8 +219,30 @@ class CpuBackend(TorchBackend):
         self.ext = extension()
         self._mm = torch.ops.mkldnn._linear_pointwise
 
+    # ---- precision ------------------------------------------------------------------
+    def precision_scope(self) -> contextlib.AbstractContextManager:
+        """Autocast off for the step where its dtype has no native products here."""
+        return cpu_autocast.float32_scope()
+
     # ---- products -------------------------------------------------------------------
+    def product_weight(self, w: Tensor) -> Tensor:
+        """Under autocast with native products, w in their dtype (one cast per step, where
+        torch's autocast would cast a detached weight at every product); a layer with few
+        outputs keeps float32 (its one-sweep kernels read float32)."""
+        low = cpu_autocast.product_dtype()
+        if (low is None or w.dtype != torch.float32 or not w.is_cpu
+                or (w.dim() == 2 and w.shape[0] <= THIN_MAX)):
+            return w
+        return w.to(low)
+
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        low = cpu_autocast.product_dtype()
+        if low is not None and a.is_cpu and a.dim() == 2:
+            if w.shape[0] <= THIN_MAX:  # float32 logits, as autocast's losses want them
+                return self.ext.thin_linear(_f32(a), _f32(_without_history(w)),
+                                            _f32(_without_history(b)))
+            return self._mm(_as(a, low), _as(_without_history(w), low),
+                            _as(_without_history(b), low), "none", [], "")
         path = _product_path(w.shape[0], a.numel() * w.shape[0])
         if not _f32_dense(a, w, b) or a.dim() != 2 or path == "mkl":
             return super().linear(a, w, b)
@@ -196,6 +251,11 @@ class CpuBackend(TorchBackend):
         return self._mm(a, _without_history(w), _without_history(b), "none", [], "")
 
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
+        low = cpu_autocast.product_dtype()
+        if low is not None and d.is_cpu and d.dim() == 2:
+            if w.shape[0] <= THIN_MAX:
+                return self.ext.thin_input_grad(_f32(d), _f32(_without_history(w)))
+            return self._mm(_as(d, low), _as(_without_history(w), low).t(), None, "none", [], "")
         path = _product_path(w.shape[0], d.numel() * w.shape[1])
         if not _f32_dense(d, w) or d.dim() != 2 or path == "mkl":
             return super().linear_input_grad(d, w)
@@ -226,6 +286,9 @@ class CpuBackend(TorchBackend):
                      bias: bool) -> tuple[Tensor, Tensor | None]:
         """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n] when ``bias``); d_1 may be kept as δᵀ
         (``keep_delta``, one pair)."""
+        low = cpu_autocast.product_dtype()
+        if low is not None:
+            return self._weight_grad_low(pairs, acc, bias, low)
         if any(isinstance(d, TransposedDelta) for d, _ in pairs):
             dk, a = pairs[0]
             if (len(pairs) == 1 and isinstance(dk, TransposedDelta) and acc is None and not bias
@@ -253,9 +316,31 @@ class CpuBackend(TorchBackend):
             acc[lo:hi].add_(self._mm(dt[lo:hi], at, None, "none", [], ""))
         return acc, gb
 
+    def _weight_grad_low(self, pairs: Sequence[tuple[KeptDelta, Tensor]], acc: Tensor | None,
+                         bias: bool, low: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """``_weight_grad`` under autocast: [d_1; d_2]ᵀ [a_1; a_2] as one product in ``low``
+        (float32 accumulation inside oneDNN, the result rounded once, as eager autocast's
+        weight products are), added to a float32 gradient; few outputs: float32 kernels."""
+        ds = [d.delta() if isinstance(d, TransposedDelta) else d for d, _ in pairs]
+        as_ = [a for _, a in pairs]
+        if any(t.dim() != 2 or not t.is_cpu for t in ds + as_):
+            gw = TorchBackend.linear_weight_grad(self, list(zip(ds, as_)), acc)
+            return gw.float(), (ds[0].sum(0, dtype=torch.float32) if bias else None)
+        if ds[0].shape[1] <= THIN_MAX:
+            return self.ext.thin_weight_grad([_f32(d) for d in ds], [_f32(a) for a in as_],
+                                             _f32(acc), bias)
+        # oneDNN's matmul (torch.mm in bf16) reads [d]ᵀ through strides: no transposed copy
+        gw = torch.mm(_stacked_rows([_as(d, low) for d in ds]).t(),
+                      _stacked_rows([_as(a, low) for a in as_]))
+        gb = ds[0].sum(0, dtype=torch.float32) if bias else None
+        return (gw.float() if acc is None else acc.add_(gw)), gb
+
     def keep_delta(self, d: Tensor, in_features: int) -> KeptDelta:
         """δᵀ, where the weight product would copy δ transposed anyway (oneDNN's path, δ the
-        narrower side): made now, so that δ itself is released when pass 2 moves on."""
+        narrower side): made now, so that δ itself is released when pass 2 moves on. Under
+        autocast the weight product stacks δ in its own dtype: δ as it is."""
+        if cpu_autocast.product_dtype() is not None:
+            return d
         if not _f32_dense(d) or d.dim() != 2 or d.shape[1] > in_features or _product_path(
                 d.shape[1], d.shape[0] * d.shape[1] * in_features) != "onednn":
             return d
@@ -264,7 +349,12 @@ class CpuBackend(TorchBackend):
     def weight_grad_operands(self, a: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         """a and r as the two row blocks of one (2N, in) buffer: the doubled-batch product then
         reads [a; r] as one view instead of stacking a copy next to the live r in pass 4
-        (and a's own storage is freed here unless something else holds it)."""
+        (and a's own storage is freed here unless something else holds it); under autocast
+        in the products' dtype."""
+        low = cpu_autocast.product_dtype()
+        if low is not None and a.is_cpu and a.dim() == 2 and a.shape == r.shape:
+            ar = torch.cat([_as(a, low), _as(r, low)])
+            return ar[: a.shape[0]], ar[a.shape[0]:]
         if not _f32_dense(a, r) or a.dim() != 2 or a.shape[1] != r.shape[1]:
             return a, r
         ar = torch.cat([a, r])
@@ -272,15 +362,17 @@ class CpuBackend(TorchBackend):
 
     # ---- activations ----------------------------------------------------------------
     def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
-        if not _f32_dense(z):
+        low = cpu_autocast.product_dtype()
+        if not (_dense(z) if low is not None else _f32_dense(z)):
             return super().act_forward(spec, z)
-        if spec.name in ("relu", "leaky_relu"):
+        if spec.name in ("relu", "leaky_relu"):  # y in the products' dtype under autocast
             lo = 0.0 if spec.name == "relu" else spec.params[0]
-            y, bits = self.ext.mask_forward(z, lo)
+            y, bits = self.ext.mask_forward(z, lo, low)
             return self._as_torch_where_not_finite(spec, z, y), _Masked(bits, 1.0, lo)
         kind = _SMOOTH_KINDS.get(spec.name)
         if kind is None:
             return super().act_forward(spec, z)
+        z = _f32(z)  # the smooth sweeps run in float32
         p = tuple(spec.params) + (0.0, 0.0)
         y = self.ext.smooth_value(z, kind, p[0], p[1])
         special = None if self.ext.all_finite(z) else NonFinite.of(spec, z)
@@ -297,12 +389,16 @@ class CpuBackend(TorchBackend):
         if self.ext.all_finite(z):
             return y
         bad = ~torch.isfinite(z)
-        y[bad] = spec.value(z[bad])
+        y[bad] = spec.value(z[bad]).to(y.dtype)
         return y
 
     def _mask_apply(self, saved: _Masked, t: Tensor) -> Tensor:
-        """t ⊙ (bit ? hi : lo), in float32; a ReLU step keeps t's dtype (an autocast step
-        hands in bf16), the others promote to their float32 state as TorchBackend's do."""
+        """t ⊙ (bit ? hi : lo). Under autocast with native products: read as t comes, written
+        in the products' dtype. Else in float32; a ReLU step keeps t's dtype (bf16 from an
+        autocast step's torch ops), the others promote to float32 as TorchBackend's do."""
+        low = cpu_autocast.product_dtype()
+        if low is not None and _dense(t):
+            return self.ext.mask_apply(saved.bits, t, saved.hi, saved.lo, low)
         out = self.ext.mask_apply(saved.bits, _f32(t), saved.hi, saved.lo)
         if out.dtype == t.dtype or saved.hi != 1.0 or saved.lo != 0.0:
             return out
@@ -336,7 +432,9 @@ class CpuBackend(TorchBackend):
 
     # ---- dropout ----------------------------------------------------------------------
     def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, object]:
-        if not _f32_dense(a) or p >= 1.0:
+        """y = a ⊙ keep / (1 − p) in a's dtype (float32, or bf16 under autocast)."""
+        ok = _dense(a) if cpu_autocast.product_dtype() is not None else _f32_dense(a)
+        if not ok or p >= 1.0:
             return super().dropout_forward(a, p)
         keep = torch.empty(a.shape, dtype=torch.uint8).bernoulli_(1.0 - p)
         scale = 1.0 / (1.0 - p)
@@ -351,7 +449,7 @@ class CpuBackend(TorchBackend):
     # ---- the loss's scalars -------------------------------------------------------------
     def all_finite(self, t: Tensor) -> bool:
         """One sweep of Σ (t − t), NaN as soon as one value is not finite (no temporary)."""
-        if not _f32_dense(t):
+        if not _dense(t):
             return super().all_finite(t)
         return self.ext.all_finite(t)
 
@@ -363,13 +461,15 @@ class CpuBackend(TorchBackend):
         return self.ext.all_finite_many(ts)
 
     def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Without a mask: Σ g² in one sweep (double accumulation) and g itself as the seed."""
-        if mask is not None or not _f32_dense(g):
+        """Without a mask: Σ g² in one sweep (double accumulation) and g itself as the seed
+        (g float32, or bf16 under autocast; the sum float32)."""
+        if mask is not None or not _dense(g):
             return super().penalty_terms(g, mask)
         return self.ext.sum_squares(g), g
 
     # ---- heads ------------------------------------------------------------------------
     def softmax_ce(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        (z,) = _widened(z)
         if not _f32_dense(z) or z.dim() != 2:
             return super().softmax_ce(z, y)
         ce, p, _, _ = self.ext.softmax_head(z, y, False)
@@ -377,11 +477,12 @@ class CpuBackend(TorchBackend):
 
     def head_checks_labels(self, z: Tensor) -> bool:
         """The C++ softmax head validates every label itself (gradreg_loss's message)."""
-        return _f32_dense(z) and z.dim() == 2
+        return _f32_dense(*_widened(z)) and z.dim() == 2
 
     def softmax_head(
         self, z: Tensor, y: Tensor, uniform: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        (z,) = _widened(z)
         if not _f32_dense(z) or z.dim() != 2:
             return super().softmax_head(z, y, uniform)
         ce, p, data_grad, pen_grad = self.ext.softmax_head(z, y, uniform)
@@ -390,17 +491,31 @@ class CpuBackend(TorchBackend):
     def target_head(self, kind: str, z: Tensor, y: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The mse / bce head in one C++ sweep per row (head.cpp)."""
+        z, y = _widened(z, y)
         if not _f32_dense(z, y) or z.dim() != 2 or y.shape != z.shape:
             return super().target_head(kind, z, y)
         data, grad, d2 = self.ext.target_head(z, y, 0 if kind == "mse" else 1)
         return data, grad, (None if kind == "mse" else d2)
 
     def softmax_hvp(self, p: Tensor, t: Tensor) -> Tensor:
+        p, t = _widened(p, t)
         if not _f32_dense(p) or p.dim() != 2 or t.shape != p.shape:
             return super().softmax_hvp(p, t)
         return self.ext.softmax_hvp(p, t.contiguous())
 
     # ---- convolutions ------------------------------------------------------------------
+    def conv2d_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]], w: Tensor,
+                           geom: ConvGeom) -> Tensor:
+        """As TorchBackend's; under autocast each pair's product (in bf16, as torch's) is
+        summed into a float32 gradient."""
+        if cpu_autocast.product_dtype() is None or len(pairs) == 1:
+            gw = super().conv2d_weight_grad(pairs, w, geom)
+            return gw if cpu_autocast.product_dtype() is None else gw.float()
+        out = super().conv2d_weight_grad(pairs[:1], w, geom).float()
+        for pair in pairs[1:]:
+            out.add_(super().conv2d_weight_grad([pair], w, geom))
+        return out
+
     def conv2d_input_grad(
         self, d: Tensor, w: Tensor, input_shape: Sequence[int], geom: ConvGeom
     ) -> Tensor:
@@ -436,7 +551,7 @@ class CpuBackend(TorchBackend):
     def max_pool2d(
         self, a: Tensor, kernel, stride, padding, dilation, ceil_mode: bool
     ) -> tuple[Tensor, Tensor]:
-        if not _f32_dense(a) or a.dim() != 4:
+        if not _dense(a) or a.dim() != 4:  # float32, or bf16 under autocast
             return super().max_pool2d(a, kernel, stride, padding, dilation, ceil_mode)
         k, s = _pair(kernel), _pair(stride if stride else kernel)
         p, d = _pair(padding), _pair(dilation)
@@ -447,12 +562,13 @@ class CpuBackend(TorchBackend):
         return y, idx
 
     def pool_gather(self, r: Tensor, idx: Tensor) -> Tensor:
-        if not _f32_dense(r) or r.dim() != 4 or not idx.is_contiguous():
+        if not _dense(r) or r.dim() != 4 or not idx.is_contiguous():
             return super().pool_gather(r, idx)
         return self.ext.pool_gather(r, idx)
 
     def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
-        if d.dtype != torch.float32 or d.dim() != 4 or not idx.is_contiguous():
+        if (d.dtype not in (torch.float32, torch.bfloat16) or d.dim() != 4
+                or not idx.is_contiguous()):
             return super().pool_scatter(d, idx, input_shape)
         plane = int(input_shape[2]) * int(input_shape[3])
         return self.ext.pool_scatter(d.contiguous(), idx, plane).view(input_shape)
@@ -464,6 +580,7 @@ class CpuBackend(TorchBackend):
     def bn_train_forward(
         self, a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        (a,) = _widened(a)  # batch norm computes and keeps float32 under autocast
         if not _f32_dense(a, gamma, beta):
             return super().bn_train_forward(a, gamma, beta, eps)
         y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps)
@@ -472,6 +589,7 @@ class CpuBackend(TorchBackend):
         return y_r, xhat_r, channel_view(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
+        (v,) = _widened(v)
         if not _f32_dense(xhat) or v.dtype != torch.float32:
             return super().bn_project(v, xhat)
         pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
@@ -479,6 +597,7 @@ class CpuBackend(TorchBackend):
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
                  ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
+        (d,) = _widened(d)
         if not _f32_dense(xhat, k) or d.dtype != torch.float32:
             return super().bn_chain(d, xhat, k)
         d = _cmajor(d)
@@ -489,6 +608,7 @@ class CpuBackend(TorchBackend):
         self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        (r,) = _widened(r)
         if not isinstance(saved, _BnChain) or r.dtype != torch.float32:
             return super().bn_tangent(saved, r, xhat, k, inv_std, gamma_c)
         gamma = None if gamma_c.dim() == 0 else gamma_c.reshape(-1).contiguous()
@@ -499,6 +619,7 @@ class CpuBackend(TorchBackend):
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
+        abar, s = _widened(abar, s)
         if not _f32_dense(xhat, k, s) or abar.dtype != torch.float32:
             return super().bn_backward(abar, xhat, k, s)
         out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
@@ -507,6 +628,7 @@ class CpuBackend(TorchBackend):
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """As TorchBackend's, in one sweep with no a ⊙ b temporary (sums in double)."""
+        a, b = _widened(a, b)
         if not _f32_dense(a, b) or a.dim() < 2 or a.shape != b.shape:
             return super().channel_dot(a, b)
         return self.ext.channel_dot(a, b)

@@ -9,6 +9,7 @@ Convolution operands are NCHW; ``geom`` is (stride, padding, dilation, groups).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,16 @@ class TorchBackend:
 
     name = "torch"
 
+    # ---- precision ------------------------------------------------------------------
+    def precision_scope(self) -> contextlib.AbstractContextManager:
+        """The context a fused step runs in: here none (autocast as the caller set it)."""
+        return contextlib.nullcontext()
+
     # ---- products -------------------------------------------------------------------
+    def product_weight(self, w: Tensor) -> Tensor:
+        """w itself: torch's ops cast it where autocast asks them to."""
+        return w
+
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """a wᵀ + b: (N, in) → (N, out)."""
         return F.linear(a, w, b)

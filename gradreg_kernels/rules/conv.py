@@ -46,35 +46,37 @@ class Conv2dRule(Rule):
         self.geom = (tuple(module.stride), conv_padding(module), tuple(module.dilation),
                      module.groups)
         self.need_w = wants_grad(self.w)
+        self.wp = kernels.product_weight(self.w.detach())  # as the products read it
         self.a = self.d = self.gw_tangent = None
 
     def forward(self, a: Tensor) -> Tensor:
         self.in_shape = a.shape
         if self.need_w:
             self.a = a
-        return self.kernels.conv2d(a, self.w, self.b, self.geom)
+        return self.kernels.conv2d(a, self.wp, self.b, self.geom)
 
     def chain(self, d: Tensor) -> Tensor:
         if self.need_w:
             self.d = d
-        return self.kernels.conv2d_input_grad(d, self.w, self.in_shape, self.geom)
+        return self.kernels.conv2d_input_grad(d, self.wp, self.in_shape, self.geom)
 
     def tangent(self, r: Tensor) -> Tensor:
         if self.need_w:
-            self.gw_tangent = self.kernels.conv2d_weight_grad([(self.d, r)], self.w, self.geom)
+            self.gw_tangent = self.kernels.conv2d_weight_grad([(self.d, r)], self.wp, self.geom)
             if not self.keep_saved:
                 self.d = None
-        return self.kernels.conv2d(r, self.w, None, self.geom)
+        return self.kernels.conv2d(r, self.wp, None, self.geom)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         if self.need_w:
-            gw = self.kernels.conv2d_weight_grad([(abar, self.a)], self.w, self.geom)
+            gw = self.kernels.conv2d_weight_grad([(abar, self.a)], self.wp, self.geom)
             self.gw = self.add_tangent_term(gw)
         if wants_grad(self.b):
-            self.gb = abar.sum((0, 2, 3))
+            # a bf16 z̄ (autocast) sums into a float32 gradient
+            self.gb = abar.sum((0, 2, 3), dtype=torch.promote_types(abar.dtype, torch.float32))
         if not need_input_grad:
             return None
-        return self.kernels.conv2d_input_grad(abar, self.w, self.in_shape, self.geom)
+        return self.kernels.conv2d_input_grad(abar, self.wp, self.in_shape, self.geom)
 
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
@@ -113,6 +115,7 @@ class Conv1dRule(Conv2dRule):
         self.geom = ((1, module.stride[0]), (0, conv1d_padding(module)),
                      (1, module.dilation[0]), module.groups)
         self.need_w = wants_grad(module.weight)
+        self.wp = kernels.product_weight(self.w)
         self.a = self.d = self.gw_tangent = None
 
     def param_grads(self):

@@ -32,6 +32,7 @@ class LinearRule(Rule):
         # records an autograd graph, so they are detached once here instead of per product
         self.wd = self.w.detach()
         self.bd = None if self.b is None else self.b.detach()
+        self.wp = kernels.product_weight(self.wd)  # as the products read it (autocast: cast once)
         self.need_w, self.need_b = wants_grad(self.w), wants_grad(self.b)
         self.lead = None  # the leading shape of an N-D input (None for the usual (N, in))
         self.a = self.d = self.r = self.gw_tangent = None
@@ -55,7 +56,7 @@ class LinearRule(Rule):
             a = a.reshape(-1, in_f)
         if self.need_w:
             self.a = a
-        return self._shaped(self.kernels.linear(a, self.wd, self.bd))
+        return self._shaped(self.kernels.linear(a, self.wp, self.bd))
 
     def _tangent_term_in_pass_3(self, n: int) -> bool:
         out_f, in_f = self.w.shape
@@ -63,7 +64,7 @@ class LinearRule(Rule):
 
     def chain(self, d: Tensor) -> Tensor:
         d2 = self._flat(d, self.w.shape[0])
-        u = self._shaped(self.kernels.linear_input_grad(d2, self.wd))
+        u = self._shaped(self.kernels.linear_input_grad(d2, self.wp))
         if self.need_w:
             self.d = (self.kernels.keep_delta(d2, self.w.shape[1])
                       if self._tangent_term_in_pass_3(d2.shape[0]) else d2)
@@ -78,7 +79,7 @@ class LinearRule(Rule):
                     self.d = None
             else:
                 self.a, self.r = self.kernels.weight_grad_operands(self.a, r2)
-        return self._shaped(self.kernels.linear(r2, self.wd, None))
+        return self._shaped(self.kernels.linear(r2, self.wp, None))
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
         z = self._flat(abar, self.w.shape[0])
@@ -88,7 +89,7 @@ class LinearRule(Rule):
             self.gw, self.gb = self.kernels.linear_param_grads(pairs, acc, self.need_w, self.need_b)
         if not need_input_grad:
             return None
-        return self._shaped(self.kernels.linear_input_grad(z, self.wd))
+        return self._shaped(self.kernels.linear_input_grad(z, self.wp))
 
     def param_grads(self):
         out = [(self.w, self.gw)] if self.need_w else []
