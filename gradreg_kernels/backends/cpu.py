@@ -508,12 +508,13 @@ class CpuBackend(TorchBackend):
                            geom: ConvGeom) -> Tensor:
         """As TorchBackend's; under autocast each pair's product (in bf16, as torch's) is
         summed into a float32 gradient."""
-        if cpu_autocast.product_dtype() is None or len(pairs) == 1:
-            gw = super().conv2d_weight_grad(pairs, w, geom)
-            return gw if cpu_autocast.product_dtype() is None else gw.float()
-        out = super().conv2d_weight_grad(pairs[:1], w, geom).float()
-        for pair in pairs[1:]:
-            out.add_(super().conv2d_weight_grad([pair], w, geom))
+        low = cpu_autocast.product_dtype()
+        if low is None:
+            return super().conv2d_weight_grad(pairs, w, geom)
+        out = None  # each pair in the products' dtype (a float32 δ from batch norm too)
+        for d, a in pairs:
+            gw = super().conv2d_weight_grad([(d.to(low), a.to(low))], w, geom)
+            out = gw.float() if out is None else out.add_(gw)
         return out
 
     def conv2d_input_grad(

@@ -1,0 +1,217 @@
+"""The cpu backend under CPU autocast (docs/math.md, "Precision").
+
+With bf16 products native here, the fused step's products run in bf16 and its masked,
+pooling and reduction kernels read and write bf16. Its gradients must be as close to the
+float64 oracle as eager autocast double backprop's own gradients on the same inputs, for
+every layer kind, the penalty's own gradient too (value_weight = 0). A float16 autocast
+this CPU only emulates runs the step in float32 and says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradreg_kernels import get_backend, gradreg_loss
+from gradreg_kernels.backends import cpu_autocast
+from reference import oracle_grads
+
+try:
+    get_backend("cpu", torch.device("cpu"))
+except (RuntimeError, ValueError) as e:  # no compiler / no oneDNN here
+    pytest.skip(f"cpu backend unavailable: {e}", allow_module_level=True)
+
+BF16_NATIVE = cpu_autocast.native(torch.bfloat16)
+needs_bf16 = pytest.mark.skipif(not BF16_NATIVE, reason="no native bf16 products on this CPU")
+LAM = 0.3
+
+
+def _mlp(act: type[nn.Module], *args) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(75, 45), act(*args), nn.Linear(45, 37),
+                         act(*args), nn.Linear(37, 7))
+
+
+MODELS = {
+    "relu": lambda: _mlp(nn.ReLU),
+    "leaky_relu": lambda: _mlp(nn.LeakyReLU, 0.2),
+    "softplus": lambda: _mlp(nn.Softplus),
+    "silu": lambda: _mlp(nn.SiLU),
+    "tanh": lambda: _mlp(nn.Tanh),
+    "conv_bn_pool": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12, 40), nn.BatchNorm1d(40), nn.ReLU(),
+        nn.Dropout(0.3), nn.Linear(40, 7)),
+    "norms_gelu": lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 25, 33), nn.LayerNorm(33), nn.GELU(), nn.Linear(33, 7)),
+    "wide_head": lambda: nn.Sequential(  # a last layer above the thin kernels' 16 outputs
+        nn.Flatten(), nn.Linear(75, 41), nn.ReLU(), nn.Linear(41, 23)),
+}
+
+
+def _inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    k = 23 if name == "wide_head" else 7
+    return (torch.randn(13, 3, 5, 5, generator=g),
+            torch.randint(0, k, (13,), generator=g))
+
+
+def _rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """‖got − ref‖ / ‖ref‖ over all parameter gradients as one vector."""
+    num = sum(((got[n].double() - r) ** 2).sum() for n, r in ref.items())
+    return float(num.sqrt() / sum((r ** 2).sum() for r in ref.values()).sqrt())
+
+
+def _fused(model: nn.Module, x, y, value_weight: float, dtype) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=dtype):
+        gradreg_loss(model, x, y, LAM, backend="cpu", value_weight=value_weight).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _three_ways(name: str, value_weight: float):
+    """(fused bf16 error, eager bf16 error) against the float64 oracle, one draw of dropout."""
+    torch.manual_seed(0)
+    model = MODELS[name]().train()
+    x, y = _inputs(name)
+    torch.manual_seed(1)  # every step below draws the same dropout mask
+    ref = oracle_grads(copy.deepcopy(model).double(), x.double(), y, LAM,
+                       value_weight=value_weight)[0]
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = oracle_grads(model, x, y, LAM, value_weight=value_weight)[0]
+    fused = _fused(model, x, y, value_weight, torch.bfloat16)
+    return _rel(fused, ref), _rel(eager, ref)
+
+
+@needs_bf16
+@pytest.mark.parametrize("value_weight", [1.0, 0.0])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_gradients_as_close_to_the_oracle_as_eager_autocast(name, value_weight):
+    fused_err, eager_err = _three_ways(name, value_weight)
+    # a float32 step would be ~1e-6 off: the comparison is bf16 against bf16
+    assert fused_err > 1e-4, f"{name}: the step did not run in bf16 ({fused_err:.1e})"
+    assert fused_err <= 1.25 * eager_err, (
+        f"{name}: fused bf16 error {fused_err:.2e} > eager autocast's {eager_err:.2e}")
+
+
+class _ProductDtypes(TorchDispatchMode):
+    """The operand dtypes of every library product a step makes."""
+
+    OPS = ("aten.mm", "aten.addmm", "aten.convolution", "aten.convolution_backward",
+           "mkldnn._linear_pointwise", "aten.mkldnn_convolution")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, set[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func).rsplit(".", 1)[0]
+        if name in self.OPS:
+            dts = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.seen.append((name, dts))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_bf16
+@pytest.mark.parametrize("name", ["relu", "conv_bn_pool", "wide_head"])
+def test_every_library_product_runs_in_bf16(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().train()
+    x, y = _inputs(name)
+    rec = _ProductDtypes()
+    with rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        gradreg_loss(model, x, y, LAM, backend="cpu").loss.backward()
+    assert rec.seen, "no library product recorded"
+    wrong = [(op, dts) for op, dts in rec.seen if dts != {torch.bfloat16}]
+    assert not wrong, f"products outside bf16: {wrong}"
+
+
+@needs_bf16
+def test_parameter_gradients_are_float32():
+    torch.manual_seed(0)
+    model = MODELS["conv_bn_pool"]()
+    x, y = _inputs("conv_bn_pool")
+    grads = _fused(model, x, y, 1.0, torch.bfloat16)
+    assert {g.dtype for g in grads.values()} == {torch.float32}
+
+
+@pytest.mark.skipif(cpu_autocast.native(torch.float16), reason="float16 products native here")
+def test_emulated_float16_runs_in_float32_and_says_so():
+    torch.manual_seed(0)
+    model = MODELS["conv_bn_pool"]()
+    x, y = _inputs("conv_bn_pool")
+    cpu_autocast._SAID.discard(torch.float16)
+    with pytest.warns(RuntimeWarning, match="no native torch.float16 products"):
+        half = _fused(model, x, y, 1.0, torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        _fused(model, x, y, 1.0, torch.float16)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    gradreg_loss(model, x, y, LAM, backend="cpu").loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert _rel(half, {n: g.double() for n, g in plain.items()}) < 1e-6
+
+
+# ---- the kernels' bf16 operands, against torch's own bf16 ops ----------------------------
+
+def _ext():
+    from gradreg_kernels.backends.cpu import extension
+    return extension()
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1001])
+@pytest.mark.parametrize("lo", [0.0, 0.2])
+@pytest.mark.parametrize("dt_in,dt_out", [(torch.bfloat16, torch.bfloat16),
+                                          (torch.float32, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32)])
+def test_mask_kernels_read_and_write_bf16(n, lo, dt_in, dt_out):
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(n, generator=g).to(dt_in)
+    z[0] = float("nan") if n > 1 else z[0]
+    y, bits = _ext().mask_forward(z, lo, dt_out)
+    want = torch.nn.functional.leaky_relu(z.float(), lo).to(dt_out)
+    fin = torch.isfinite(z)
+    assert y.dtype == dt_out and torch.equal(y[fin], want[fin])
+    t = torch.randn(n, generator=g).to(dt_in)
+    out = _ext().mask_apply(bits, t, 1.0, lo, dt_out)
+    on = (z.float() > 0) if lo else ~(z.float() <= 0)
+    want_t = torch.where(on, t.float(), t.float() * lo).to(dt_out)
+    assert out.dtype == dt_out and torch.equal(out, want_t)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 9), (1, 1, 4, 6), (3, 2, 7, 5)])
+def test_pool_kernels_read_and_write_bf16(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    a = torch.randn(shape, generator=g).bfloat16()
+    y, idx = _ext().max_pool2d(a, 2, 2, 2, 2, 0, 0, 1, 1, False)
+    want, want_idx = torch.nn.functional.max_pool2d(a.float(), 2, return_indices=True)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), want)
+    assert torch.equal(idx, want_idx)
+    r = torch.randn(shape, generator=g).bfloat16()
+    assert torch.equal(_ext().pool_gather(r, idx),
+                       r.flatten(2).gather(2, idx.flatten(2)).view_as(idx))
+    d = torch.randn(y.shape, generator=g).bfloat16()
+    back = _ext().pool_scatter(d, idx, shape[2] * shape[3]).view(shape)
+    want_back = torch.zeros(shape).flatten(2).scatter_add(
+        2, idx.flatten(2), d.float().flatten(2)).view(shape)
+    assert back.dtype == torch.bfloat16 and torch.equal(back.float(), want_back)
+
+
+def test_reductions_read_bf16():
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(70_001, generator=g).bfloat16()
+    s, want = _ext().sum_squares(t), float((t.double() ** 2).sum())
+    assert s.dtype == torch.float32
+    assert abs(float(s) - want) < 2e-4 * want  # float sums per 65 536 values, then double
+    assert _ext().all_finite(t)
+    t[12_345] = float("inf")
+    assert not _ext().all_finite(t)
