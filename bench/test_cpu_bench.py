@@ -4,8 +4,10 @@ One group per model; in each, the fused step on the "cpu" and "torch" backends, 
 double backprop, the ordinary first-order step and, when JAX is installed, jax.jit of the
 gradient of the same regularized loss and of the ordinary loss (2 threads, float32).
 ``extra_info`` holds each torch step's peak resident memory above the pre-step level,
-measured in a fresh process (see cpu_workloads.peak_bytes). For the goal table with
-interleaved rounds use ``python bench/cpu_table.py``.
+measured in a fresh process (see cpu_workloads.peak_bytes). The groups ``<model>-bf16``
+run the fused cpu step and eager double backprop under ``torch.autocast("cpu",
+dtype=torch.bfloat16)``, and their library products alone. For the goal table with
+interleaved rounds use ``python bench/cpu_table.py`` (``--autocast bf16``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import cpu_workloads as cw
 import pytest
+import torch
 from cpu_table import REPLAYED
 from product_replay import record_products, replay
 
@@ -90,3 +93,35 @@ def test_recorder_counts_the_mlp_products():
     fused = record_products(steps["fused_cpu"])
     assert [str(p.func) for p in fused] == ["mkldnn._linear_pointwise.default"] * 9
     replay(fused)()  # the copies replay on their own
+
+
+#: the models of the mixed-precision goal (docs/math.md, "Precision")
+BF16_MODELS = ("mlp_relu_b64", "mlp_relu_b256", "mlp_softplus_b256", "mlp_silu_b256",
+               "cnn_paper_b64")
+
+
+def _bf16_steps(model: str) -> dict:
+    cw.AUTOCAST = torch.bfloat16
+    try:
+        return cw.torch_steps(WORKLOADS[model])
+    finally:
+        cw.AUTOCAST = None
+
+
+@pytest.mark.parametrize("method", ("fused_cpu", "eager_double", "products:fused_cpu",
+                                    "products:eager_double"))
+@pytest.mark.parametrize("model", BF16_MODELS)
+def test_step_bf16(benchmark, model, method):
+    """The step under CPU autocast to bf16 (``products:``: its library products alone)."""
+    from gradreg_kernels.backends.cpu import available
+
+    why = available()
+    if why is not None:
+        pytest.skip(f"cpu backend unavailable: {why}")
+    steps = _bf16_steps(model)
+    base = method.removeprefix("products:")
+    run = replay(record_products(steps[base])) if method != base else steps[base]
+    benchmark.group = f"{model}-bf16"
+    benchmark.name = {"eager_double": "eager_double_backprop"}.get(
+        method, method.replace("products:", "products_alone_"))
+    benchmark.pedantic(run, rounds=ROUNDS.get(model, 30), iterations=1, warmup_rounds=3)

@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -21,7 +22,13 @@ namespace gradreg {
 using bf16 = c10::BFloat16;
 
 inline float to_f32(float v) { return v; }
-inline float to_f32(bf16 v) { return static_cast<float>(v); }
+// the bits moved up by hand (c10's conversion does not vectorize inside simd loops)
+inline float to_f32(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 template <typename T>
 inline T from_f32(float v);
