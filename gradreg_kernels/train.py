@@ -466,7 +466,9 @@ def fit(cfg: TrainConfig, dataset: Dataset | None = None) -> FitResult:
     ds = dataset if dataset is not None else load_dataset(cfg.data)
     procs = Processes.from_env(device)
     try:
-        return _fit(cfg, ds, device, procs)
+        result = _fit(cfg, ds, device, procs)
+        procs.barrier()  # no rank's collective still in flight when the group is destroyed
+        return result
     finally:
         procs.close()
 
