@@ -7,7 +7,8 @@ follow docs/math.md: a batch of N, features in/out, (N, C, H, W) images, K class
 State a backend keeps between passes (``saved`` below: an activation's mask or z, a
 dropout mask, batch norm's chain operands, a Linear's kept δ) is opaque to the rules: a rule
 stores what a forward or chain step returned and hands it back, unchanged, to the later
-steps of the same backend. Each backend types its own (a dataclass per kind of state).
+steps of the same backend. Each backend types its own (a ``BackendState`` dataclass per
+kind of state).
 
 A leaf module: it imports torch and the activation spec alone, so that rules may name the
 contract without importing a backend.
@@ -25,8 +26,16 @@ from torch import Tensor
 from .activation_math import ActivationSpec
 from .tensor_ops import ConvGeom
 
-#: a backend's state between passes; only the backend that made it reads it
-Saved = object
+
+class BackendState:
+    """The base of every backend's between-pass state class (one dataclass per kind: an
+    activation's bit mask or kept z, batch norm's chain operands, a z with non-finite
+    values). Only the backend that made one reads it; a rule stores it and hands it back."""
+
+
+#: what a forward or chain step keeps for the later passes: a tensor (the portable backend's
+#: z, y or dropout mask) or one of a backend's own state objects
+Saved = Tensor | BackendState
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ activations and every parameter gradient stay float32 (docs/math.md, "Precision"
 
 Anything else (other dtypes, non-contiguous operands that would need a copy anyway,
 convolutions, which torch already runs through oneDNN) goes to ``TorchBackend``.
-The ``saved`` objects of ``act_forward`` / ``dropout_forward`` are private to this backend.
+Its between-pass states (``_Masked``, ``_SmoothState``, ``_BnChain``) are private to it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..activation_math import ActivationSpec, derivs_from_output
 from ..activation_table import ACTIVATIONS
-from ..backend_protocol import KeptDelta, TransposedDelta
+from ..backend_protocol import BackendState, KeptDelta, Saved, TransposedDelta
 from ..tensor_ops import ConvGeom, channel_view
 from . import cpu_autocast
 from .cpu_build import CpuBuildError, load_extension
@@ -96,7 +96,7 @@ def available() -> str | None:
 
 
 @dataclass
-class _Masked:
+class _Masked(BackendState):
     """A piecewise-linear step: out = t ⊙ (bit ? hi : lo) with 1 bit per element."""
 
     bits: Tensor
@@ -105,7 +105,7 @@ class _Masked:
 
 
 @dataclass
-class _BnChain:
+class _BnChain(BackendState):
     """What the fused batch-norm chain keeps for the tangent: δ and its channel means."""
 
     d: Tensor
@@ -114,7 +114,7 @@ class _BnChain:
 
 
 @dataclass
-class _SmoothState:
+class _SmoothState(BackendState):
     """The one tensor a smooth activation keeps (``tensor``): its output y where σ' and σ''
     are functions of it (``from_output``: Softplus, Tanh, Sigmoid, ELU; smooth_output.cpp),
     else its pre-activation z; σ', σ'' are recomputed from it inside each later sweep. Against
@@ -361,7 +361,7 @@ class CpuBackend(TorchBackend):
         return ar[: a.shape[0]], ar[a.shape[0]:]
 
     # ---- activations ----------------------------------------------------------------
-    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
+    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, Saved]:
         low = cpu_autocast.product_dtype()
         if not (_dense(z) if low is not None else _f32_dense(z)):
             return super().act_forward(spec, z)
@@ -404,7 +404,7 @@ class CpuBackend(TorchBackend):
             return out
         return out.to(t.dtype)  # a ReLU step keeps a bf16 operand's dtype
 
-    def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
+    def act_chain(self, spec: ActivationSpec, saved: Saved, d: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, d)
         if isinstance(saved, _SmoothState):
@@ -412,7 +412,7 @@ class CpuBackend(TorchBackend):
         return super().act_chain(spec, saved, d)
 
     def act_tangent(
-        self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
+        self, spec: ActivationSpec, saved: Saved, r: Tensor, u: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, r), None
@@ -421,7 +421,7 @@ class CpuBackend(TorchBackend):
         return super().act_tangent(spec, saved, r, u)
 
     def act_backward(
-        self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
+        self, spec: ActivationSpec, saved: Saved, abar: Tensor, s: Tensor | None
     ) -> Tensor:
         if isinstance(saved, _Masked):
             out = self._mask_apply(saved, abar)
@@ -431,7 +431,7 @@ class CpuBackend(TorchBackend):
         return super().act_backward(spec, saved, abar, s)
 
     # ---- dropout ----------------------------------------------------------------------
-    def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, object]:
+    def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, Saved]:
         """y = a ⊙ keep / (1 − p) in a's dtype (float32, or bf16 under autocast)."""
         ok = _dense(a) if cpu_autocast.product_dtype() is not None else _f32_dense(a)
         if not ok or p >= 1.0:
@@ -441,7 +441,7 @@ class CpuBackend(TorchBackend):
         y, bits = self.ext.dropout_forward(a, keep, scale)
         return y, _Masked(bits, scale, 0.0)
 
-    def dropout_apply(self, saved: object, t: Tensor) -> Tensor:
+    def dropout_apply(self, saved: Saved, t: Tensor) -> Tensor:
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, t)
         return super().dropout_apply(saved, t)
@@ -603,7 +603,7 @@ class CpuBackend(TorchBackend):
         return _rmajor(pv, xhat), channel_view(mx, xhat)
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
-                 ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
+                 ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
         (d,) = _widened(d)
         if not _f32_dense(xhat, k) or d.dtype != torch.float32:
             return super().bn_chain(d, xhat, k)
@@ -612,7 +612,7 @@ class CpuBackend(TorchBackend):
         return _rmajor(out, xhat), _BnChain(d, md, mxd), (md, mxd)
 
     def bn_tangent(
-        self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
+        self, saved: Saved, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         (r,) = _widened(r)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..activation_math import ActivationSpec, values_at_infinity
 from ..activation_table import NATIVE_CODES, PIECEWISE_CODES
+from ..backend_protocol import BackendState, Saved
 from . import native_build
 from .torch_ops import TorchBackend
 
@@ -76,7 +77,7 @@ def _ok(*ts: Tensor | None) -> bool:
 
 
 @dataclass(frozen=True)
-class CudaActState:
+class CudaActState(BackendState):
     """What the CUDA activation forward keeps: the table ``code`` and hyper-parameters of
     the activation, ``state`` (a uint8 mask z > 0 for piecewise-linear codes, else z itself,
     contiguous) and z's dtype."""
@@ -96,7 +97,7 @@ class CudaBackend(TorchBackend):
         self.ext = load_extension()
 
     # ---- elementwise activation steps -------------------------------------------------
-    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
+    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, Saved]:
         code = ACT_CODES.get(spec.name)
         if code is None or not _ok(z):
             return super().act_forward(spec, z)
@@ -126,11 +127,11 @@ class CudaBackend(TorchBackend):
         return self.ext.act_chain(state, d.contiguous(), None if s is None else s.contiguous(),
                                   code, p0, p1, _stream(d))
 
-    def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
+    def act_chain(self, spec: ActivationSpec, saved: Saved, d: Tensor) -> Tensor:
         out = self._run_chain(spec, saved, d, None)
         return out if out is not None else super().act_chain(spec, _portable(saved), d)
 
-    def act_tangent(self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
+    def act_tangent(self, spec: ActivationSpec, saved: Saved, r: Tensor, u: Tensor | None
                     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(saved, CudaActState) and saved.code in PIECEWISE:
             out = self._run_chain(spec, saved, r, None)
@@ -143,7 +144,7 @@ class CudaBackend(TorchBackend):
             return out, s
         return super().act_tangent(spec, _portable(saved), r, u)
 
-    def act_backward(self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
+    def act_backward(self, spec: ActivationSpec, saved: Saved, abar: Tensor, s: Tensor | None
                      ) -> Tensor:
         out = self._run_chain(spec, saved, abar, s)
         if out is not None:
@@ -169,7 +170,7 @@ def _params(params: tuple[float, ...]) -> tuple[float, float]:
     return p[0], p[1]
 
 
-def _portable(saved: object) -> object:
+def _portable(saved: Saved) -> Saved:
     """The state as TorchBackend's steps read it: ReLU's bool mask, or z, for which a 0/1
     mask in z's dtype stands (LeakyReLU's σ' depends only on the sign)."""
     if not isinstance(saved, CudaActState):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import checks
 from ..activation_math import ActivationSpec, autograd_derivatives
-from ..backend_protocol import KeptDelta
+from ..backend_protocol import BackendState, KeptDelta, Saved
 from ..tensor_ops import (
     ConvGeom,
     batchnorm_second_order,
@@ -130,7 +130,7 @@ class TorchBackend:
         return out
 
     # ---- elementwise activation steps -------------------------------------------------
-    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
+    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, Saved]:
         """y = σ(z) and what later passes need (here z itself, or y for ReLU: σ'(z) = [y > 0]).
 
         On the CPU, a z with NaN / ±inf (rare; one read finds it) keeps torch autograd's σ'
@@ -144,12 +144,12 @@ class TorchBackend:
             return spec.value(z), NonFinite.of(spec, z)
         return spec.value(z), z
 
-    def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
+    def act_chain(self, spec: ActivationSpec, saved: Saved, d: Tensor) -> Tensor:
         """σ'(z) ⊙ d."""
         return _d1_times(spec, saved, d)
 
     def act_tangent(
-        self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
+        self, spec: ActivationSpec, saved: Saved, r: Tensor, u: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """(σ'(z) ⊙ r, σ''(z) ⊙ u ⊙ r); the second is None for piecewise-linear σ."""
         if spec.name == "relu":
@@ -165,7 +165,7 @@ class TorchBackend:
         return _d1_times(spec, z, r), s
 
     def act_backward(
-        self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
+        self, spec: ActivationSpec, saved: Saved, abar: Tensor, s: Tensor | None
     ) -> Tensor:
         """σ'(z) ⊙ ā + s."""
         out = _d1_times(spec, saved, abar)
@@ -239,13 +239,13 @@ class TorchBackend:
         return total, (gm if mask is None else gm * mask)
 
     # ---- dropout ----------------------------------------------------------------------
-    def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, object]:
+    def dropout_forward(self, a: Tensor, p: float) -> tuple[Tensor, Saved]:
         """y = a ⊙ m, m ∈ {0, 1/(1−p)} drawn exactly as torch's dropout draws it; saves m."""
         with torch.no_grad():
             mask = F.dropout(torch.ones_like(a), p, True)
         return a * mask, mask
 
-    def dropout_apply(self, saved: object, t: Tensor) -> Tensor:
+    def dropout_apply(self, saved: Saved, t: Tensor) -> Tensor:
         """t ⊙ m with the mask saved by ``dropout_forward``."""
         return t * saved
 
@@ -322,22 +322,25 @@ class TorchBackend:
         return (out if s is None else out.add_(s)), g_xhat, g_sum
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
-                 ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
+                 ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
         """Pass 2 of train-mode batch norm: k ⊙ P δ (k = γ/σ, (C,)), what ``bn_tangent``
         needs of δ (private to the backend) and the channel means (mean(δ), mean(x̂ δ)),
         each (C,)."""
         pd, mxd = self.bn_project(d, xhat)
         md = self._cmean(d)
         # P δ itself is not kept: the tangent rebuilds what it needs of it from δ and the means
-        return scale_fresh(pd, channel_view(k, d)), (d, md, mxd), (md.flatten(), mxd.flatten())
+        return (scale_fresh(pd, channel_view(k, d)), BnChainState(d, md, mxd),
+                (md.flatten(), mxd.flatten()))
 
     def bn_tangent(
-        self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
+        self, saved: Saved, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Pass 3: k ⊙ P ṙ, the second-order term s (``bn_second_order``) and the γ-gradient
         term Σ δ ⊙ P ṙ / σ per channel, from what ``bn_chain`` saved."""
-        d, md, mxd = saved
+        if not isinstance(saved, BnChainState):
+            raise TypeError(f"bn_tangent: not this backend's batch-norm state: {type(saved)}")
+        d, md, mxd = saved.d, saved.md, saved.mxd
         pr, mxr = self.bn_project(r, xhat)
         d_pr = self.channel_dot(d, pr)  # Σ δ P ṙ per channel
         tan_gamma = d_pr * inv_std.flatten()
@@ -362,7 +365,17 @@ class TorchBackend:
 
 
 @dataclass
-class NonFinite:
+class BnChainState(BackendState):
+    """What ``bn_chain`` keeps for ``bn_tangent``: δ and its channel means mean(δ),
+    mean(x̂ δ) (shaped to broadcast over δ)."""
+
+    d: Tensor
+    md: Tensor
+    mxd: Tensor
+
+
+@dataclass
+class NonFinite(BackendState):
     """An activation's z that holds NaN / ±inf, with torch autograd's σ', σ'' at those
     elements (flat indices ``idx``), set over the formulas' values after each step (the
     portable and the C++ backends' state for such a z)."""
@@ -387,7 +400,7 @@ class NonFinite:
         return out
 
 
-def _d1_times(spec: ActivationSpec, saved: object, t: Tensor) -> Tensor:
+def _d1_times(spec: ActivationSpec, saved: Saved, t: Tensor) -> Tensor:
     """σ'(z) ⊙ t from what act_forward saved (y for ReLU, z otherwise), in one pass; torch
     autograd's σ' at the non-finite elements of a ``NonFinite`` z."""
     if isinstance(saved, NonFinite):

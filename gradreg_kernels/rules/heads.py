@@ -168,9 +168,6 @@ class OutputHead:
     name = "output"
     uses_labels = False
 
-    def __init__(self, kernels=None) -> None:
-        pass
-
     def evaluate(self, z: Tensor, y: Tensor | None) -> HeadEval:
         ones = torch.ones_like(z)
         return HeadEval(_per_row(z).sum(1), ones, ones)
@@ -378,7 +375,9 @@ def _one_head(head, kernels, label_smoothing: float, class_weight: Tensor | None
             return WeightedSoftmaxHead(kernels, label_smoothing, class_weight,
                                        uniform=head == "logprob_sum")
         return CEHead(kernels) if head == "ce" else LogProbSumHead(kernels)
-    return {"output": OutputHead, "mse": MSEHead, "bce": BCEHead}[head](kernels)
+    if head == "output":  # Σ_k z_k needs no kernel
+        return OutputHead()
+    return {"mse": MSEHead, "bce": BCEHead}[head](kernels)
 
 
 def make_head(head, kernels, data=None, label_smoothing: float = 0.0,

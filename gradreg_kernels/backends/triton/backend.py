@@ -22,6 +22,7 @@ from ...activation_math import (
     output_derivs,
     values_at_infinity,
 )
+from ...backend_protocol import BackendState, Saved
 from ..torch_ops import TorchBackend
 from . import batchnorm, elementwise, penalty, pool, softmax_head
 from ._common import supported
@@ -29,7 +30,7 @@ from .matmul import linear_act
 
 
 @dataclass
-class ActState:
+class ActState(BackendState):
     """What act_forward keeps: a packed bit mask (ReLU, LeakyReLU), the output y
     (``from_y``: activation_math.derivs_from_output, float32) or the pre-activation z;
     ``shape`` is z's."""
@@ -78,7 +79,7 @@ class TritonBackend(TorchBackend):
         return super().linear(a, w, b)
 
     # ---- elementwise activation steps -------------------------------------------------
-    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, object]:
+    def act_forward(self, spec: ActivationSpec, z: Tensor) -> tuple[Tensor, Saved]:
         code = elementwise.ACT_CODES.get(spec.name)
         if code is None or not supported(z):
             return super().act_forward(spec, z)
@@ -89,7 +90,7 @@ class TritonBackend(TorchBackend):
                                        at_infinity=values_at_infinity(spec))
         return y, ActState(code, spec.params, t, z.dtype, z.shape, from_y=from_y)
 
-    def act_chain(self, spec: ActivationSpec, saved: object, d: Tensor) -> Tensor:
+    def act_chain(self, spec: ActivationSpec, saved: Saved, d: Tensor) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_chain(spec, saved, d)
         if not supported(d) or d.shape != saved.shape:
@@ -99,7 +100,7 @@ class TritonBackend(TorchBackend):
         return elementwise.act_chain(saved.code, saved.params, saved.tensor, d,
                                      out_dtype=saved.out_dtype(d), from_y=saved.from_y)
 
-    def act_tangent(self, spec: ActivationSpec, saved: object, r: Tensor, u: Tensor | None
+    def act_tangent(self, spec: ActivationSpec, saved: Saved, r: Tensor, u: Tensor | None
                     ) -> tuple[Tensor, Tensor | None]:
         if not isinstance(saved, ActState):
             return super().act_tangent(spec, saved, r, u)
@@ -116,7 +117,7 @@ class TritonBackend(TorchBackend):
                                        out_dtype=saved.out_dtype(r),
                                        s_dtype=saved.out_dtype(r, u), from_y=saved.from_y)
 
-    def act_backward(self, spec: ActivationSpec, saved: object, abar: Tensor, s: Tensor | None
+    def act_backward(self, spec: ActivationSpec, saved: Saved, abar: Tensor, s: Tensor | None
                      ) -> Tensor:
         if not isinstance(saved, ActState):
             return super().act_backward(spec, saved, abar, s)
@@ -187,13 +188,13 @@ class TritonBackend(TorchBackend):
                                          mx_delta, mx_r)
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
-                 ) -> tuple[Tensor, object, tuple[Tensor, Tensor]]:
+                 ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
         if not supported(d, xhat, k) or d.shape != xhat.shape:
             return super().bn_chain(d, xhat, k)
         return batchnorm.bn_chain(d, xhat, k)
 
     def bn_tangent(
-        self, saved: object, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
+        self, saved: Saved, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         if (not isinstance(saved, batchnorm.BnChainState) or not supported(r, xhat)
