@@ -8,14 +8,18 @@
 //   tangent:  k P ṙ, s, and Σ δ Pṙ / σ per channel, from δ, ṙ, x̂ in two sweeps
 //   backward: k P ā (+ s), Σ ā x̂ and Σ ā per channel
 //   dot:      Σ a ⊙ b per channel (an affine's γ terms after the per-sample norms)
+// Under CPU autocast the operands a, v, δ, ṙ may be bf16 and the results y and k P(·) are
+// written in the requested dtype (lanes.h); x̂, s and every statistic stay float32.
 #include <ATen/Parallel.h>
 #include <ATen/ops/ones.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
+#include "lanes.h"
 
 namespace gradreg {
 namespace {
@@ -38,7 +42,7 @@ at::Tensor chan_shaped(const at::Tensor& v, const at::Tensor& like) {
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& like, const char* what) {
-  check_f32(t, what);
+  check_f32_or_bf16(t, what);
   TORCH_CHECK(t.sizes() == like.sizes(), "batch norm: ", what, " has shape ", t.sizes(),
               ", expected ", like.sizes());
 }
@@ -59,52 +63,65 @@ inline void per_channel(const Layout& L, F f) {
 
 // Row reductions over contiguous runs, in plain functions on restrict pointers so that
 // they vectorize as unit-stride loops.
-inline float sum1(const float* __restrict a, int64_t n) {
+template <typename T>
+inline float sum1(const T* __restrict a, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += a[j];
+  for (int64_t j = 0; j < n; ++j) s += to_f32(a[j]);
   return s;
 }
 
-inline float sum_sq_dev(const float* __restrict a, float m, int64_t n) {
+template <typename T>
+inline float sum_sq_dev(const T* __restrict a, float m, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += (a[j] - m) * (a[j] - m);
+  for (int64_t j = 0; j < n; ++j) s += (to_f32(a[j]) - m) * (to_f32(a[j]) - m);
   return s;
 }
 
 // The same sums accumulated in double, for a channel whose float row sums overflowed
 // (values near float's range, as torch's own kernel, which accumulates in double, still
 // normalizes): rare, so the fast float loops serve every other channel.
-inline double sum1_double(const float* __restrict a, int64_t n) {
+template <typename T>
+inline double sum1_double(const T* __restrict a, int64_t n) {
   double s = 0.0;
-  for (int64_t j = 0; j < n; ++j) s += a[j];
+  for (int64_t j = 0; j < n; ++j) s += to_f32(a[j]);
   return s;
 }
 
-inline double sum_sq_dev_double(const float* __restrict a, double m, int64_t n) {
+template <typename T>
+inline double sum_sq_dev_double(const T* __restrict a, double m, int64_t n) {
   double s = 0.0;
-  for (int64_t j = 0; j < n; ++j) s += (a[j] - m) * (a[j] - m);
+  for (int64_t j = 0; j < n; ++j) s += (to_f32(a[j]) - m) * (to_f32(a[j]) - m);
   return s;
 }
 
-inline void sum_and_dot(const float* __restrict v, const float* __restrict x, int64_t n,
+template <typename T>
+inline void sum_and_dot(const T* __restrict v, const float* __restrict x, int64_t n,
                         double& sv, double& sxv) {
   float a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t j = 0; j < n; ++j) {
-    a += v[j];
-    b += x[j] * v[j];
+    a += to_f32(v[j]);
+    b += x[j] * to_f32(v[j]);
   }
   sv += a;
   sxv += b;
 }
 
-inline float dot(const float* __restrict u, const float* __restrict v, int64_t n) {
+template <typename TU, typename TV>
+inline float dot(const TU* __restrict u, const TV* __restrict v, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += u[j] * v[j];
+  for (int64_t j = 0; j < n; ++j) s += to_f32(u[j]) * to_f32(v[j]);
   return s;
+}
+
+// a result shaped like `like` in `dtype` (None: float32)
+at::Tensor result_like(const at::Tensor& like, c10::optional<at::ScalarType> dtype) {
+  auto out = at::empty_like(like, like.options().dtype(dtype.value_or(at::kFloat)));
+  check_f32_or_bf16(out, "batch norm result");
+  return out;
 }
 
 const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t c, const char* what) {
@@ -124,19 +141,23 @@ const float* chan_ptr(const at::Tensor& t, int64_t c, const char* what) {
 // The sweep of the chain (v = δ) and of the backward (v = ā, plus the second-order term s).
 at::Tensor scaled_project(const at::Tensor& v, const at::Tensor& xhat, const at::Tensor& k,
                           const c10::optional<at::Tensor>& s, at::Tensor& sum_v,
-                          at::Tensor& sum_xv) {
+                          at::Tensor& sum_xv, c10::optional<at::ScalarType> out_dtype) {
   check_f32(xhat, "xhat");
   check_like(v, xhat, "v");
-  if (s.has_value()) check_like(*s, xhat, "s");
+  if (s.has_value()) {
+    check_like(*s, xhat, "s");
+    check_f32(*s, "s");
+  }
   const Layout L = layout_of(v);
   const float* kp = chan_ptr(k, L.c, "k");
-  auto out = at::empty_like(v);
-  sum_v = at::empty({L.c}, v.options());
-  sum_xv = at::empty({L.c}, v.options());
-  const float *vp = v.data_ptr<float>(), *xp = xhat.data_ptr<float>();
+  auto out = result_like(v, out_dtype);
+  sum_v = at::empty({L.c}, xhat.options());
+  sum_xv = at::empty({L.c}, xhat.options());
+  const float* xp = xhat.data_ptr<float>();
   const float* spp = s.has_value() ? s->data_ptr<float>() : nullptr;
-  float *op = out.data_ptr<float>(), *sv = sum_v.data_ptr<float>();
-  float* sxv = sum_xv.data_ptr<float>();
+  float *sv = sum_v.data_ptr<float>(), *sxv = sum_xv.data_ptr<float>();
+  with_storage(v, out, [&](const auto* vp, auto* op) {
+  using TO = std::remove_pointer_t<decltype(op)>;
   per_channel(L, [&](int64_t c) {
     double a = 0.0, ax = 0.0;
     rows(L, c, [&](int64_t o) { sum_and_dot(vp + o, xp + o, L.s, a, ax); });
@@ -144,20 +165,23 @@ at::Tensor scaled_project(const at::Tensor& v, const at::Tensor& xhat, const at:
     const float mx = static_cast<float>(ax / L.count());
     const float kc = kp[c];
     rows(L, c, [&](int64_t o) {
-      const float* __restrict vo = vp + o;
+      const auto* __restrict vo = vp + o;
       const float* __restrict xo = xp + o;
-      float* __restrict oo = op + o;
+      TO* __restrict oo = op + o;
       if (spp) {
         const float* __restrict so = spp + o;
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (vo[j] - m - xo[j] * mx) + so[j];
+        for (int64_t j = 0; j < L.s; ++j)
+          oo[j] = from_f32<TO>(kc * (to_f32(vo[j]) - m - xo[j] * mx) + so[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) oo[j] = kc * (vo[j] - m - xo[j] * mx);
+        for (int64_t j = 0; j < L.s; ++j)
+          oo[j] = from_f32<TO>(kc * (to_f32(vo[j]) - m - xo[j] * mx));
       }
     });
     sv[c] = static_cast<float>(a);
     sxv[c] = static_cast<float>(ax);
+  });
   });
   return out;
 }
@@ -165,20 +189,25 @@ at::Tensor scaled_project(const at::Tensor& v, const at::Tensor& xhat, const at:
 }  // namespace
 
 std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::Tensor>& gamma,
-                                   const c10::optional<at::Tensor>& beta, double eps) {
-  check_f32(a, "a");
+                                   const c10::optional<at::Tensor>& beta, double eps,
+                                   c10::optional<at::ScalarType> out_dtype) {
+  check_f32_or_bf16(a, "a");
   const Layout L = layout_of(a);
   const float* g = opt_ptr(gamma, L.c, "gamma");
   const float* b = opt_ptr(beta, L.c, "beta");
-  // without an affine y is x̂ itself: one tensor, not two equal ones
+  const auto y_dtype = out_dtype.value_or(at::kFloat);
+  // without an affine and with a float32 y, y is x̂ itself: one tensor, not two equal ones
   const bool affine = g != nullptr || b != nullptr;
-  auto xhat = at::empty_like(a);
-  auto y = affine ? at::empty_like(a) : xhat;
-  auto inv_std = at::empty({L.c}, a.options());
-  auto mean = at::empty({L.c}, a.options()), var = at::empty({L.c}, a.options());
-  const float* ap = a.data_ptr<float>();
-  float *yp = y.data_ptr<float>(), *xp = xhat.data_ptr<float>();
+  const bool y_is_xhat = !affine && y_dtype == at::kFloat;
+  auto xhat = at::empty_like(a, a.options().dtype(at::kFloat));
+  auto y = y_is_xhat ? xhat : result_like(a, y_dtype);
+  const auto f32 = xhat.options();
+  auto inv_std = at::empty({L.c}, f32);
+  auto mean = at::empty({L.c}, f32), var = at::empty({L.c}, f32);
+  float* xp = xhat.data_ptr<float>();
   float *ip = inv_std.data_ptr<float>(), *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
+  with_storage(a, y, [&](const auto* ap, auto* yp) {
+  using TO = std::remove_pointer_t<decltype(yp)>;
   per_channel(L, [&](int64_t c) {
     double sum = 0.0;
     rows(L, c, [&](int64_t o) { sum += sum1(ap + o, L.s); });
@@ -198,24 +227,25 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
     const float inv = static_cast<float>(1.0 / std::sqrt(v + eps));
     const float gc = g ? g[c] : 1.f, bc = b ? b[c] : 0.f;
     rows(L, c, [&](int64_t o) {
-      const float* __restrict src = ap + o;
+      const auto* __restrict src = ap + o;
       float* __restrict xo = xp + o;
-      float* __restrict yo = yp + o;
-      if (affine) {
+      TO* __restrict yo = yp + o;
+      if (!y_is_xhat) {
 #pragma omp simd
         for (int64_t j = 0; j < L.s; ++j) {
-          const float x = (src[j] - m) * inv;
+          const float x = (to_f32(src[j]) - m) * inv;
           xo[j] = x;
-          yo[j] = gc * x + bc;
+          yo[j] = from_f32<TO>(gc * x + bc);
         }
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) xo[j] = (src[j] - m) * inv;
+        for (int64_t j = 0; j < L.s; ++j) xo[j] = (to_f32(src[j]) - m) * inv;
       }
     });
     ip[c] = inv;
     mp[c] = m;
     vp[c] = static_cast<float>(v);
+  });
   });
   return {y, xhat, chan_shaped(inv_std, a), mean, var};
 }
@@ -223,14 +253,15 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
 std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat) {
   const Layout L = layout_of(v);
   at::Tensor sv, sxv;
-  auto out = scaled_project(v, xhat, at::ones({L.c}, v.options()), c10::nullopt, sv, sxv);
+  auto out = scaled_project(v, xhat, at::ones({L.c}, xhat.options()), c10::nullopt, sv, sxv,
+                            c10::nullopt);
   return {out, chan_shaped(sxv.div_(L.count()), v)};
 }
 
 std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat,
-                                 const at::Tensor& k) {
+                                 const at::Tensor& k, c10::optional<at::ScalarType> out_dtype) {
   at::Tensor sd, sxd;
-  auto out = scaled_project(d, xhat, k, c10::nullopt, sd, sxd);
+  auto out = scaled_project(d, xhat, k, c10::nullopt, sd, sxd, out_dtype);
   const double count = layout_of(d).count();
   return {out, sd.div_(count), sxd.div_(count)};  // mean(δ), mean(x̂ δ)
 }
@@ -239,7 +270,8 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
                                    const at::Tensor& d, const at::Tensor& k,
                                    const at::Tensor& inv_std,
                                    const c10::optional<at::Tensor>& gamma,
-                                   const at::Tensor& md, const at::Tensor& mxd) {
+                                   const at::Tensor& md, const at::Tensor& mxd,
+                                   c10::optional<at::ScalarType> out_dtype) {
   check_f32(xhat, "xhat");
   check_like(r, xhat, "r");
   check_like(d, xhat, "delta");
@@ -249,11 +281,13 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
   const float* mdp = chan_ptr(md, L.c, "mean(δ)");
   const float* mxdp = chan_ptr(mxd, L.c, "mean(x̂ δ)");
   const float* g = opt_ptr(gamma, L.c, "gamma");
-  auto out = at::empty_like(r), s = at::empty_like(r);
-  auto tan_gamma = at::empty({L.c}, r.options());
-  const float *rp = r.data_ptr<float>(), *xp = xhat.data_ptr<float>(), *dp = d.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *sp = s.data_ptr<float>();
+  auto out = result_like(r, out_dtype), s = at::empty_like(xhat);
+  auto tan_gamma = at::empty({L.c}, xhat.options());
+  const float* xp = xhat.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
   float* tg = tan_gamma.data_ptr<float>();
+  auto sweep = [&](const auto* rp, auto* op, const auto* dp) {
+  using TO = std::remove_pointer_t<decltype(op)>;
   per_channel(L, [&](int64_t c) {
     double sr = 0.0, sxr = 0.0, sdr = 0.0;
     rows(L, c, [&](int64_t o) {
@@ -269,28 +303,37 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
     const float kc = kp[c], m_r = static_cast<float>(mr), mx_r = static_cast<float>(mxr);
     const float m_d = mdp[c], mx_d = mxdp[c];
     rows(L, c, [&](int64_t o) {
-      const float* __restrict ro = rp + o;
+      const auto* __restrict ro = rp + o;
       const float* __restrict xo = xp + o;
-      const float* __restrict dd = dp + o;
-      float* __restrict oo = op + o;
+      const auto* __restrict dd = dp + o;
+      TO* __restrict oo = op + o;
       float* __restrict so = sp + o;
 #pragma omp simd
       for (int64_t j = 0; j < L.s; ++j) {
-        const float pr = ro[j] - m_r - xo[j] * mx_r;
-        const float pd = dd[j] - m_d - xo[j] * mx_d;
-        oo[j] = kc * pr;
+        const float pr = to_f32(ro[j]) - m_r - xo[j] * mx_r;
+        const float pd = to_f32(dd[j]) - m_d - xo[j] * mx_d;
+        oo[j] = from_f32<TO>(kc * pr);
         so[j] = coef * (xo[j] * dots + mx_r * pd + mx_d * pr);
       }
     });
     tg[c] = static_cast<float>(d_pr) * ip[c];
   });
+  };
+  with_storage(r, out, [&](const auto* rp, auto* op) {
+    if (d.scalar_type() == at::kBFloat16) {
+      sweep(rp, op, d.const_data_ptr<bf16>());
+    } else {
+      sweep(rp, op, d.const_data_ptr<float>());
+    }
+  });
   return {out, s, tan_gamma};
 }
 
 std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
-                                    const at::Tensor& k, const c10::optional<at::Tensor>& s) {
+                                    const at::Tensor& k, const c10::optional<at::Tensor>& s,
+                                    c10::optional<at::ScalarType> out_dtype) {
   at::Tensor g_sum, g_xhat;
-  auto out = scaled_project(abar, xhat, k, s, g_sum, g_xhat);
+  auto out = scaled_project(abar, xhat, k, s, g_sum, g_xhat, out_dtype);
   return {out, g_xhat, g_sum};
 }
 

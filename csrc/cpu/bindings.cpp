@@ -5,7 +5,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradreg-kernels fused CPU kernels (float32; bf16 where CPU autocast needs it)";
-  m.def("mask_forward", &gradreg::mask_forward, "y = z>0 ? z : lo z and the packed bit mask",
+  m.def("mask_forward", &gradreg::mask_forward, "y = z>0 ? z : lo z, the packed bit mask, whether every z is finite",
         pybind11::arg("z"), pybind11::arg("lo"), pybind11::arg("out_dtype") = pybind11::none());
   m.def("mask_apply", &gradreg::mask_apply, "t ⊙ (bit ? hi : lo)", pybind11::arg("bits"),
         pybind11::arg("t"), pybind11::arg("hi"), pybind11::arg("lo"),
@@ -27,13 +27,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d", &gradreg::max_pool2d, "max pooling and the flat argmax per plane");
   m.def("pool_gather", &gradreg::pool_gather, "r[idx] per plane");
   m.def("pool_scatter", &gradreg::pool_scatter, "scatter-add of d into idx per plane");
-  m.def("bn_forward", &gradreg::bn_forward, "train-mode batch norm forward per channel");
+  auto none = pybind11::none();
+  m.def("bn_forward", &gradreg::bn_forward, "train-mode batch norm forward per channel",
+        pybind11::arg("a"), pybind11::arg("gamma"), pybind11::arg("beta"), pybind11::arg("eps"),
+        pybind11::arg("out_dtype") = none);
   m.def("bn_project", &gradreg::bn_project, "P v and mean(x̂ v) per channel");
-  m.def("bn_chain", &gradreg::bn_chain, "k P δ, mean(δ), mean(x̂ δ) per channel");
-  m.def("bn_tangent", &gradreg::bn_tangent, "k P r, the second-order term s, Σ δ P r / σ");
+  m.def("bn_chain", &gradreg::bn_chain, "k P δ, mean(δ), mean(x̂ δ) per channel",
+        pybind11::arg("d"), pybind11::arg("xhat"), pybind11::arg("k"),
+        pybind11::arg("out_dtype") = none);
+  m.def("bn_tangent", &gradreg::bn_tangent, "k P r, the second-order term s, Σ δ P r / σ",
+        pybind11::arg("r"), pybind11::arg("xhat"), pybind11::arg("d"), pybind11::arg("k"),
+        pybind11::arg("inv_std"), pybind11::arg("gamma"), pybind11::arg("md"),
+        pybind11::arg("mxd"), pybind11::arg("out_dtype") = none);
   m.def("bn_backward", &gradreg::bn_backward, "k P ā (+ s), Σ ā x̂, Σ ā per channel",
         pybind11::arg("abar"), pybind11::arg("xhat"), pybind11::arg("k"),
-        pybind11::arg("s") = pybind11::none());
+        pybind11::arg("s") = none, pybind11::arg("out_dtype") = none);
   m.def("sum_squares", &gradreg::sum_squares, "Σ t² as a 0-dim tensor (double accumulation)");
   m.def("all_finite", &gradreg::all_finite, "whether every value of t is finite");
   m.def("all_finite_many", &gradreg::all_finite_many,

@@ -16,8 +16,9 @@ namespace gradreg {
 // ---- masked (piecewise-linear) steps: ReLU, LeakyReLU, Dropout -----------------------
 // Masks are packed bits, bit i of byte i/8 for element i (set: the "hi" branch).
 // Operands float32 or bf16; the result in out_dtype (float32 or bf16; None: the operand's).
-std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo,
-                                                c10::optional<at::ScalarType> out_dtype);
+// mask_forward also says whether every z is finite (checked in the same sweep).
+std::tuple<at::Tensor, at::Tensor, bool> mask_forward(const at::Tensor& z, double lo,
+                                                      c10::optional<at::ScalarType> out_dtype);
 at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
                       c10::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
@@ -53,17 +54,23 @@ at::Tensor pool_gather(const at::Tensor& r, const at::Tensor& idx);
 at::Tensor pool_scatter(const at::Tensor& d, const at::Tensor& idx, int64_t plane);
 
 // ---- train-mode batch norm, per channel over (N, C, S) --------------------------------
+// The operands a, v, δ, r, ā are float32 or bf16; y and the k P(·) results are written in
+// out_dtype (None: float32); x̂, s and the per-channel statistics are float32.
 std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::Tensor>& gamma,
-                                   const c10::optional<at::Tensor>& beta, double eps);
+                                   const c10::optional<at::Tensor>& beta, double eps,
+                                   c10::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat);
-std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat, const at::Tensor& k);
+std::vector<at::Tensor> bn_chain(const at::Tensor& d, const at::Tensor& xhat, const at::Tensor& k,
+                                 c10::optional<at::ScalarType> out_dtype);
 std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
                                    const at::Tensor& d, const at::Tensor& k,
                                    const at::Tensor& inv_std,
                                    const c10::optional<at::Tensor>& gamma,
-                                   const at::Tensor& md, const at::Tensor& mxd);
+                                   const at::Tensor& md, const at::Tensor& mxd,
+                                   c10::optional<at::ScalarType> out_dtype);
 std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xhat,
-                                    const at::Tensor& k, const c10::optional<at::Tensor>& s);
+                                    const at::Tensor& k, const c10::optional<at::Tensor>& s,
+                                    c10::optional<at::ScalarType> out_dtype);
 at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b);
 
 // ---- products of a layer with few outputs (K small): one sweep each -------------------

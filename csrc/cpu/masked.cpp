@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -29,35 +30,43 @@ at::Tensor empty_bits(int64_t n, const at::Tensor& like) {
 }
 
 // Elements [16 g0, min(16 g1, n)) of y = max(z, 0) + lo·min(z, 0) and their bits: !(z <= 0)
-// for ReLU (lo = 0), z > 0 for LeakyReLU. y at a non-finite z is fixed up by the caller.
+// for ReLU (lo = 0), z > 0 for LeakyReLU. y at a non-finite z is fixed up by the caller;
+// returns whether every z of the range is finite (Σ (z − z) is NaN as soon as one is not:
+// the check rides on the sweep instead of costing one of its own).
 template <typename TI, typename TO>
-void mask_forward_range(const TI* __restrict z, TO* __restrict y, uint8_t* __restrict bits,
+bool mask_forward_range(const TI* __restrict z, TO* __restrict y, uint8_t* __restrict bits,
                         float lo, int64_t g0, int64_t g1, int64_t n) {
   int64_t i = g0 * 16;
   const int64_t end = std::min(g1 * 16, n);
+  float finite = 0.f;
 #if defined(__AVX512F__)
   const __m512 zero = _mm512_setzero_ps(), l = _mm512_set1_ps(lo);
   const bool relu = lo == 0.f;
+  __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= end; i += 16) {
     const __m512 v = load16(z + i);
+    acc = _mm512_add_ps(acc, _mm512_sub_ps(v, v));
     const __mmask16 m = relu ? _mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ)
                              : _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
     store16(y + i, _mm512_mask_blend_ps(m, _mm512_mul_ps(v, l), v));
     const uint16_t mb = static_cast<uint16_t>(m);
     std::memcpy(bits + i / 8, &mb, 2);
   }
+  finite = _mm512_reduce_add_ps(acc);
 #endif
   for (; i < end; i += 8) {
     uint8_t byte = 0;
     const int64_t m = std::min<int64_t>(8, end - i);
     for (int64_t k = 0; k < m; ++k) {
       const float v = to_f32(z[i + k]);
+      finite += v - v;
       y[i + k] = from_f32<TO>(std::fmax(v, 0.f) + lo * std::fmin(v, 0.f));
       const bool on = lo == 0.f ? !(v <= 0.f) : v > 0.f;
       byte |= static_cast<uint8_t>(on) << k;
     }
     bits[i / 8] = byte;
   }
+  return !std::isnan(finite);
 }
 
 template <typename TI, typename TO>
@@ -87,8 +96,8 @@ void mask_apply_range(const uint8_t* __restrict bits, const TI* __restrict t,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo,
-                                                c10::optional<at::ScalarType> out_dtype) {
+std::tuple<at::Tensor, at::Tensor, bool> mask_forward(const at::Tensor& z, double lo,
+                                                      c10::optional<at::ScalarType> out_dtype) {
   check_f32_or_bf16(z, "z");
   const int64_t n = z.numel();
   auto y = at::empty_like(z, z.options().dtype(out_dtype.value_or(z.scalar_type())));
@@ -96,12 +105,13 @@ std::tuple<at::Tensor, at::Tensor> mask_forward(const at::Tensor& z, double lo,
   auto bits = empty_bits(n, z);
   uint8_t* bp = bits.data_ptr<uint8_t>();
   const float l = static_cast<float>(lo);
+  std::atomic<bool> finite{true};
   with_storage(z, y, [&](const auto* zp, auto* yp) {
     at::parallel_for(0, (n + 15) / 16, kGrainGroups, [&](int64_t g0, int64_t g1) {
-      mask_forward_range(zp, yp, bp, l, g0, g1, n);
+      if (!mask_forward_range(zp, yp, bp, l, g0, g1, n)) finite = false;
     });
   });
-  return {y, bits};
+  return {y, bits, finite.load()};
 }
 
 at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,

@@ -180,9 +180,16 @@ def _dense(*ts: Tensor | None) -> bool:
     return True
 
 
+def _bn_operand(t: Tensor, low: torch.dtype | None) -> bool:
+    """Whether the batch-norm kernels read t: a float32 CPU tensor, or bf16 under autocast
+    with native products (``low``)."""
+    return t.is_cpu and (t.dtype == torch.float32 or (low is not None and t.dtype == low
+                                                      and t.dtype == torch.bfloat16))
+
+
 def _widened(*ts: Tensor | None) -> list[Tensor | None]:
-    """Under autocast with native products, bf16 operands as float32 (the kernels that
-    compute in float32: batch norm, heads); else the operands as they are."""
+    """Under autocast with native products, bf16 operands as float32 (the kernels that read
+    float32 only: heads, batch norm's s, channel sums); else the operands as they are."""
     if cpu_autocast.product_dtype() is None:
         return list(ts)
     return [_f32(t) if t is not None and t.dtype == torch.bfloat16 else t for t in ts]
@@ -367,8 +374,10 @@ class CpuBackend(TorchBackend):
             return super().act_forward(spec, z)
         if spec.name in ("relu", "leaky_relu"):  # y in the products' dtype under autocast
             lo = 0.0 if spec.name == "relu" else spec.params[0]
-            y, bits = self.ext.mask_forward(z, lo, low)
-            return self._as_torch_where_not_finite(spec, z, y), _Masked(bits, 1.0, lo)
+            y, bits, finite = self.ext.mask_forward(z, lo, low)
+            if not finite:
+                self._torch_values_where_not_finite(spec, z, y)
+            return y, _Masked(bits, 1.0, lo)
         kind = _SMOOTH_KINDS.get(spec.name)
         if kind is None:
             return super().act_forward(spec, z)
@@ -381,16 +390,13 @@ class CpuBackend(TorchBackend):
         from_output = derivs_from_output(spec)
         return y, _SmoothState(y if from_output else z, kind, p[0], p[1], from_output, special)
 
-    def _as_torch_where_not_finite(self, spec: ActivationSpec, z: Tensor, y: Tensor) -> Tensor:
-        """y with torch's own σ at every NaN / ±inf of z. The kernels' branch-free forms
+    @staticmethod
+    def _torch_values_where_not_finite(spec: ActivationSpec, z: Tensor, y: Tensor) -> None:
+        """Sets y to torch's own σ at every NaN / ±inf of z. The kernels' branch-free forms
         (selects for min / max, blends by 0/1 factors) are exact for finite z but would turn
-        tanh(NaN) into −1 or ReLU(−inf) into NaN; one read of z (the sweep of
-        ``all_finite``) finds the rare step that has such a value."""
-        if self.ext.all_finite(z):
-            return y
+        ReLU(−inf) into NaN; the mask sweep itself says whether z has such a value."""
         bad = ~torch.isfinite(z)
         y[bad] = spec.value(z[bad]).to(y.dtype)
-        return y
 
     def _mask_apply(self, saved: _Masked, t: Tensor) -> Tensor:
         """t ⊙ (bit ? hi : lo). Under autocast with native products: read as t comes, written
@@ -584,53 +590,56 @@ class CpuBackend(TorchBackend):
     # BatchNorm1d on (N, C): the kernels sweep each channel's values as contiguous rows, so a
     # (N, C) operand runs as its channel-major copy (1, C, N); the copies cost a few
     # microseconds where a strided sweep would cost a cache line per value.
+    # Under autocast with native products the kernels read bf16 operands as they come and
+    # write y and k P(·) in bf16 (the dtype the next product reads); x̂, s and the statistics
+    # stay float32.
     def bn_train_forward(
         self, a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        (a,) = _widened(a)  # batch norm computes and keeps float32 under autocast
-        if not _f32_dense(a, gamma, beta):
+        low = cpu_autocast.product_dtype()
+        if not (_bn_operand(a, low) and _f32_dense(gamma, beta)):
             return super().bn_train_forward(a, gamma, beta, eps)
-        y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps)
+        y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps, low)
         xhat_r = _rmajor(xhat, a)
         y_r = xhat_r if y is xhat else _rmajor(y, a)  # no affine: y is x̂, kept once
         return y_r, xhat_r, channel_view(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
-        (v,) = _widened(v)
-        if not _f32_dense(xhat) or v.dtype != torch.float32:
+        if not _f32_dense(xhat) or not _bn_operand(v, cpu_autocast.product_dtype()):
             return super().bn_project(v, xhat)
         pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
         return _rmajor(pv, xhat), channel_view(mx, xhat)
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
                  ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
-        (d,) = _widened(d)
-        if not _f32_dense(xhat, k) or d.dtype != torch.float32:
+        low = cpu_autocast.product_dtype()
+        if not _f32_dense(xhat, k) or not _bn_operand(d, low):
             return super().bn_chain(d, xhat, k)
         d = _cmajor(d)
-        out, md, mxd = self.ext.bn_chain(d, _cmajor(xhat), k)
+        out, md, mxd = self.ext.bn_chain(d, _cmajor(xhat), k, low)
         return _rmajor(out, xhat), _BnChain(d, md, mxd), (md, mxd)
 
     def bn_tangent(
         self, saved: Saved, r: Tensor, xhat: Tensor, k: Tensor, inv_std: Tensor,
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        (r,) = _widened(r)
-        if not isinstance(saved, _BnChain) or r.dtype != torch.float32:
+        low = cpu_autocast.product_dtype()
+        if not isinstance(saved, _BnChain) or not _bn_operand(r, low):
             return super().bn_tangent(saved, r, xhat, k, inv_std, gamma_c)
         gamma = None if gamma_c.dim() == 0 else gamma_c.reshape(-1).contiguous()
         out, s, tan_gamma = self.ext.bn_tangent(_cmajor(r), _cmajor(xhat), saved.d, k,
                                                 inv_std.reshape(-1).contiguous(), gamma,
-                                                saved.md, saved.mxd)
+                                                saved.md, saved.mxd, low)
         return _rmajor(out, xhat), _rmajor(s, xhat), tan_gamma
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
-        abar, s = _widened(abar, s)
-        if not _f32_dense(xhat, k, s) or abar.dtype != torch.float32:
+        low = cpu_autocast.product_dtype()
+        (s,) = _widened(s)
+        if not _f32_dense(xhat, k, s) or not _bn_operand(abar, low):
             return super().bn_backward(abar, xhat, k, s)
         out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
-                                                  None if s is None else _cmajor(s))
+                                                  None if s is None else _cmajor(s), low)
         return _rmajor(out, xhat), g_xhat, g_sum
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:

@@ -2,12 +2,12 @@
 
 Outside autocast every tensor of the step is float32. Under ``torch.autocast("cpu", dtype)``:
 
-- where oneDNN has native products in ``dtype`` (bf16 on CPUs with AVX-512 BF16 or AMX;
-  float16 on CPUs with AVX-512 FP16 or AMX-FP16), the products run in it with float32
-  accumulation and the tensors they read and write are stored in it;
-- where it has not, a product in ``dtype`` is emulated and costs tens of times a float32
-  one (float16 on an AVX-512 CPU without FP16: 78 ms against 1.2 ms for 256×784 by 784×512),
-  so the step runs in float32 as if autocast were off, and says so once.
+- bf16 on a CPU where oneDNN multiplies it natively (AVX-512 BF16 or AMX): the products run
+  in bf16 with float32 accumulation and the tensors they read and write are stored in bf16;
+- anything else (bf16 where oneDNN would emulate it, or float16, for which the backend's
+  kernels have no reduced-precision path): the step runs in float32 as if autocast were
+  off, and says so once. An emulated product costs tens of times a float32 one (float16
+  on an AVX-512 CPU without FP16: 78 ms against 1.2 ms for 256×784 by 784×512).
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ def autocast_dtype() -> torch.dtype | None:
 
 
 def product_dtype() -> torch.dtype | None:
-    """The dtype the products run in: the autocast dtype where it is native here, else None
-    (float32: outside autocast, or under an autocast dtype this CPU only emulates)."""
+    """bf16 where the step runs in it (bf16 autocast, native here), else None (float32)."""
     dtype = autocast_dtype()
-    return dtype if dtype is not None and native(dtype) else None
+    return dtype if dtype == torch.bfloat16 and native(dtype) else None
 
 
 _SAID: set[torch.dtype] = set()
@@ -53,12 +52,13 @@ def float32_scope() -> contextlib.AbstractContextManager:
     """A context for the whole fused step: autocast turned off where its dtype is emulated
     here (said once per dtype), else nothing changed."""
     dtype = autocast_dtype()
-    if dtype is None or native(dtype):
+    if dtype is None or product_dtype() is not None:
         return contextlib.nullcontext()
     if dtype not in _SAID:
         _SAID.add(dtype)
-        warnings.warn(f"gradreg_kernels: this CPU has no native {dtype} products (oneDNN "
-                      f"would emulate them, tens of times slower than float32); the cpu "
-                      f"backend runs the fused step in float32 under this autocast",
-                      RuntimeWarning, stacklevel=3)
+        why = (f"this CPU has no native {dtype} products (oneDNN would emulate them, tens "
+               f"of times slower than float32)" if not native(dtype) else
+               f"its reduced-precision kernels are bf16, not {dtype}")
+        warnings.warn(f"gradreg_kernels: the cpu backend runs the fused step in float32 "
+                      f"under this autocast: {why}", RuntimeWarning, stacklevel=3)
     return torch.autocast("cpu", enabled=False)
