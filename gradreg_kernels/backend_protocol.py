@@ -108,6 +108,10 @@ class Products(Protocol):
         """The transposed convolution (N, O, H', W') → (N, C, H, W)."""
         ...
 
+    def conv2d_bias_grad(self, d: Tensor) -> Tensor:
+        """Σ_{n,h,w} d: (N, O, H', W') → (O,), in float32 at least."""
+        ...
+
     def conv2d_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]], w: Tensor,
                            geom: ConvGeom) -> Tensor:
         """Σ_k of the weight gradient of ⟨d_k, conv(a_k, W)⟩: the shape of ``w``."""

@@ -216,3 +216,13 @@ def test_reductions_read_bf16():
     assert _ext().all_finite(t)
     t[12_345] = float("inf")
     assert not _ext().all_finite(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (1, 2, 1, 1), (4, 33, 2, 3)])
+def test_conv_bias_gradient_sums_each_channel_in_float32(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    d = torch.randn(shape, generator=g).to(dtype)
+    got = get_backend("cpu", torch.device("cpu")).conv2d_bias_grad(d)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), d.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)

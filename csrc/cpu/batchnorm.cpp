@@ -8,6 +8,7 @@
 //   tangent:  k P ṙ, s, and Σ δ Pṙ / σ per channel, from δ, ṙ, x̂ in two sweeps
 //   backward: k P ā (+ s), Σ ā x̂ and Σ ā per channel
 //   dot:      Σ a ⊙ b per channel (an affine's γ terms after the per-sample norms)
+//   sum:      Σ t per channel (a convolution's bias gradient), in double
 // Under CPU autocast the operands a, v, δ, ṙ may be bf16 and the results y and k P(·) are
 // written in the requested dtype (lanes.h); x̂, s and every statistic stay float32.
 #include <ATen/Parallel.h>
@@ -335,6 +336,26 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xh
   at::Tensor g_sum, g_xhat;
   auto out = scaled_project(abar, xhat, k, s, g_sum, g_xhat, out_dtype);
   return {out, g_xhat, g_sum};
+}
+
+at::Tensor channel_sum(const at::Tensor& t) {
+  check_f32_or_bf16(t, "t");
+  const Layout L = layout_of(t);
+  auto out = at::empty({L.c}, t.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  auto sweep = [&](const auto* tp) {
+    per_channel(L, [&](int64_t c) {
+      double acc = 0.0;
+      rows(L, c, [&](int64_t o) { acc += sum1(tp + o, L.s); });
+      op[c] = static_cast<float>(acc);
+    });
+  };
+  if (t.scalar_type() == at::kBFloat16) {
+    sweep(t.const_data_ptr<bf16>());
+  } else {
+    sweep(t.const_data_ptr<float>());
+  }
+  return out;
 }
 
 // Σ a ⊙ b over the N·S values of each channel of (N, C, S) operands, accumulated in double:

@@ -46,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("all_finite", &gradreg::all_finite, "whether every value of t is finite");
   m.def("all_finite_many", &gradreg::all_finite_many,
         "whether every value of every tensor is finite (one thread)");
+  m.def("channel_sum", &gradreg::channel_sum, "Σ t per channel of (N, C, S) (float32 result)");
   m.def("channel_dot", &gradreg::channel_dot, "Σ a ⊙ b per channel of (N, C, S) operands");
   m.def("thin_linear", &gradreg::thin_linear, "a Wᵀ (+ b) for a few outputs",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());

@@ -72,6 +72,8 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xh
                                     const at::Tensor& k, const c10::optional<at::Tensor>& s,
                                     c10::optional<at::ScalarType> out_dtype);
 at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b);
+// Σ t per channel of an (N, C, S) operand (float32 or bf16), float32 (C,)
+at::Tensor channel_sum(const at::Tensor& t);
 
 // ---- products of a layer with few outputs (K small): one sweep each -------------------
 at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& b);

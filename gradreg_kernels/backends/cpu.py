@@ -510,6 +510,12 @@ class CpuBackend(TorchBackend):
         return self.ext.softmax_hvp(p, t.contiguous())
 
     # ---- convolutions ------------------------------------------------------------------
+    def conv2d_bias_grad(self, d: Tensor) -> Tensor:
+        """Σ_{n,h,w} d per channel in one sweep (double sums), float32 or bf16 d."""
+        if not _dense(d) or d.dim() != 4:
+            return super().conv2d_bias_grad(d)
+        return self.ext.channel_sum(d)
+
     def conv2d_weight_grad(self, pairs: Sequence[tuple[Tensor, Tensor]], w: Tensor,
                            geom: ConvGeom) -> Tensor:
         """As TorchBackend's; under autocast each pair's product (in bf16, as torch's) is

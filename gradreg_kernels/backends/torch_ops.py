@@ -114,6 +114,10 @@ class TorchBackend:
         )
         return F.conv_transpose2d(d, w, None, stride, padding, out_pad, groups, dilation)
 
+    def conv2d_bias_grad(self, d: Tensor) -> Tensor:
+        """Σ_{n,h,w} d: (N, O, H', W') → (O,); a 16-bit d (autocast) sums into float32."""
+        return d.sum((0, 2, 3), dtype=torch.promote_types(d.dtype, torch.float32))
+
     def conv2d_weight_grad(
         self, pairs: Sequence[tuple[Tensor, Tensor]], w: Tensor, geom: ConvGeom
     ) -> Tensor:

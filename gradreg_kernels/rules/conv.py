@@ -72,8 +72,7 @@ class Conv2dRule(Rule):
             gw = self.kernels.conv2d_weight_grad([(abar, self.a)], self.wp, self.geom)
             self.gw = self.add_tangent_term(gw)
         if wants_grad(self.b):
-            # a bf16 z̄ (autocast) sums into a float32 gradient
-            self.gb = abar.sum((0, 2, 3), dtype=torch.promote_types(abar.dtype, torch.float32))
+            self.gb = self.kernels.conv2d_bias_grad(abar)
         if not need_input_grad:
             return None
         return self.kernels.conv2d_input_grad(abar, self.wp, self.in_shape, self.geom)
