@@ -511,8 +511,9 @@ class CpuBackend(TorchBackend):
 
     # ---- convolutions ------------------------------------------------------------------
     def conv2d_bias_grad(self, d: Tensor) -> Tensor:
-        """Σ_{n,h,w} d per channel in one sweep (double sums), float32 or bf16 d."""
-        if not _dense(d) or d.dim() != 4:
+        """A bf16 d (autocast): Σ_{n,h,w} per channel in one sweep into float32, where torch
+        would widen d first; float32 d: torch's own (cascade) sum."""
+        if d.dtype != torch.bfloat16 or not _dense(d) or d.dim() != 4:
             return super().conv2d_bias_grad(d)
         return self.ext.channel_sum(d)
 
