@@ -321,11 +321,7 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
   });
   };
   with_storage(r, out, [&](const auto* rp, auto* op) {
-    if (d.scalar_type() == at::kBFloat16) {
-      sweep(rp, op, d.const_data_ptr<bf16>());
-    } else {
-      sweep(rp, op, d.const_data_ptr<float>());
-    }
+    with_values(d, [&](const auto* dp) { sweep(rp, op, dp); });
   });
   return {out, s, tan_gamma};
 }
@@ -343,18 +339,13 @@ at::Tensor channel_sum(const at::Tensor& t) {
   const Layout L = layout_of(t);
   auto out = at::empty({L.c}, t.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  auto sweep = [&](const auto* tp) {
+  with_values(t, [&](const auto* tp) {
     per_channel(L, [&](int64_t c) {
       double acc = 0.0;
       rows(L, c, [&](int64_t o) { acc += sum1(tp + o, L.s); });
       op[c] = static_cast<float>(acc);
     });
-  };
-  if (t.scalar_type() == at::kBFloat16) {
-    sweep(t.const_data_ptr<bf16>());
-  } else {
-    sweep(t.const_data_ptr<float>());
-  }
+  });
   return out;
 }
 

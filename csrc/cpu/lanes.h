@@ -73,6 +73,13 @@ inline void store16(bf16* p, __m512 v) {
 }
 #endif
 
+// f(ptr) with t's element type (float32 or bf16).
+template <typename F>
+auto with_values(const at::Tensor& t, F f) {
+  return t.scalar_type() == at::kBFloat16 ? f(t.const_data_ptr<bf16>())
+                                          : f(t.const_data_ptr<float>());
+}
+
 // f(in_ptr, out_ptr) for two tensors of one element type (float32 or bf16).
 template <typename F>
 void with_same_storage(const at::Tensor& in, at::Tensor& out, F f) {

@@ -37,71 +37,46 @@ double chunked_sum(const at::Tensor& t, F f) {
 
 }  // namespace
 
-// Σ t² and Σ (t − t) over [b, e): float32 in a simd loop; bf16 widened 16 lanes at a time
-// (lanes.h: the element-wise widening does not vectorize inside a reduction)
-template <typename T>
-float sum_sq_range(const T* __restrict p, int64_t b, int64_t e) {
+// Σ term(t) over [b, e) (term: t² or t − t): float32 in a simd loop; bf16 widened 16 lanes
+// at a time (lanes.h: the element-wise widening does not vectorize inside a reduction).
+// term takes a float or a 16-lane vector (GCC vector arithmetic serves both).
+template <typename T, typename Term>
+float sum_range(const T* __restrict p, int64_t b, int64_t e, Term term) {
   float s = 0.f;
   int64_t i = b;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bf16>) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (; i + 32 <= e; i += 32) {
-      const __m512 v0 = load16(p + i), v1 = load16(p + i + 16);
-      acc0 = _mm512_fmadd_ps(v0, v0, acc0);
-      acc1 = _mm512_fmadd_ps(v1, v1, acc1);
+      acc0 += term(load16(p + i));
+      acc1 += term(load16(p + i + 16));
     }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    s = _mm512_reduce_add_ps(acc0 + acc1);
   }
 #endif
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = i; j < e; ++j) s += to_f32(p[j]) * to_f32(p[j]);
+  for (int64_t j = i; j < e; ++j) s += term(to_f32(p[j]));
   return s;
 }
 
-template <typename T>
-float nan_if_not_finite_range(const T* __restrict p, int64_t b, int64_t e) {
-  float s = 0.f;
-  int64_t i = b;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, bf16>) {
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= e; i += 16) {
-      const __m512 v = load16(p + i);
-      acc = _mm512_add_ps(acc, _mm512_sub_ps(v, v));
-    }
-    s = _mm512_reduce_add_ps(acc);
-  }
-#endif
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = i; j < e; ++j) s += to_f32(p[j]) - to_f32(p[j]);
-  return s;
-}
-
-// f(ptr) with t's element type (float32 or bf16)
-template <typename F>
-auto with_values(const at::Tensor& t, F f) {
+// Σ term(t) over the whole tensor, float sums per chunk added in double
+template <typename Term>
+double tensor_sum(const at::Tensor& t, Term term) {
   check_f32_or_bf16(t, "t");
-  return t.scalar_type() == at::kBFloat16 ? f(t.const_data_ptr<bf16>())
-                                          : f(t.const_data_ptr<float>());
+  return with_values(t, [&](const auto* p) {
+    return chunked_sum(t, [p, term](int64_t b, int64_t e) {
+      return static_cast<double>(sum_range(p, b, e, term));
+    });
+  });
 }
 
 at::Tensor sum_squares(const at::Tensor& t) {
-  const double total = with_values(t, [&](const auto* p) {
-    return chunked_sum(t, [p](int64_t b, int64_t e) {
-      return static_cast<double>(sum_sq_range(p, b, e));
-    });
-  });
+  const double total = tensor_sum(t, [](auto v) { return v * v; });
   return at::scalar_tensor(total, t.options().dtype(at::kFloat));
 }
 
 bool all_finite(const at::Tensor& t) {
-  const double total = with_values(t, [&](const auto* p) {
-    return chunked_sum(t, [p](int64_t b, int64_t e) {
-      return static_cast<double>(nan_if_not_finite_range(p, b, e));
-    });
-  });
-  return !std::isnan(total);
+  return !std::isnan(tensor_sum(t, [](auto v) { return v - v; }));
 }
 
 bool all_finite_many(const std::vector<at::Tensor>& ts) {

@@ -170,21 +170,22 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype).contiguous()
 
 
+def _dense_of(dtypes: tuple[torch.dtype, ...], ts: Sequence[Tensor | None]) -> bool:
+    """Whether every given operand is a contiguous CPU tensor of one of ``dtypes`` (None
+    counts as one)."""
+    return all(t is None or (t.dtype in dtypes and t.is_cpu and t.is_contiguous()) for t in ts)
+
+
 def _dense(*ts: Tensor | None) -> bool:
-    """Whether every given operand is a contiguous float32 or bf16 CPU tensor (the dtypes the
-    masked, pooling and reduction kernels read; None counts as one)."""
-    for t in ts:
-        if t is not None and (t.dtype not in (torch.float32, torch.bfloat16) or not t.is_cpu
-                              or not t.is_contiguous()):
-            return False
-    return True
+    """Contiguous float32 or bf16 CPU operands (the dtypes the masked, pooling, batch-norm and
+    reduction kernels read)."""
+    return _dense_of((torch.float32, torch.bfloat16), ts)
 
 
 def _bn_operand(t: Tensor, low: torch.dtype | None) -> bool:
     """Whether the batch-norm kernels read t: a float32 CPU tensor, or bf16 under autocast
     with native products (``low``)."""
-    return t.is_cpu and (t.dtype == torch.float32 or (low is not None and t.dtype == low
-                                                      and t.dtype == torch.bfloat16))
+    return t.is_cpu and t.dtype in (torch.float32, low)
 
 
 def _widened(*ts: Tensor | None) -> list[Tensor | None]:
@@ -210,11 +211,8 @@ def _product_path(out_f: int, work: int) -> str:
 
 
 def _f32_dense(*ts: Tensor | None) -> bool:
-    """Whether every given operand is a contiguous float32 CPU tensor (None counts as one)."""
-    for t in ts:
-        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous()):
-            return False
-    return True
+    """Contiguous float32 CPU operands (the dtype every other kernel reads)."""
+    return _dense_of((torch.float32,), ts)
 
 
 class CpuBackend(TorchBackend):
