@@ -154,20 +154,18 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
-    """A contiguous float32 operand for the kernels (no copy when it is one already). The
-    saved states are float32; under autocast a later step may hand in bf16, and computes in
-    float32 as TorchBackend's promotion would."""
-    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
-        return t
-    return t.to(torch.float32).contiguous()
-
-
 def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A contiguous operand in ``dtype`` (no copy when it is one already)."""
     if t is None or (t.dtype == dtype and t.is_contiguous()):
         return t
     return t.to(dtype).contiguous()
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    """A contiguous float32 operand for the float32 kernels. The saved states are float32;
+    under autocast a later step may hand in bf16, and computes in float32 as TorchBackend's
+    promotion would."""
+    return _as(t, torch.float32)
 
 
 def _dense_of(dtypes: tuple[torch.dtype, ...], ts: Sequence[Tensor | None]) -> bool:
