@@ -72,6 +72,11 @@ class Products(Protocol):
         CPU autocast the cpu backend's bf16 copy; else w itself)."""
         ...
 
+    def product_input(self, a: Tensor) -> Tensor:
+        """A Linear's input as this backend's products read it (under CPU autocast the cpu
+        backend's bf16 copy, made once and kept for the weight product; else a itself)."""
+        ...
+
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """a wᵀ + b: (N, in) → (N, out)."""
         ...
@@ -85,10 +90,17 @@ class Products(Protocol):
         """Σ_k d_kᵀ a_k (+ acc): (out, in); d_k a tensor or a ``keep_delta`` result."""
         ...
 
+    def linear_weight_term(self, d: KeptDelta, a: Tensor) -> Tensor:
+        """dᵀ a as a term that ``linear_param_grads`` later adds to (its ``acc``), in the
+        dtype the backend keeps such a term in (the parameter's, or the products' dtype
+        under autocast)."""
+        ...
+
     def linear_param_grads(self, pairs: Sequence[tuple[Tensor, Tensor | None]],
                            acc: Tensor | None, need_w: bool, need_b: bool
                            ) -> tuple[Tensor | None, Tensor | None]:
-        """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n]), each None where not needed."""
+        """(Σ_k d_kᵀ a_k (+ acc), Σ_n d_1[n]), each None where not needed; the weight
+        gradient in the parameter's dtype."""
         ...
 
     def keep_delta(self, d: Tensor, in_features: int) -> KeptDelta:

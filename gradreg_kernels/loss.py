@@ -109,7 +109,9 @@ class _FusedCall:
         if self.schedule.keep_saved:
             return g * scale
         self.g = None
-        return g.mul_(scale) if scale.dtype == g.dtype else g * scale
+        # in place where the product keeps g's dtype (a float32 0-dim scale on a bf16 g
+        # does: computed in float32, rounded once)
+        return g.mul_(scale) if torch.result_type(g, scale) == g.dtype else g * scale
 
 
 class _FusedGradReg(Function):

@@ -51,6 +51,9 @@ MODELS = {
     "norms_gelu": lambda: nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Flatten(),
         nn.Linear(8 * 25, 33), nn.LayerNorm(33), nn.GELU(), nn.Linear(33, 7)),
+    "first_conv_fold": lambda: nn.Sequential(  # G = Wᵀ δ and the fold (C ≤ 3, O ≥ C·kh·kw)
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4, 40), nn.SiLU(), nn.Linear(40, 7)),
     "wide_head": lambda: nn.Sequential(  # a last layer above the thin kernels' 16 outputs
         nn.Flatten(), nn.Linear(75, 41), nn.ReLU(), nn.Linear(41, 23)),
 }
@@ -122,7 +125,8 @@ class _ProductDtypes(TorchDispatchMode):
 
 
 @needs_bf16
-@pytest.mark.parametrize("name", ["relu", "conv_bn_pool", "wide_head"])
+@pytest.mark.parametrize("name", ["relu", "silu", "conv_bn_pool", "first_conv_fold",
+                                  "wide_head"])
 def test_every_library_product_runs_in_bf16(name):
     torch.manual_seed(0)
     model = MODELS[name]().train()
@@ -226,3 +230,117 @@ def test_conv_bias_gradient_sums_each_channel_in_float32(dtype, shape):
     got = get_backend("cpu", torch.device("cpu")).conv2d_bias_grad(d)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), d.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+# one bf16 ulp: the bf16 sweeps compute in float32 as the float32 ones do, and round once
+BF16_ULP = dict(rtol=2.0 ** -8, atol=1e-30)
+SMOOTH = {"softplus": (2, 1.0, 20.0), "tanh": (3, 0.0, 0.0), "sigmoid": (4, 0.0, 0.0),
+          "gelu": (5, 0.0, 0.0), "gelu_tanh": (6, 0.0, 0.0), "elu": (7, 1.0, 0.0),
+          "silu": (8, 0.0, 0.0), "mish": (9, 0.0, 0.0), "hardswish": (10, 0.0, 0.0)}
+FROM_OUTPUT = ("softplus", "tanh", "sigmoid", "elu")
+
+
+@pytest.mark.parametrize("n", [1, 17, 8193, 20_000])
+@pytest.mark.parametrize("name", list(SMOOTH))
+def test_smooth_sweeps_read_and_write_bf16(name, n):
+    """Each sweep on bf16 operands = the float32 sweep on the same (widened) values, rounded."""
+    kind, p0, p1 = SMOOTH[name]
+    ext = _ext()
+    g = torch.Generator().manual_seed(n + kind)
+    z, t, s, u = (torch.randn(n, generator=g).mul(3).bfloat16() for _ in range(4))
+    y = ext.smooth_value(z, kind, p0, p1)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ext.smooth_value(z.float(), kind, p0, p1)
+                               .bfloat16().float(), **BF16_ULP)
+    kept = y if name in FROM_OUTPUT else z
+    mul_add = ext.output_mul_add if name in FROM_OUTPUT else ext.z_mul_add
+    tangent = ext.output_tangent if name in FROM_OUTPUT else ext.z_tangent
+    for extra in (None, s):
+        got = mul_add(kept, t, extra, kind, p0, p1)
+        want = mul_add(kept.float(), t.float(), None if extra is None else extra.float(),
+                       kind, p0, p1)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.bfloat16().float(), **BF16_ULP)
+    o1, o2 = tangent(kept, t, u, kind, p0, p1)
+    w1, w2 = tangent(kept.float(), t.float(), u.float(), kind, p0, p1)
+    assert o1.dtype == o2.dtype == torch.bfloat16
+    torch.testing.assert_close(o1.float(), w1.bfloat16().float(), **BF16_ULP)
+    torch.testing.assert_close(o2.float(), w2.bfloat16().float(), **BF16_ULP)
+
+
+def test_smooth_sweeps_refuse_operands_of_another_dtype():
+    z = torch.randn(9).bfloat16()
+    with pytest.raises(RuntimeError, match="dtype"):
+        _ext().z_mul_add(z, torch.randn(9), None, 8, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 7, 10, 16])
+@pytest.mark.parametrize("n,width", [(1, 5), (13, 33), (70, 512)])
+def test_thin_kernels_read_bf16_activations(k, n, width):
+    """a (and u) in bf16 give the float32 kernels' results on the widened values."""
+    ext = _ext()
+    g = torch.Generator().manual_seed(k * n + width)
+    a = torch.randn(n, width, generator=g).bfloat16()
+    w, b = torch.randn(k, width, generator=g), torch.randn(k, generator=g)
+    d = torch.randn(n, k, generator=g)
+    z = ext.thin_linear(a, w, b)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, ext.thin_linear(a.float(), w, b), rtol=1e-6, atol=1e-5)
+    u = ext.thin_input_grad(d, w, torch.bfloat16)
+    assert u.dtype == torch.bfloat16
+    torch.testing.assert_close(u.float(), ext.thin_input_grad(d, w).bfloat16().float(),
+                               **BF16_ULP)
+    r = torch.randn(n, width, generator=g)  # one pair bf16, one float32
+    gw, gb = ext.thin_weight_grad([d, d], [a, r], None, True)
+    want, want_b = ext.thin_weight_grad([d, d], [a.float(), r], None, True)
+    torch.testing.assert_close(gw, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gb, want_b)
+    torch.testing.assert_close(gw.double(), d.double().t() @ (a.double() + r.double()),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dts", [(torch.bfloat16, torch.bfloat16),
+                                 (torch.float32, torch.bfloat16),
+                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(1,), (3, 17), (512, 784)])
+def test_widened_sum_is_the_float32_sum(shape, dts):
+    g = torch.Generator().manual_seed(len(shape))
+    a, b = (torch.randn(shape, generator=g).to(dt) for dt in dts)
+    got = _ext().widened_sum(a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, a.float() + b.float())
+
+
+def test_widened_sum_refuses_other_shapes():
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        _ext().widened_sum(torch.randn(3, 4).bfloat16(), torch.randn(4, 3).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (256, 512), (3001, 17), (0, 5)])
+def test_row_sums_of_a_matrix_in_float32(dtype, shape):
+    """channel_sum of (R, C): a linear layer's bias gradient, Σ over the rows per column."""
+    g = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(shape, generator=g).to(dtype)
+    got = _ext().channel_sum(t)
+    assert got.dtype == torch.float32 and got.shape == (shape[1],)
+    torch.testing.assert_close(got.double(), t.double().sum(0), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("geom", [(3, 1, 5, 5, 28, 28, 2, 2), (2, 3, 3, 3, 7, 9, 1, 1),
+                                  (1, 2, 4, 3, 6, 5, 0, 2), (2, 1, 3, 3, 5, 5, 3, 0),
+                                  (1, 1, 1, 1, 4, 4, 0, 0), (2, 2, 5, 5, 3, 4, 2, 2)])
+def test_col_fold_is_torch_fold(geom, dtype):
+    n, c, kh, kw, h, w, ph, pw = geom
+    hd, wd = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    g = torch.Generator().manual_seed(sum(geom))
+    cols = torch.randn(n, c * kh * kw, hd * wd, generator=g).to(dtype)
+    got = _ext().col_fold(cols, c, kh, kw, h, w, ph, pw)
+    want = torch.nn.functional.fold(cols.double(), (h, w), (kh, kw), padding=(ph, pw))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_col_fold_refuses_a_mismatched_column_matrix():
+    with pytest.raises(RuntimeError, match="cols must be"):
+        _ext().col_fold(torch.randn(2, 9, 20), 1, 3, 3, 5, 5, 1, 1)

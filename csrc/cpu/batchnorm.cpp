@@ -9,8 +9,9 @@
 //   backward: k P ā (+ s), Σ ā x̂ and Σ ā per channel
 //   dot:      Σ a ⊙ b per channel (an affine's γ terms after the per-sample norms)
 //   sum:      Σ t per channel (a convolution's bias gradient), in double
-// Under CPU autocast the operands a, v, δ, ṙ may be bf16 and the results y and k P(·) are
-// written in the requested dtype (lanes.h); x̂, s and every statistic stay float32.
+// Under CPU autocast the operands a, v, δ, ṙ may be bf16, and y, x̂ and k P(·) are written in
+// the requested dtype (lanes.h: bf16, the dtype the next product reads), s in x̂'s; every
+// sum and statistic is float32 (row sums) and double (channel sums).
 #include <ATen/Parallel.h>
 #include <ATen/ops/ones.h>
 
@@ -97,14 +98,14 @@ inline double sum_sq_dev_double(const T* __restrict a, double m, int64_t n) {
   return s;
 }
 
-template <typename T>
-inline void sum_and_dot(const T* __restrict v, const float* __restrict x, int64_t n,
+template <typename T, typename TX>
+inline void sum_and_dot(const T* __restrict v, const TX* __restrict x, int64_t n,
                         double& sv, double& sxv) {
   float a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t j = 0; j < n; ++j) {
     a += to_f32(v[j]);
-    b += x[j] * to_f32(v[j]);
+    b += to_f32(x[j]) * to_f32(v[j]);
   }
   sv += a;
   sxv += b;
@@ -143,22 +144,24 @@ const float* chan_ptr(const at::Tensor& t, int64_t c, const char* what) {
 at::Tensor scaled_project(const at::Tensor& v, const at::Tensor& xhat, const at::Tensor& k,
                           const c10::optional<at::Tensor>& s, at::Tensor& sum_v,
                           at::Tensor& sum_xv, c10::optional<at::ScalarType> out_dtype) {
-  check_f32(xhat, "xhat");
+  check_f32_or_bf16(xhat, "xhat");
   check_like(v, xhat, "v");
   if (s.has_value()) {
     check_like(*s, xhat, "s");
-    check_f32(*s, "s");
+    TORCH_CHECK(s->scalar_type() == xhat.scalar_type(), "batch norm: s must be in x̂'s dtype");
   }
   const Layout L = layout_of(v);
   const float* kp = chan_ptr(k, L.c, "k");
   auto out = result_like(v, out_dtype);
-  sum_v = at::empty({L.c}, xhat.options());
-  sum_xv = at::empty({L.c}, xhat.options());
-  const float* xp = xhat.data_ptr<float>();
-  const float* spp = s.has_value() ? s->data_ptr<float>() : nullptr;
+  const auto f32 = xhat.options().dtype(at::kFloat);
+  sum_v = at::empty({L.c}, f32);
+  sum_xv = at::empty({L.c}, f32);
   float *sv = sum_v.data_ptr<float>(), *sxv = sum_xv.data_ptr<float>();
   with_storage(v, out, [&](const auto* vp, auto* op) {
+  with_values(xhat, [&](const auto* xp) {
   using TO = std::remove_pointer_t<decltype(op)>;
+  using TX = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+  const TX* spp = s.has_value() ? s->const_data_ptr<TX>() : nullptr;
   per_channel(L, [&](int64_t c) {
     double a = 0.0, ax = 0.0;
     rows(L, c, [&](int64_t o) { sum_and_dot(vp + o, xp + o, L.s, a, ax); });
@@ -167,21 +170,22 @@ at::Tensor scaled_project(const at::Tensor& v, const at::Tensor& xhat, const at:
     const float kc = kp[c];
     rows(L, c, [&](int64_t o) {
       const auto* __restrict vo = vp + o;
-      const float* __restrict xo = xp + o;
+      const TX* __restrict xo = xp + o;
       TO* __restrict oo = op + o;
       if (spp) {
-        const float* __restrict so = spp + o;
+        const TX* __restrict so = spp + o;
 #pragma omp simd
         for (int64_t j = 0; j < L.s; ++j)
-          oo[j] = from_f32<TO>(kc * (to_f32(vo[j]) - m - xo[j] * mx) + so[j]);
+          oo[j] = from_f32<TO>(kc * (to_f32(vo[j]) - m - to_f32(xo[j]) * mx) + to_f32(so[j]));
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < L.s; ++j)
-          oo[j] = from_f32<TO>(kc * (to_f32(vo[j]) - m - xo[j] * mx));
+          oo[j] = from_f32<TO>(kc * (to_f32(vo[j]) - m - to_f32(xo[j]) * mx));
       }
     });
     sv[c] = static_cast<float>(a);
     sxv[c] = static_cast<float>(ax);
+  });
   });
   });
   return out;
@@ -197,18 +201,18 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
   const float* g = opt_ptr(gamma, L.c, "gamma");
   const float* b = opt_ptr(beta, L.c, "beta");
   const auto y_dtype = out_dtype.value_or(at::kFloat);
-  // without an affine and with a float32 y, y is x̂ itself: one tensor, not two equal ones
+  // x̂ in y's dtype; without an affine y is x̂ itself: one tensor, not two equal ones
   const bool affine = g != nullptr || b != nullptr;
-  const bool y_is_xhat = !affine && y_dtype == at::kFloat;
-  auto xhat = at::empty_like(a, a.options().dtype(at::kFloat));
-  auto y = y_is_xhat ? xhat : result_like(a, y_dtype);
-  const auto f32 = xhat.options();
+  const bool y_is_xhat = !affine;
+  auto y = result_like(a, y_dtype);
+  auto xhat = y_is_xhat ? y : at::empty_like(y);
+  const auto f32 = a.options().dtype(at::kFloat);
   auto inv_std = at::empty({L.c}, f32);
   auto mean = at::empty({L.c}, f32), var = at::empty({L.c}, f32);
-  float* xp = xhat.data_ptr<float>();
   float *ip = inv_std.data_ptr<float>(), *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
   with_storage(a, y, [&](const auto* ap, auto* yp) {
   using TO = std::remove_pointer_t<decltype(yp)>;
+  TO* xp = xhat.mutable_data_ptr<TO>();
   per_channel(L, [&](int64_t c) {
     double sum = 0.0;
     rows(L, c, [&](int64_t o) { sum += sum1(ap + o, L.s); });
@@ -229,18 +233,18 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
     const float gc = g ? g[c] : 1.f, bc = b ? b[c] : 0.f;
     rows(L, c, [&](int64_t o) {
       const auto* __restrict src = ap + o;
-      float* __restrict xo = xp + o;
+      TO* __restrict xo = xp + o;
       TO* __restrict yo = yp + o;
       if (!y_is_xhat) {
 #pragma omp simd
         for (int64_t j = 0; j < L.s; ++j) {
           const float x = (to_f32(src[j]) - m) * inv;
-          xo[j] = x;
+          xo[j] = from_f32<TO>(x);
           yo[j] = from_f32<TO>(gc * x + bc);
         }
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < L.s; ++j) xo[j] = (to_f32(src[j]) - m) * inv;
+        for (int64_t j = 0; j < L.s; ++j) xo[j] = from_f32<TO>((to_f32(src[j]) - m) * inv);
       }
     });
     ip[c] = inv;
@@ -254,8 +258,8 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& a, const c10::optional<at::
 std::tuple<at::Tensor, at::Tensor> bn_project(const at::Tensor& v, const at::Tensor& xhat) {
   const Layout L = layout_of(v);
   at::Tensor sv, sxv;
-  auto out = scaled_project(v, xhat, at::ones({L.c}, xhat.options()), c10::nullopt, sv, sxv,
-                            c10::nullopt);
+  auto out = scaled_project(v, xhat, at::ones({L.c}, xhat.options().dtype(at::kFloat)),
+                            c10::nullopt, sv, sxv, c10::nullopt);
   return {out, chan_shaped(sxv.div_(L.count()), v)};
 }
 
@@ -273,7 +277,7 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
                                    const c10::optional<at::Tensor>& gamma,
                                    const at::Tensor& md, const at::Tensor& mxd,
                                    c10::optional<at::ScalarType> out_dtype) {
-  check_f32(xhat, "xhat");
+  check_f32_or_bf16(xhat, "xhat");
   check_like(r, xhat, "r");
   check_like(d, xhat, "delta");
   const Layout L = layout_of(r);
@@ -282,13 +286,13 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
   const float* mdp = chan_ptr(md, L.c, "mean(δ)");
   const float* mxdp = chan_ptr(mxd, L.c, "mean(x̂ δ)");
   const float* g = opt_ptr(gamma, L.c, "gamma");
-  auto out = result_like(r, out_dtype), s = at::empty_like(xhat);
-  auto tan_gamma = at::empty({L.c}, xhat.options());
-  const float* xp = xhat.data_ptr<float>();
-  float* sp = s.data_ptr<float>();
+  auto out = result_like(r, out_dtype), s = at::empty_like(xhat);  // s in x̂'s dtype
+  auto tan_gamma = at::empty({L.c}, xhat.options().dtype(at::kFloat));
   float* tg = tan_gamma.data_ptr<float>();
-  auto sweep = [&](const auto* rp, auto* op, const auto* dp) {
+  auto sweep = [&](const auto* rp, auto* op, const auto* dp, const auto* xp) {
   using TO = std::remove_pointer_t<decltype(op)>;
+  using TX = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+  TX* sp = s.mutable_data_ptr<TX>();
   per_channel(L, [&](int64_t c) {
     double sr = 0.0, sxr = 0.0, sdr = 0.0;
     rows(L, c, [&](int64_t o) {
@@ -305,23 +309,26 @@ std::vector<at::Tensor> bn_tangent(const at::Tensor& r, const at::Tensor& xhat,
     const float m_d = mdp[c], mx_d = mxdp[c];
     rows(L, c, [&](int64_t o) {
       const auto* __restrict ro = rp + o;
-      const float* __restrict xo = xp + o;
+      const TX* __restrict xo = xp + o;
       const auto* __restrict dd = dp + o;
       TO* __restrict oo = op + o;
-      float* __restrict so = sp + o;
+      TX* __restrict so = sp + o;
 #pragma omp simd
       for (int64_t j = 0; j < L.s; ++j) {
-        const float pr = to_f32(ro[j]) - m_r - xo[j] * mx_r;
-        const float pd = to_f32(dd[j]) - m_d - xo[j] * mx_d;
+        const float x = to_f32(xo[j]);
+        const float pr = to_f32(ro[j]) - m_r - x * mx_r;
+        const float pd = to_f32(dd[j]) - m_d - x * mx_d;
         oo[j] = from_f32<TO>(kc * pr);
-        so[j] = coef * (xo[j] * dots + mx_r * pd + mx_d * pr);
+        so[j] = from_f32<TX>(coef * (x * dots + mx_r * pd + mx_d * pr));
       }
     });
     tg[c] = static_cast<float>(d_pr) * ip[c];
   });
   };
   with_storage(r, out, [&](const auto* rp, auto* op) {
-    with_values(d, [&](const auto* dp) { sweep(rp, op, dp); });
+    with_values(d, [&](const auto* dp) {
+      with_values(xhat, [&](const auto* xp) { sweep(rp, op, dp, xp); });
+    });
   });
   return {out, s, tan_gamma};
 }
@@ -334,12 +341,38 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xh
   return {out, g_xhat, g_sum};
 }
 
+// Σ_r term(r·C + c) for each column c of an (R, C) operand, into out[c]: each thread sums its
+// rows into its own C double accumulators (the columns' loop vectorizes), added at the end.
+template <typename Term>
+void column_sums(int64_t r_n, int64_t c_n, float* out, Term term) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> part(static_cast<size_t>(threads * c_n), 0.0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(c_n, 1));
+  at::parallel_for(0, r_n, grain, [&](int64_t r0, int64_t r1) {
+    double* __restrict acc = part.data() + at::get_thread_num() * c_n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * c_n;
+#pragma omp simd
+      for (int64_t c = 0; c < c_n; ++c) acc[c] += term(o + c);
+    }
+  });
+  for (int64_t c = 0; c < c_n; ++c) {
+    double acc = 0.0;
+    for (int64_t t = 0; t < threads; ++t) acc += part[t * c_n + c];
+    out[c] = static_cast<float>(acc);
+  }
+}
+
 at::Tensor channel_sum(const at::Tensor& t) {
   check_f32_or_bf16(t, "t");
   const Layout L = layout_of(t);
   auto out = at::empty({L.c}, t.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   with_values(t, [&](const auto* tp) {
+    if (L.s == 1) {  // (R, C): a linear layer's bias gradient Σ_n z̄[n]
+      column_sums(L.n, L.c, op, [=](int64_t o) { return static_cast<double>(to_f32(tp[o])); });
+      return;
+    }
     per_channel(L, [&](int64_t c) {
       double acc = 0.0;
       rows(L, c, [&](int64_t o) { acc += sum1(tp + o, L.s); });
@@ -368,23 +401,7 @@ at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b) {
     });
     return out;
   }
-  const int64_t threads = at::get_num_threads();
-  std::vector<double> part(static_cast<size_t>(threads * L.c), 0.0);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(L.c, 1));
-  at::parallel_for(0, L.n, grain, [&](int64_t r0, int64_t r1) {
-    double* __restrict acc = part.data() + at::get_thread_num() * L.c;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* __restrict ar = ap + r * L.c;
-      const float* __restrict br = bp + r * L.c;
-#pragma omp simd
-      for (int64_t c = 0; c < L.c; ++c) acc[c] += static_cast<double>(ar[c]) * br[c];
-    }
-  });
-  for (int64_t c = 0; c < L.c; ++c) {
-    double acc = 0.0;
-    for (int64_t t = 0; t < threads; ++t) acc += part[t * L.c + c];
-    op[c] = static_cast<float>(acc);
-  }
+  column_sums(L.n, L.c, op, [=](int64_t o) { return static_cast<double>(ap[o]) * bp[o]; });
   return out;
 }
 

@@ -47,10 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("all_finite_many", &gradreg::all_finite_many,
         "whether every value of every tensor is finite (one thread)");
   m.def("channel_sum", &gradreg::channel_sum, "Σ t per channel of (N, C, S) (float32 result)");
+  m.def("widened_sum", &gradreg::widened_sum, "a + b as float32 (operands float32 or bf16)");
+  m.def("col_fold", &gradreg::col_fold, "F.fold for stride 1, dilation 1 (float32 result)");
   m.def("channel_dot", &gradreg::channel_dot, "Σ a ⊙ b per channel of (N, C, S) operands");
   m.def("thin_linear", &gradreg::thin_linear, "a Wᵀ (+ b) for a few outputs",
         pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());
-  m.def("thin_input_grad", &gradreg::thin_input_grad, "d W for a few outputs");
+  m.def("thin_input_grad", &gradreg::thin_input_grad, "d W for a few outputs", pybind11::arg("d"),
+        pybind11::arg("w"), pybind11::arg("out_dtype") = pybind11::none());
   m.def("thin_weight_grad", &gradreg::thin_weight_grad,
         "Σ_p d_pᵀ a_p (+ acc, in place) and Σ_n d_1 when asked, for a few outputs");
   m.def("transpose_cat", &gradreg::transpose_cat, "[P_1; P_2; ...]ᵀ in one buffer");

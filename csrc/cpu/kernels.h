@@ -74,10 +74,14 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xh
 at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b);
 // Σ t per channel of an (N, C, S) operand (float32 or bf16), float32 (C,)
 at::Tensor channel_sum(const at::Tensor& t);
+at::Tensor widened_sum(const at::Tensor& a, const at::Tensor& b);
+at::Tensor col_fold(const at::Tensor& cols, int64_t c, int64_t kh, int64_t kw, int64_t h,
+                    int64_t w, int64_t ph, int64_t pw);
 
 // ---- products of a layer with few outputs (K small): one sweep each -------------------
 at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& b);
-at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w);
+at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w,
+                           c10::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
     const std::vector<at::Tensor>& ds, const std::vector<at::Tensor>& as,
     const c10::optional<at::Tensor>& acc, bool bias_of_first);

@@ -12,6 +12,7 @@
 #include "../common/activation_codes.h"
 #include "fastmath.h"
 #include "kernels.h"
+#include "lanes.h"
 #include "state_sweeps.h"
 
 namespace gradreg {
@@ -119,13 +120,15 @@ GRADREG_ELEMENT Derivs hardswish(float z) {
           inside * (1.f / 3.f)};
 }
 
-template <typename F>
-void value_sweep(const float* z, float* y, int64_t n, F f) {
+template <typename T, typename F>
+void value_sweep(const T* z, T* y, int64_t n, F f) {
   at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-    const float* __restrict zr = z;
-    float* __restrict yw = y;
+    const T* __restrict zr = z;
+    T* __restrict yw = y;
 #pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) yw[i] = f(zr[i]).v;  // the derivatives are dead code
+    for (int64_t i = i0; i < i1; ++i) {
+      yw[i] = from_f32<T>(f(to_f32(zr[i])).v);  // the derivatives are dead code
+    }
   });
 }
 
@@ -150,11 +153,12 @@ void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body
 }  // namespace
 
 at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1) {
-  check_f32(z, "z");
+  // y in z's dtype (float32, or bf16 under CPU autocast)
+  check_f32_or_bf16(z, "z");
   auto y = at::empty_like(z);
-  const float* zp = z.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  with_kind(kind, p0, p1, "smooth_value", [&](auto f) { value_sweep(zp, yp, z.numel(), f); });
+  with_same_storage(z, y, [&](const auto* zp, auto* yp) {
+    with_kind(kind, p0, p1, "smooth_value", [&](auto f) { value_sweep(zp, yp, z.numel(), f); });
+  });
   return y;
 }
 

@@ -5,11 +5,14 @@
 // At K = 10 these are a few hundred thousand multiply-adds: a library call (thread start,
 // packing) costs several times the arithmetic, so each runs here as one vectorized sweep,
 // on one thread unless there is enough work for two.
+// The wide operand (a, and u) is float32 or bf16 (CPU autocast: a bf16 layer below the head);
+// W, d, z and G are float32, and every sum runs in float32.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
 #include "kernels.h"
+#include "lanes.h"
 
 namespace gradreg {
 
@@ -33,29 +36,29 @@ int64_t grain_rows(int64_t work_per_row) {
 // chunk live in vector registers (independent chains: the loop runs at FMA throughput).
 
 // z[r, j] = Σ_i a[r, i] w[j, i] + b[j] for rows [r0, r1)
-template <int K>
-void linear_rows(const float* a, const float* w, const float* b, float* z, int64_t in,
+template <int K, typename TA>
+void linear_rows(const TA* a, const float* w, const float* b, float* z, int64_t in,
                  int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* ar = a + r * in;
+    const TA* ar = a + r * in;
     float acc[K][kLanes] = {};
     int64_t i = 0;
     for (; i + kLanes <= in; i += kLanes)
       for (int j = 0; j < K; ++j)
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += ar[i + l] * w[j * in + i + l];
+        for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += to_f32(ar[i + l]) * w[j * in + i + l];
     for (int j = 0; j < K; ++j) {
       float s = b ? b[j] : 0.f;
       for (int64_t l = 0; l < kLanes; ++l) s += acc[j][l];
-      for (int64_t t = i; t < in; ++t) s += ar[t] * w[j * in + t];
+      for (int64_t t = i; t < in; ++t) s += to_f32(ar[t]) * w[j * in + t];
       z[r * K + j] = s;
     }
   }
 }
 
 // u[r, i] = Σ_j d[r, j] w[j, i] for rows [r0, r1): kRowTile rows share every load of w
-template <int K>
-void input_grad_rows(const float* d, const float* w, float* u, int64_t in, int64_t r0,
+template <int K, typename TU>
+void input_grad_rows(const float* d, const float* w, TU* u, int64_t in, int64_t r0,
                      int64_t r1) {
   int64_t r = r0;
   for (; r + kRowTile <= r1; r += kRowTile) {
@@ -68,23 +71,23 @@ void input_grad_rows(const float* d, const float* w, float* u, int64_t in, int64
           for (int64_t l = 0; l < kLanes; ++l) acc[q][l] += d[(r + q) * K + j] * w[j * in + i + l];
       for (int q = 0; q < kRowTile; ++q)
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) u[(r + q) * in + i + l] = acc[q][l];
+        for (int64_t l = 0; l < kLanes; ++l) u[(r + q) * in + i + l] = from_f32<TU>(acc[q][l]);
     }
     for (; i < in; ++i)
       for (int q = 0; q < kRowTile; ++q) {
         float s = 0.f;
         for (int j = 0; j < K; ++j) s += d[(r + q) * K + j] * w[j * in + i];
-        u[(r + q) * in + i] = s;
+        u[(r + q) * in + i] = from_f32<TU>(s);
       }
   }
   for (; r < r1; ++r) {
     const float* dr = d + r * K;
-    float* ur = u + r * in;
+    TU* ur = u + r * in;
 #pragma omp simd
     for (int64_t i = 0; i < in; ++i) {
       float s = 0.f;
       for (int j = 0; j < K; ++j) s += dr[j] * w[j * in + i];
-      ur[i] = s;
+      ur[i] = from_f32<TU>(s);
     }
   }
 }
@@ -92,8 +95,8 @@ void input_grad_rows(const float* d, const float* w, float* u, int64_t in, int64
 // g[j, c] += Σ_r d[r, j] a[r, c] for columns [c0, c1), rows [0, n). Rows go in blocks of
 // kRowBlock, so a block's stripe of a is read from memory once and from cache by every
 // 16-column chunk; the chunk's K accumulators stay in registers across the block.
-template <int K>
-void weight_grad_cols(const float* d, const float* a, float* g, int64_t n, int64_t in,
+template <int K, typename TA>
+void weight_grad_cols(const float* d, const TA* a, float* g, int64_t n, int64_t in,
                       int64_t c0, int64_t c1) {
   for (int64_t rb = 0; rb < n; rb += kRowBlock) {
     const int64_t re = std::min(n, rb + kRowBlock);
@@ -106,7 +109,9 @@ void weight_grad_cols(const float* d, const float* a, float* g, int64_t n, int64
       for (int64_t r = rb; r < re; ++r)
         for (int j = 0; j < K; ++j)
 #pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) acc[j][l] += d[r * K + j] * a[r * in + c + l];
+          for (int64_t l = 0; l < kLanes; ++l) {
+            acc[j][l] += d[r * K + j] * to_f32(a[r * in + c + l]);
+          }
       for (int j = 0; j < K; ++j)
 #pragma omp simd
         for (int64_t l = 0; l < kLanes; ++l) g[j * in + c + l] = acc[j][l];
@@ -114,7 +119,7 @@ void weight_grad_cols(const float* d, const float* a, float* g, int64_t n, int64
     for (; c < c1; ++c)
       for (int j = 0; j < K; ++j) {
         float s = 0.f;
-        for (int64_t r = rb; r < re; ++r) s += d[r * K + j] * a[r * in + c];
+        for (int64_t r = rb; r < re; ++r) s += d[r * K + j] * to_f32(a[r * in + c]);
         g[j * in + c] += s;
       }
   }
@@ -142,7 +147,7 @@ void check_thin(const at::Tensor& w, const char* what) {
 
 at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w,
                        const c10::optional<at::Tensor>& b) {
-  check_f32(a, "thin_linear input");
+  check_f32_or_bf16(a, "thin_linear input");
   check_thin(w, "thin_linear weight");
   const int64_t n = a.size(0), in = a.size(1), k = w.size(0);
   TORCH_CHECK(a.dim() == 2 && w.size(1) == in, "thin_linear: a (N, in) and W (K, in) expected");
@@ -152,28 +157,37 @@ at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w,
     TORCH_CHECK(b->numel() == k, "thin_linear: bias of K elements expected");
     bp = b->data_ptr<float>();
   }
-  auto out = at::empty({n, k}, a.options());
-  const float* ap = a.data_ptr<float>();
+  auto out = at::empty({n, k}, a.options().dtype(at::kFloat));
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, grain_rows(k * in), [&](int64_t r0, int64_t r1) {
-    dispatch_k(k, [&]<int K>() { linear_rows<K>(ap, wp, bp, op, in, r0, r1); });
+  with_values(a, [&](const auto* ap) {
+    at::parallel_for(0, n, grain_rows(k * in), [&](int64_t r0, int64_t r1) {
+      dispatch_k(k, [&]<int K>() { linear_rows<K>(ap, wp, bp, op, in, r0, r1); });
+    });
   });
   return out;
 }
 
-at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w) {
+at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w,
+                           c10::optional<at::ScalarType> out_dtype) {
   check_f32(d, "thin_input_grad d");
   check_thin(w, "thin_input_grad weight");
   const int64_t n = d.size(0), k = w.size(0), in = w.size(1);
   TORCH_CHECK(d.dim() == 2 && d.size(1) == k, "thin_input_grad: d (N, K) and W (K, in) expected");
-  auto out = at::empty({n, in}, d.options());
+  auto out = at::empty({n, in}, d.options().dtype(out_dtype.value_or(at::kFloat)));
+  check_f32_or_bf16(out, "thin_input_grad's result");
   const float* dp = d.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, grain_rows(k * in), [&](int64_t r0, int64_t r1) {
-    dispatch_k(k, [&]<int K>() { input_grad_rows<K>(dp, wp, op, in, r0, r1); });
-  });
+  auto run = [&](auto* op) {
+    at::parallel_for(0, n, grain_rows(k * in), [&](int64_t r0, int64_t r1) {
+      dispatch_k(k, [&]<int K>() { input_grad_rows<K>(dp, wp, op, in, r0, r1); });
+    });
+  };
+  if (out.scalar_type() == at::kBFloat16) {
+    run(out.mutable_data_ptr<bf16>());
+  } else {
+    run(out.mutable_data_ptr<float>());
+  }
   return out;
 }
 
@@ -186,7 +200,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
   int64_t rows = 0;
   for (size_t p = 0; p < ds.size(); ++p) {
     check_f32(ds[p], "thin_weight_grad d");
-    check_f32(as[p], "thin_weight_grad a");
+    check_f32_or_bf16(as[p], "thin_weight_grad a");
     TORCH_CHECK(ds[p].dim() == 2 && as[p].dim() == 2 && ds[p].size(1) == k &&
                     as[p].size(1) == in && ds[p].size(0) == as[p].size(0),
                 "thin_weight_grad: each pair must be d (N, K) and a (N, in)");
@@ -200,7 +214,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
                 "thin_weight_grad: acc must be (K, in)");
     out = *acc;
   } else {
-    out = at::empty({k, in}, as[0].options());
+    out = at::empty({k, in}, as[0].options().dtype(at::kFloat));
   }
   float* op = out.data_ptr<float>();
   // columns split over threads: each thread reads its columns of every row of a once and
@@ -213,9 +227,10 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
     if (fresh)
       for (int64_t j = 0; j < k; ++j) std::fill(op + j * in + c0, op + j * in + c1, 0.f);
     for (size_t p = 0; p < ds.size(); ++p)
-      dispatch_k(k, [&]<int K>() {
-        weight_grad_cols<K>(ds[p].data_ptr<float>(), as[p].data_ptr<float>(), op, ds[p].size(0),
-                            in, c0, c1);
+      with_values(as[p], [&](const auto* ap) {
+        dispatch_k(k, [&]<int K>() {
+          weight_grad_cols<K>(ds[p].data_ptr<float>(), ap, op, ds[p].size(0), in, c0, c1);
+        });
       });
   });
   c10::optional<at::Tensor> bias;

@@ -130,6 +130,11 @@ class _SmoothState(BackendState):
     #: formulas are exact for finite z only, and these few are set after them
     special: NonFinite | None = None
 
+    def operand(self, t: Tensor | None) -> Tensor | None:
+        """t as the sweeps read it: contiguous, in the kept tensor's dtype (float32, or bf16
+        under autocast, where only an operand from a float32 thin layer is cast)."""
+        return _as(t, self.tensor.dtype)
+
     def mul_add(self, ext, t: Tensor, s: Tensor | None) -> Tensor:
         """σ' ⊙ t (+ s)."""
         f = ext.output_mul_add if self.from_output else ext.z_mul_add
@@ -238,11 +243,20 @@ class CpuBackend(TorchBackend):
             return w
         return w.to(low)
 
+    def product_input(self, a: Tensor) -> Tensor:
+        """Under autocast with native products, a float32 input in their dtype: cast once
+        for the layer's forward and weight products (the thin kernels read it too)."""
+        low = cpu_autocast.product_dtype()
+        if low is None or a.dtype != torch.float32 or not a.is_cpu:
+            return a
+        return a.to(low)
+
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         low = cpu_autocast.product_dtype()
         if low is not None and a.is_cpu and a.dim() == 2:
             if w.shape[0] <= THIN_MAX:  # float32 logits, as autocast's losses want them
-                return self.ext.thin_linear(_f32(a), _f32(_without_history(w)),
+                a = a if _dense(a) else _f32(a)
+                return self.ext.thin_linear(a, _f32(_without_history(w)),
                                             _f32(_without_history(b)))
             return self._mm(_as(a, low), _as(_without_history(w), low),
                             _as(_without_history(b), low), "none", [], "")
@@ -256,8 +270,9 @@ class CpuBackend(TorchBackend):
     def linear_input_grad(self, d: Tensor, w: Tensor) -> Tensor:
         low = cpu_autocast.product_dtype()
         if low is not None and d.is_cpu and d.dim() == 2:
-            if w.shape[0] <= THIN_MAX:
-                return self.ext.thin_input_grad(_f32(d), _f32(_without_history(w)))
+            if w.shape[0] <= THIN_MAX:  # read in float32, written in the products' dtype
+                return self.ext.thin_input_grad(_f32(d), _f32(_without_history(w)),
+                                                low)
             return self._mm(_as(d, low), _as(_without_history(w), low).t(), None, "none", [], "")
         path = _product_path(w.shape[0], d.numel() * w.shape[1])
         if not _f32_dense(d, w) or d.dim() != 2 or path == "mkl":
@@ -275,6 +290,15 @@ class CpuBackend(TorchBackend):
         ``acc`` as it comes: the extra buffer is one block, not a second weight.
         """
         return self._weight_grad(pairs, acc, False)[0]
+
+    def linear_weight_term(self, d: KeptDelta, a: Tensor) -> Tensor:
+        """dᵀ a; under autocast with native products, the bf16 product itself (pass 4 sums
+        it with its own product into the float32 gradient in one sweep)."""
+        low = cpu_autocast.product_dtype()
+        if (low is None or isinstance(d, TransposedDelta) or d.dim() != 2 or a.dim() != 2
+                or not d.is_cpu or d.shape[1] <= THIN_MAX):
+            return self.linear_weight_grad([(d, a)])
+        return torch.mm(_as(d, low).t(), _as(a, low))
 
     def linear_param_grads(self, pairs: Sequence[tuple[Tensor, Tensor | None]],
                            acc: Tensor | None, need_w: bool, need_b: bool
@@ -329,14 +353,22 @@ class CpuBackend(TorchBackend):
         if any(t.dim() != 2 or not t.is_cpu for t in ds + as_):
             gw = TorchBackend.linear_weight_grad(self, list(zip(ds, as_)), acc)
             return gw.float(), (ds[0].sum(0, dtype=torch.float32) if bias else None)
-        if ds[0].shape[1] <= THIN_MAX:
-            return self.ext.thin_weight_grad([_f32(d) for d in ds], [_f32(a) for a in as_],
-                                             _f32(acc), bias)
+        if ds[0].shape[1] <= THIN_MAX:  # a read as it comes (float32 or bf16)
+            return self.ext.thin_weight_grad(
+                [_f32(d) for d in ds],
+                [a if _dense(a) else _f32(a) for a in as_], _f32(acc), bias)
         # oneDNN's matmul (torch.mm in bf16) reads [d]ᵀ through strides: no transposed copy
         gw = torch.mm(_stacked_rows([_as(d, low) for d in ds]).t(),
                       _stacked_rows([_as(a, low) for a in as_]))
-        gb = ds[0].sum(0, dtype=torch.float32) if bias else None
-        return (gw.float() if acc is None else acc.add_(gw)), gb
+        gb = None
+        if bias:  # Σ_n z̄[n] in float32, one sweep over its rows
+            d0 = ds[0]
+            gb = self.ext.channel_sum(d0) if _dense(d0) else d0.sum(0, dtype=torch.float32)
+        if acc is None:
+            return gw.float(), gb
+        if acc.dtype == torch.float32:
+            return acc.add_(gw), gb
+        return self.ext.widened_sum(_as(acc, acc.dtype), gw), gb  # a bf16 pass-3 term
 
     def keep_delta(self, d: Tensor, in_features: int) -> KeptDelta:
         """δᵀ, where the weight product would copy δ transposed anyway (oneDNN's path, δ the
@@ -377,7 +409,8 @@ class CpuBackend(TorchBackend):
         kind = _SMOOTH_KINDS.get(spec.name)
         if kind is None:
             return super().act_forward(spec, z)
-        z = _f32(z)  # the smooth sweeps run in float32
+        if low is None or z.dtype != low:  # the sweeps read float32, or bf16 under autocast
+            z = _f32(z)
         p = tuple(spec.params) + (0.0, 0.0)
         y = self.ext.smooth_value(z, kind, p[0], p[1])
         special = None if self.ext.all_finite(z) else NonFinite.of(spec, z)
@@ -410,7 +443,7 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, d)
         if isinstance(saved, _SmoothState):
-            return saved.mul_add(self.ext, _f32(d), None)
+            return saved.mul_add(self.ext, saved.operand(d), None)
         return super().act_chain(spec, saved, d)
 
     def act_tangent(
@@ -419,7 +452,7 @@ class CpuBackend(TorchBackend):
         if isinstance(saved, _Masked):
             return self._mask_apply(saved, r), None
         if isinstance(saved, _SmoothState):
-            return saved.tangent(self.ext, _f32(r), _f32(u))
+            return saved.tangent(self.ext, saved.operand(r), saved.operand(u))
         return super().act_tangent(spec, saved, r, u)
 
     def act_backward(
@@ -429,7 +462,7 @@ class CpuBackend(TorchBackend):
             out = self._mask_apply(saved, abar)
             return out if s is None else out.add_(s)
         if isinstance(saved, _SmoothState):
-            return saved.mul_add(self.ext, _f32(abar), _f32(s))
+            return saved.mul_add(self.ext, saved.operand(abar), saved.operand(s))
         return super().act_backward(spec, saved, abar, s)
 
     # ---- dropout ----------------------------------------------------------------------
@@ -541,12 +574,14 @@ class CpuBackend(TorchBackend):
         """
         stride, padding, dilation, groups = geom
         o, c, kh, kw = w.shape
-        if (cpu_autocast.product_dtype() is not None and groups == 1 and c <= 3
-                and o >= c * kh * kw and d.dim() == 4 and len(input_shape) == 4):
-            # a first layer under autocast: the float32 product and fold beat bf16's
-            # transposed convolution (bench/RESULTS.md), and δ is float32 after batch norm
-            with torch.autocast("cpu", enabled=False):
-                return self.conv2d_input_grad(_f32(d), _f32(w), input_shape, geom)
+        low = cpu_autocast.product_dtype()
+        if (low is not None and groups == 1 and c <= 3 and o >= c * kh * kw and d.dim() == 4
+                and len(input_shape) == 4):
+            # a first layer under autocast: G = Wᵀ d in bf16 and the fold (float32 sums)
+            # beat bf16's transposed convolution (bench/RESULTS.md)
+            cols = torch.matmul(_as(w.detach(), low).reshape(o, c * kh * kw).t(),
+                                _as(d, low).reshape(d.shape[0], o, -1))
+            return self._fold(cols, c, (kh, kw), input_shape, geom)
         if groups != 1 or not _f32_dense(d, w) or d.dim() != 4 or len(input_shape) != 4:
             return super().conv2d_input_grad(d, w, input_shape, geom)
         n = d.shape[0]
@@ -560,8 +595,19 @@ class CpuBackend(TorchBackend):
         if c > 3 or o < c * kh * kw:
             return super().conv2d_input_grad(d, w, input_shape, geom)
         cols = torch.matmul(w.detach().reshape(o, c * kh * kw).t(), d.reshape(n, o, -1))
-        return F.fold(cols, (int(input_shape[2]), int(input_shape[3])), (kh, kw),
-                      dilation=dilation, padding=padding, stride=stride)
+        return self._fold(cols, c, (kh, kw), input_shape, geom)
+
+    def _fold(self, cols: Tensor, c: int, k: tuple[int, int], input_shape: Sequence[int],
+              geom: ConvGeom) -> Tensor:
+        """F.fold of G (N, C·kh·kw, H'·W') into (N, C, H, W), float32; the extension's
+        sweep for stride 1 and dilation 1 (G float32 or bf16)."""
+        stride, padding, dilation, _ = geom
+        h, w = int(input_shape[2]), int(input_shape[3])
+        if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and _dense(cols):
+            return self.ext.col_fold(cols, c, k[0], k[1], h, w, int(padding[0]),
+                                     int(padding[1]))
+        return F.fold(cols.float(), (h, w), k, dilation=dilation, padding=padding,
+                      stride=stride)
 
     # ---- pooling ----------------------------------------------------------------------
     def max_pool2d(
@@ -594,8 +640,8 @@ class CpuBackend(TorchBackend):
     # (N, C) operand runs as its channel-major copy (1, C, N); the copies cost a few
     # microseconds where a strided sweep would cost a cache line per value.
     # Under autocast with native products the kernels read bf16 operands as they come and
-    # write y and k P(·) in bf16 (the dtype the next product reads); x̂, s and the statistics
-    # stay float32.
+    # write y, x̂, k P(·) and s in bf16 (y and k P(·) the dtype the next product reads; x̂ and
+    # s are read by the later sweeps only, which widen them); the statistics stay float32.
     def bn_train_forward(
         self, a: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -608,7 +654,7 @@ class CpuBackend(TorchBackend):
         return y_r, xhat_r, channel_view(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
-        if not _f32_dense(xhat) or not _bn_operand(v, cpu_autocast.product_dtype()):
+        if not _dense(xhat) or not _bn_operand(v, cpu_autocast.product_dtype()):
             return super().bn_project(v, xhat)
         pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
         return _rmajor(pv, xhat), channel_view(mx, xhat)
@@ -616,7 +662,7 @@ class CpuBackend(TorchBackend):
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
                  ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
         low = cpu_autocast.product_dtype()
-        if not _f32_dense(xhat, k) or not _bn_operand(d, low):
+        if not (_dense(xhat) and _f32_dense(k)) or not _bn_operand(d, low):
             return super().bn_chain(d, xhat, k)
         d = _cmajor(d)
         out, md, mxd = self.ext.bn_chain(d, _cmajor(xhat), k, low)
@@ -627,7 +673,7 @@ class CpuBackend(TorchBackend):
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         low = cpu_autocast.product_dtype()
-        if not isinstance(saved, _BnChain) or not _bn_operand(r, low):
+        if not isinstance(saved, _BnChain) or not _bn_operand(r, low) or not _dense(xhat):
             return super().bn_tangent(saved, r, xhat, k, inv_std, gamma_c)
         gamma = None if gamma_c.dim() == 0 else gamma_c.reshape(-1).contiguous()
         out, s, tan_gamma = self.ext.bn_tangent(_cmajor(r), _cmajor(xhat), saved.d, k,
@@ -638,8 +684,8 @@ class CpuBackend(TorchBackend):
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
         low = cpu_autocast.product_dtype()
-        (s,) = _widened(s)
-        if not _f32_dense(xhat, k, s) or not _bn_operand(abar, low):
+        s = _as(s, xhat.dtype)  # the kernel reads s in x̂'s dtype (the tangent wrote it so)
+        if not (_dense(xhat, s) and _f32_dense(k)) or not _bn_operand(abar, low):
             return super().bn_backward(abar, xhat, k, s)
         out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
                                                   None if s is None else _cmajor(s), low)

@@ -45,6 +45,10 @@ class TorchBackend:
         """w itself: torch's ops cast it where autocast asks them to."""
         return w
 
+    def product_input(self, a: Tensor) -> Tensor:
+        """a itself."""
+        return a
+
     def linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """a wᵀ + b: (N, in) → (N, out)."""
         return F.linear(a, w, b)
@@ -65,6 +69,10 @@ class TorchBackend:
         d0, a0 = pairs[0]
         out = d0.t().mm(a0)
         return self._accumulate(out, pairs[1:])
+
+    def linear_weight_term(self, d: Tensor, a: Tensor) -> Tensor:
+        """dᵀ a (a term pass 4 adds to in place)."""
+        return self.linear_weight_grad([(d, a)])
 
     def linear_param_grads(self, pairs: Sequence[tuple[Tensor, Tensor | None]],
                            acc: Tensor | None, need_w: bool, need_b: bool

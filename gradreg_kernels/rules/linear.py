@@ -54,6 +54,7 @@ class LinearRule(Rule):
         if a.dim() != 2:
             self.lead = a.shape[:-1]
             a = a.reshape(-1, in_f)
+        a = self.kernels.product_input(a)
         if self.need_w:
             self.a = a
         return self._shaped(self.kernels.linear(a, self.wp, self.bd))
@@ -74,7 +75,7 @@ class LinearRule(Rule):
         r2 = self._flat(r, self.w.shape[1])
         if self.need_w:
             if self._tangent_term_in_pass_3(r2.shape[0]):
-                self.gw_tangent = self.kernels.linear_weight_grad([(self.d, r2)])
+                self.gw_tangent = self.kernels.linear_weight_term(self.d, r2)
                 if not self.keep_saved:
                     self.d = None
             else:
