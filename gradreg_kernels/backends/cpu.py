@@ -638,7 +638,8 @@ class CpuBackend(TorchBackend):
     # ---- train-mode batch norm ----------------------------------------------------------
     # BatchNorm1d on (N, C): the kernels sweep each channel's values as contiguous rows, so a
     # (N, C) operand runs as its channel-major copy (1, C, N); the copies cost a few
-    # microseconds where a strided sweep would cost a cache line per value.
+    # microseconds where a strided sweep would cost a cache line per value. x̂ and s, which
+    # only these methods read, stay channel-major (returned as (N, C) views of it).
     # Under autocast with native products the kernels read bf16 operands as they come and
     # write y, x̂, k P(·) and s in bf16 (y and k P(·) the dtype the next product reads; x̂ and
     # s are read by the later sweeps only, which widen them); the statistics stay float32.
@@ -649,23 +650,27 @@ class CpuBackend(TorchBackend):
         if not (_bn_operand(a, low) and _f32_dense(gamma, beta)):
             return super().bn_train_forward(a, gamma, beta, eps)
         y, xhat, inv_std, mean, var = self.ext.bn_forward(_cmajor(a), gamma, beta, eps, low)
-        xhat_r = _rmajor(xhat, a)
-        y_r = xhat_r if y is xhat else _rmajor(y, a)  # no affine: y is x̂, kept once
+        if y is xhat:  # no affine: y is x̂, kept once (row-major, the next layer reads it)
+            y_r = xhat_r = _rmajor(y, a)
+        else:
+            y_r, xhat_r = _rmajor(y, a), _rmajor_view(xhat, a)
         return y_r, xhat_r, channel_view(inv_std, a), mean, var
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
-        if not _dense(xhat) or not _bn_operand(v, cpu_autocast.product_dtype()):
+        xc = _cmajor(xhat)
+        if not _dense(xc) or not _bn_operand(v, cpu_autocast.product_dtype()):
             return super().bn_project(v, xhat)
-        pv, mx = self.ext.bn_project(_cmajor(v), _cmajor(xhat))
+        pv, mx = self.ext.bn_project(_cmajor(v), xc)
         return _rmajor(pv, xhat), channel_view(mx, xhat)
 
     def bn_chain(self, d: Tensor, xhat: Tensor, k: Tensor
                  ) -> tuple[Tensor, Saved, tuple[Tensor, Tensor]]:
         low = cpu_autocast.product_dtype()
-        if not (_dense(xhat) and _f32_dense(k)) or not _bn_operand(d, low):
+        xc = _cmajor(xhat)
+        if not (_dense(xc) and _f32_dense(k)) or not _bn_operand(d, low):
             return super().bn_chain(d, xhat, k)
         d = _cmajor(d)
-        out, md, mxd = self.ext.bn_chain(d, _cmajor(xhat), k, low)
+        out, md, mxd = self.ext.bn_chain(d, xc, k, low)
         return _rmajor(out, xhat), _BnChain(d, md, mxd), (md, mxd)
 
     def bn_tangent(
@@ -673,22 +678,24 @@ class CpuBackend(TorchBackend):
         gamma_c: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         low = cpu_autocast.product_dtype()
-        if not isinstance(saved, _BnChain) or not _bn_operand(r, low) or not _dense(xhat):
+        xc = _cmajor(xhat)
+        if not isinstance(saved, _BnChain) or not _bn_operand(r, low) or not _dense(xc):
             return super().bn_tangent(saved, r, xhat, k, inv_std, gamma_c)
         gamma = None if gamma_c.dim() == 0 else gamma_c.reshape(-1).contiguous()
-        out, s, tan_gamma = self.ext.bn_tangent(_cmajor(r), _cmajor(xhat), saved.d, k,
+        out, s, tan_gamma = self.ext.bn_tangent(_cmajor(r), xc, saved.d, k,
                                                 inv_std.reshape(-1).contiguous(), gamma,
                                                 saved.md, saved.mxd, low)
-        return _rmajor(out, xhat), _rmajor(s, xhat), tan_gamma
+        return _rmajor(out, xhat), _rmajor_view(s, xhat), tan_gamma
 
     def bn_backward(self, abar: Tensor, xhat: Tensor, k: Tensor, s: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
         low = cpu_autocast.product_dtype()
-        s = _as(s, xhat.dtype)  # the kernel reads s in x̂'s dtype (the tangent wrote it so)
-        if not (_dense(xhat, s) and _f32_dense(k)) or not _bn_operand(abar, low):
+        xc = _cmajor(xhat)
+        # the kernel reads s in x̂'s dtype (the tangent wrote it so)
+        sc = None if s is None else _cmajor(s if s.dtype == xc.dtype else s.to(xc.dtype))
+        if not (_dense(xc, sc) and _f32_dense(k)) or not _bn_operand(abar, low):
             return super().bn_backward(abar, xhat, k, s)
-        out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), _cmajor(xhat), k,
-                                                  None if s is None else _cmajor(s), low)
+        out, g_xhat, g_sum = self.ext.bn_backward(_cmajor(abar), xc, k, sc, low)
         return _rmajor(out, xhat), g_xhat, g_sum
 
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
@@ -725,4 +732,10 @@ def _cmajor(t: Tensor) -> Tensor:
 def _rmajor(t: Tensor, like: Tensor) -> Tensor:
     """The inverse of ``_cmajor`` for a result shaped like ``like``."""
     return t.squeeze(0).t().contiguous() if like.dim() == 2 else t
+
+
+def _rmajor_view(t: Tensor, like: Tensor) -> Tensor:
+    """``_rmajor`` as a view, for a result only these methods read back (x̂, s): their
+    ``_cmajor`` of it is then the channel-major buffer itself, with no copy either way."""
+    return t.squeeze(0).t() if like.dim() == 2 else t
 
