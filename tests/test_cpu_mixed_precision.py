@@ -344,3 +344,56 @@ def test_col_fold_is_torch_fold(geom, dtype):
 def test_col_fold_refuses_a_mismatched_column_matrix():
     with pytest.raises(RuntimeError, match="cols must be"):
         _ext().col_fold(torch.randn(2, 9, 20), 1, 3, 3, 5, 5, 1, 1)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 16_384, 70_001])
+def test_narrowed_copies_are_torch_casts_and_say_whether_finite(n):
+    g = torch.Generator().manual_seed(n)
+    ts = [torch.randn(n, generator=g), torch.randn(3, 5, generator=g) * 1e38]
+    copies, finite = _ext().narrowed_all_finite(ts)
+    assert finite
+    for t, c in zip(ts, copies):
+        assert c.dtype == torch.bfloat16 and torch.equal(c.view(torch.int16),
+                                                         t.bfloat16().view(torch.int16))
+    if n:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = ts[0].clone()
+            t[n // 2] = bad
+            assert not _ext().narrowed_all_finite([ts[1], t])[1]
+
+
+@needs_bf16
+def test_the_parameter_check_hands_its_bf16_copies_to_the_products_once():
+    be = get_backend("cpu", torch.device("cpu"))
+    lin = nn.Linear(40, 33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert be.all_finite_many(list(lin.parameters()))
+        w = lin.weight.detach()
+        first = be.product_weight(w)
+        assert torch.equal(first, w.bfloat16())
+        again = be.product_weight(w)  # taken once: a fresh cast now
+        assert again is not first and torch.equal(again, first)
+        be.all_finite_many(list(lin.parameters()))
+        with torch.no_grad():
+            lin.weight.add_(1.0)  # an optimizer step after the check: the copy is stale
+        assert torch.equal(be.product_weight(lin.weight.detach()), lin.weight.detach().bfloat16())
+
+
+@needs_bf16
+def test_steps_with_and_without_the_parameter_check_agree_across_optimizer_steps():
+    torch.manual_seed(0)
+    x, y = _inputs("relu")
+    grads = []
+    for check in (True, False):
+        model = MODELS["relu"]()
+        torch.manual_seed(0)
+        model.load_state_dict(MODELS["relu"]().state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                gradreg_loss(model, x, y, LAM, backend="cpu", check_finite=check).loss.backward()
+            opt.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -75,6 +75,7 @@ at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b);
 // Σ t per channel of an (N, C, S) operand (float32 or bf16), float32 (C,)
 at::Tensor channel_sum(const at::Tensor& t);
 at::Tensor widened_sum(const at::Tensor& a, const at::Tensor& b);
+std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<at::Tensor>& ts);
 at::Tensor col_fold(const at::Tensor& cols, int64_t c, int64_t kh, int64_t kw, int64_t h,
                     int64_t w, int64_t ph, int64_t pw);
 

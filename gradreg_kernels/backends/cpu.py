@@ -42,6 +42,7 @@ from ..backend_protocol import BackendState, KeptDelta, Saved, TransposedDelta
 from ..tensor_ops import ConvGeom, channel_view
 from . import cpu_autocast
 from .cpu_build import CpuBuildError, load_extension
+from .cpu_weight_copies import WeightCopies
 from .torch_ops import NonFinite, TorchBackend
 
 # Below this many multiply-adds a product runs on MKL, whose call costs less than oneDNN's
@@ -213,6 +214,13 @@ def _product_path(out_f: int, work: int) -> str:
     return "mkl" if work < ONEDNN_MIN_WORK else "onednn"
 
 
+def _casts_weight(w: Tensor) -> bool:
+    """Whether ``product_weight`` casts w under autocast: a float32 CPU weight, unless a layer
+    with few outputs (its one-sweep kernels read float32)."""
+    return (w.dtype == torch.float32 and w.is_cpu and w.dim() >= 2
+            and not (w.dim() == 2 and w.shape[0] <= THIN_MAX))
+
+
 def _f32_dense(*ts: Tensor | None) -> bool:
     """Contiguous float32 CPU operands (the dtype every other kernel reads)."""
     return _dense_of((torch.float32,), ts)
@@ -226,6 +234,7 @@ class CpuBackend(TorchBackend):
     def __init__(self) -> None:
         self.ext = extension()
         self._mm = torch.ops.mkldnn._linear_pointwise
+        self._weight_copies = WeightCopies()  # made by the parameter check under autocast
 
     # ---- precision ------------------------------------------------------------------
     def precision_scope(self) -> contextlib.AbstractContextManager:
@@ -238,10 +247,10 @@ class CpuBackend(TorchBackend):
         torch's autocast would cast a detached weight at every product); a layer with few
         outputs keeps float32 (its one-sweep kernels read float32)."""
         low = cpu_autocast.product_dtype()
-        if (low is None or w.dtype != torch.float32 or not w.is_cpu
-                or (w.dim() == 2 and w.shape[0] <= THIN_MAX)):
+        if low is None or not _casts_weight(w):
             return w
-        return w.to(low)
+        copy = self._weight_copies.take(w)  # made by this step's parameter check
+        return copy if copy is not None else w.to(low)
 
     def product_input(self, a: Tensor) -> Tensor:
         """Under autocast with native products, a float32 input in their dtype: cast once
@@ -489,11 +498,21 @@ class CpuBackend(TorchBackend):
         return self.ext.all_finite(t)
 
     def all_finite_many(self, ts: Sequence[Tensor]) -> bool:
-        """All of the tensors finite, in one call and one thread (the parameters)."""
-        ts = [t.detach() for t in ts]
-        if not all(_f32_dense(t) for t in ts):
-            return super().all_finite_many(ts)
-        return self.ext.all_finite_many(ts)
+        """All of the tensors finite, in one call and one thread (the parameters). Under
+        autocast with native products, the weights the products read in bf16 are checked by
+        the sweep that makes their bf16 copies (kept for ``product_weight``)."""
+        self._weight_copies.clear()
+        plain = [t.detach() for t in ts]
+        if not all(_f32_dense(t) for t in plain):
+            return super().all_finite_many(plain)
+        if cpu_autocast.product_dtype() is None:
+            return self.ext.all_finite_many(plain)
+        cast = [i for i, t in enumerate(plain) if _casts_weight(t)]
+        rest = [t for t in plain if not _casts_weight(t)]
+        copies, finite = self.ext.narrowed_all_finite([plain[i] for i in cast])
+        if finite:
+            self._weight_copies.replace([ts[i] for i in cast], copies)
+        return finite and self.ext.all_finite_many(rest)
 
     def penalty_terms(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Without a mask: Σ g² in one sweep (double accumulation) and g itself as the seed

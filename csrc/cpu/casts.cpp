@@ -1,0 +1,90 @@
+// The dtype conversions of a CPU autocast step, each fused with the sweep that needs it:
+//   widened_sum:          a + b as a new float32 tensor, each operand float32 or bf16. A
+//                         Linear's weight gradient is the sum of two bf16 products (the
+//                         tangent pass's dᵀ r and the backward's z̄ᵀ a); one sweep gives the
+//                         float32 gradient, where a cast and an add would pass over it 3 times.
+//   narrowed_all_finite:  bf16 copies of float32 tensors (the weights the products read) and
+//                         whether every value is finite (the parameter check), in one read.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+#include "lanes.h"
+
+namespace gradreg {
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;
+
+template <typename TA, typename TB>
+void sum_sweep(const TA* __restrict a, const TB* __restrict b, float* __restrict out,
+               int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) out[i] = to_f32(a[i]) + to_f32(b[i]);
+  });
+}
+
+// dst = bf16(src) over [b, e), and Σ (v − v) (NaN as soon as one value is not finite)
+float narrow_range(const float* __restrict src, bf16* __restrict dst, int64_t b, int64_t e) {
+  float s = 0.f;
+  int64_t i = b;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= e; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    acc = _mm512_add_ps(acc, _mm512_sub_ps(v, v));
+    store16(dst + i, v);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < e; ++i) {
+    s += src[i] - src[i];
+    dst[i] = from_f32<bf16>(src[i]);
+  }
+  return s;
+}
+
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  bool finite = true;
+  for (const auto& t : ts) {
+    check_f32(t, "t");
+    auto c = at::empty(t.sizes(), t.options().dtype(at::kBFloat16));
+    const float* sp = t.const_data_ptr<float>();
+    bf16* dp = c.mutable_data_ptr<bf16>();
+    const int64_t n = t.numel();
+    const int64_t chunks = (n + kGrain - 1) / kGrain;
+    std::vector<float> part(static_cast<size_t>(chunks), 0.f);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t k = c0; k < c1; ++k)
+        part[k] = narrow_range(sp, dp, k * kGrain, std::min(n, (k + 1) * kGrain));
+    });
+    for (float p : part) finite = finite && !std::isnan(p);
+    out.push_back(c);
+  }
+  return {out, finite};
+}
+
+at::Tensor widened_sum(const at::Tensor& a, const at::Tensor& b) {
+  check_f32_or_bf16(a, "a");
+  check_f32_or_bf16(b, "b");
+  TORCH_CHECK(a.sizes() == b.sizes(), "widened_sum: operand shapes differ (", a.sizes(), " vs ",
+              b.sizes(), ")");
+  auto out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  float* op = out.mutable_data_ptr<float>();
+  with_values(a, [&](const auto* ap) {
+    with_values(b, [&](const auto* bp) { sum_sweep(ap, bp, op, a.numel()); });
+  });
+  return out;
+}
+
+}  // namespace gradreg
