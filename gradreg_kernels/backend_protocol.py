@@ -90,6 +90,12 @@ class Products(Protocol):
         """Σ_k d_kᵀ a_k (+ acc): (out, in); d_k a tensor or a ``keep_delta`` result."""
         ...
 
+    def weight_term_in_tangent_pass(self, n: int, out_f: int, in_f: int) -> bool:
+        """Whether a Linear (in_f → out_f) on n rows computes its dᵀ r weight term in the
+        tangent pass (releasing d and r there) rather than as half of pass 4's
+        doubled-batch product (rules/linear.py)."""
+        ...
+
     def linear_weight_term(self, d: KeptDelta, a: Tensor) -> Tensor:
         """dᵀ a as a term that ``linear_param_grads`` later adds to (its ``acc``), in the
         dtype the backend keeps such a term in (the parameter's, or the products' dtype

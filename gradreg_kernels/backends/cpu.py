@@ -59,6 +59,10 @@ THIN_MAX = 16
 # measurements behind the choice).
 ACC_BLOCK_ROWS = 256
 
+# Under autocast, the weight size (values) by which a Linear's tangent-pass weight term may
+# exceed the memory rule's 2 n (in + out) (CpuBackend.weight_term_in_tangent_pass).
+LOW_TERM_SLACK = 400_000
+
 # the smooth kinds the C++ sweeps implement, by their table codes (ReLU / LeakyReLU run the
 # mask kernels)
 _SMOOTH_KINDS = {k.name: k.code for k in ACTIVATIONS if k.native and not k.piecewise}
@@ -299,6 +303,17 @@ class CpuBackend(TorchBackend):
         ``acc`` as it comes: the extra buffer is one block, not a second weight.
         """
         return self._weight_grad(pairs, acc, False)[0]
+
+    def weight_term_in_tangent_pass(self, n: int, out_f: int, in_f: int) -> bool:
+        """As TorchBackend's; under autocast with native products also for weights of up to
+        LOW_TERM_SLACK values more: the term is a bf16 product that pass 4 sums with its own
+        in one sweep, where the doubled-batch product would stack [a; r] and [z̄; d] first
+        (two copies whose cost in a step, bench/RESULTS.md, is that of about this many
+        weights' extra traffic)."""
+        if super().weight_term_in_tangent_pass(n, out_f, in_f):
+            return True
+        return (cpu_autocast.product_dtype() is not None and out_f > THIN_MAX
+                and out_f * in_f <= 2 * n * (out_f + in_f) + LOW_TERM_SLACK)
 
     def linear_weight_term(self, d: KeptDelta, a: Tensor) -> Tensor:
         """dᵀ a; under autocast with native products, the bf16 product itself (pass 4 sums

@@ -70,6 +70,11 @@ class TorchBackend:
         out = d0.t().mm(a0)
         return self._accumulate(out, pairs[1:])
 
+    def weight_term_in_tangent_pass(self, n: int, out_f: int, in_f: int) -> bool:
+        """From 2 n (in + out) ≥ in · out on: holding d and r to pass 4 would cost more than
+        the term itself."""
+        return 2 * n * (out_f + in_f) >= out_f * in_f
+
     def linear_weight_term(self, d: Tensor, a: Tensor) -> Tensor:
         """dᵀ a (a term pass 4 adds to in place)."""
         return self.linear_weight_grad([(d, a)])
