@@ -31,9 +31,12 @@ def native(dtype: torch.dtype) -> bool:
     return False
 
 
+_any_autocast = torch._C._is_any_autocast_enabled  # one cheap call: the float32 steps' path
+
+
 def autocast_dtype() -> torch.dtype | None:
     """The CPU autocast dtype in force (bf16 / float16), or None outside CPU autocast."""
-    if not torch.is_autocast_enabled("cpu"):
+    if not _any_autocast() or not torch.is_autocast_enabled("cpu"):
         return None
     dtype = torch.get_autocast_dtype("cpu")
     return dtype if dtype in LOW_DTYPES else None
