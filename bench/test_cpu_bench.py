@@ -17,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bf16_accuracy
 import cpu_workloads as cw
 import pytest
+import step_floor
 import torch
 from cpu_table import REPLAYED
 from product_replay import record_products, replay
@@ -125,3 +127,29 @@ def test_step_bf16(benchmark, model, method):
     benchmark.name = {"eager_double": "eager_double_backprop"}.get(
         method, method.replace("products:", "products_alone_"))
     benchmark.pedantic(run, rounds=ROUNDS.get(model, 30), iterations=1, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("method", list(step_floor.steps()))
+def test_step_floor(benchmark, method):
+    """The schedule's per-step floor on a tiny MLP (bench/step_floor.py)."""
+    from gradreg_kernels.backends.cpu import available
+
+    why = available()
+    if why is not None:
+        pytest.skip(f"cpu backend unavailable: {why}")
+    benchmark.group = "step-floor"
+    benchmark.name = method.replace(", ", "-").replace(" ", "_")
+    benchmark.pedantic(step_floor.steps()[method], rounds=100, iterations=1, warmup_rounds=10)
+
+
+@pytest.mark.parametrize("model", ["mlp_relu_b64", "mlp_silu_b256"])
+def test_bf16_gradients_on_bench_models_as_close_as_eager(model):
+    """bench/bf16_accuracy.py's comparison, for two bench models, both value weights."""
+    from gradreg_kernels.backends import cpu_autocast
+    from gradreg_kernels.backends.cpu import available
+
+    if available() is not None or not cpu_autocast.native(torch.bfloat16):
+        pytest.skip("no cpu backend or no native bf16 products here")
+    for vw in (1.0, 0.0):
+        fused, eager = bf16_accuracy.errors(WORKLOADS[model], vw, seed=0)
+        assert 1e-4 < fused <= 1.25 * eager, (model, vw, fused, eager)
