@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at
                                                    double scale);
 
 // ---- smooth activations whose σ', σ'' are recomputed from the kept pre-activation z ----
+// (every operand and result in the kept tensor's dtype: float32, or bf16 under autocast)
 at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1);
 at::Tensor z_mul_add(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& s,
                      int64_t kind, double p0, double p1);
@@ -74,13 +75,21 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& abar, const at::Tensor& xh
 at::Tensor channel_dot(const at::Tensor& a, const at::Tensor& b);
 // Σ t per channel of an (N, C, S) operand (float32 or bf16), float32 (C,)
 at::Tensor channel_sum(const at::Tensor& t);
+
+// ---- the autocast step's dtype conversions, fused with the sweep that needs them -------
+// a + b as float32 (each float32 or bf16): a Linear's two bf16 weight-gradient products
 at::Tensor widened_sum(const at::Tensor& a, const at::Tensor& b);
+// bf16 copies of float32 tensors and whether every value is finite (the parameter check)
 std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<at::Tensor>& ts);
+
+// ---- F.fold for stride 1, dilation 1: (N, C·kh·kw, H'·W') float32 / bf16 → (N, C, H, W) float32
 at::Tensor col_fold(const at::Tensor& cols, int64_t c, int64_t kh, int64_t kw, int64_t h,
                     int64_t w, int64_t ph, int64_t pw);
 
 // ---- products of a layer with few outputs (K small): one sweep each -------------------
 at::Tensor thin_linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& b);
+// u = d W in out_dtype (None: float32; bf16 under autocast); the wide operand a of
+// thin_linear / thin_weight_grad may be bf16
 at::Tensor thin_input_grad(const at::Tensor& d, const at::Tensor& w,
                            c10::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, c10::optional<at::Tensor>> thin_weight_grad(
