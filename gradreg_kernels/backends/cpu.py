@@ -315,8 +315,8 @@ class CpuBackend(TorchBackend):
         """As TorchBackend's; under autocast with native products also for weights of up to
         LOW_TERM_SLACK values more: the term is a bf16 product that pass 4 sums with its own
         in one sweep, where the doubled-batch product would stack [a; r] and [z̄; d] first
-        (two copies whose cost in a step, bench/RESULTS.md, is that of about this many
-        weights' extra traffic)."""
+        (two copies whose cost in a step is that of about this many weights' extra traffic:
+        bench/HISTORY.md, "the bf16 autocast step, change by change")."""
         if super().weight_term_in_tangent_pass(n, out_f, in_f):
             return True
         return (cpu_autocast.product_dtype() is not None and out_f > THIN_MAX
