@@ -7,11 +7,11 @@
 //                         whether every value is finite (the parameter check), in one read.
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
 
+#include "chunks.h"
 #include "kernels.h"
 #include "lanes.h"
 
@@ -61,14 +61,10 @@ std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<
     auto c = at::empty(t.sizes(), t.options().dtype(at::kBFloat16));
     const float* sp = t.const_data_ptr<float>();
     bf16* dp = c.mutable_data_ptr<bf16>();
-    const int64_t n = t.numel();
-    const int64_t chunks = (n + kGrain - 1) / kGrain;
-    std::vector<float> part(static_cast<size_t>(chunks), 0.f);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t k = c0; k < c1; ++k)
-        part[k] = narrow_range(sp, dp, k * kGrain, std::min(n, (k + 1) * kGrain));
+    const double s = chunked_sum(t.numel(), kGrain, [sp, dp](int64_t b, int64_t e) {
+      return static_cast<double>(narrow_range(sp, dp, b, e));
     });
-    for (float p : part) finite = finite && !std::isnan(p);
+    finite = finite && !std::isnan(s);
     out.push_back(c);
   }
   return {out, finite};

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "chunks.h"
 #include "kernels.h"
 #include "lanes.h"
 
@@ -21,19 +22,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 16;  // values per task: below, one thread sweeps it all
 
-// f(begin, end) → double over chunks of t's values, the chunks' results summed.
-template <typename F>
-double chunked_sum(const at::Tensor& t, F f) {
-  const int64_t n = t.numel();
-  const int64_t chunks = (n + kGrain - 1) / kGrain;
-  std::vector<double> part(static_cast<size_t>(chunks), 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) part[c] = f(c * kGrain, std::min(n, (c + 1) * kGrain));
-  });
-  double total = 0.0;
-  for (double p : part) total += p;
-  return total;
-}
 
 }  // namespace
 
@@ -64,7 +52,7 @@ template <typename Term>
 double tensor_sum(const at::Tensor& t, Term term) {
   check_f32_or_bf16(t, "t");
   return with_values(t, [&](const auto* p) {
-    return chunked_sum(t, [p, term](int64_t b, int64_t e) {
+    return chunked_sum(t.numel(), kGrain, [p, term](int64_t b, int64_t e) {
       return static_cast<double>(sum_range(p, b, e, term));
     });
   });

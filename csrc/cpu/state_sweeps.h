@@ -67,7 +67,6 @@ at::Tensor state_mul_add(const at::Tensor& kept, const at::Tensor& t,
     mul_add_sweep<T>(kp, t.const_data_ptr<T>(),
                      s.has_value() ? s->const_data_ptr<T>() : nullptr,
                      out.mutable_data_ptr<T>(), kept.numel(), derivs);
-    return 0;
   });
   return out;
 }
@@ -99,7 +98,6 @@ std::tuple<at::Tensor, at::Tensor> state_tangent(const at::Tensor& kept, const a
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     tangent_sweep<T>(kp, r.const_data_ptr<T>(), u.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
                      s.mutable_data_ptr<T>(), kept.numel(), derivs);
-    return 0;
   });
   return {out, s};
 }

@@ -190,6 +190,12 @@ def _dense(*ts: Tensor | None) -> bool:
     return _dense_of((torch.float32, torch.bfloat16), ts)
 
 
+def _dense_or_f32(t: Tensor) -> Tensor:
+    """t as a kernel that reads float32 or bf16 takes it: itself when dense, else a
+    contiguous float32 copy."""
+    return t if _dense(t) else _f32(t)
+
+
 def _bn_operand(t: Tensor, low: torch.dtype | None) -> bool:
     """Whether the batch-norm kernels read t: a float32 CPU tensor, or bf16 under autocast
     with native products (``low``)."""
@@ -268,8 +274,7 @@ class CpuBackend(TorchBackend):
         low = cpu_autocast.product_dtype()
         if low is not None and a.is_cpu and a.dim() == 2:
             if w.shape[0] <= THIN_MAX:  # float32 logits, as autocast's losses want them
-                a = a if _dense(a) else _f32(a)
-                return self.ext.thin_linear(a, _f32(_without_history(w)),
+                return self.ext.thin_linear(_dense_or_f32(a), _f32(_without_history(w)),
                                             _f32(_without_history(b)))
             return self._low_product(_as(a, low), _as(_without_history(w), low).t(),
                                      _as(_without_history(b), low))
@@ -387,7 +392,7 @@ class CpuBackend(TorchBackend):
         if ds[0].shape[1] <= THIN_MAX:  # a read as it comes (float32 or bf16)
             return self.ext.thin_weight_grad(
                 [_f32(d) for d in ds],
-                [a if _dense(a) else _f32(a) for a in as_], _f32(acc), bias)
+                [_dense_or_f32(a) for a in as_], _f32(acc), bias)
         # oneDNN's matmul (torch.mm in bf16) reads [d]ᵀ through strides: no transposed copy
         gw = torch.mm(_stacked_rows([_as(d, low) for d in ds]).t(),
                       _stacked_rows([_as(a, low) for a in as_]))
@@ -529,8 +534,13 @@ class CpuBackend(TorchBackend):
             return super().all_finite_many(plain)
         if cpu_autocast.product_dtype() is None:
             return self.ext.all_finite_many(plain)
-        cast = [i for i, t in enumerate(plain) if _casts_weight(t)]
-        rest = [t for t in plain if not _casts_weight(t)]
+        cast: list[int] = []  # the indices of the weights product_weight will ask for
+        rest: list[Tensor] = []
+        for i, t in enumerate(plain):
+            if _casts_weight(t):
+                cast.append(i)
+            else:
+                rest.append(t)
         copies, finite = self.ext.narrowed_all_finite([plain[i] for i in cast])
         if finite:
             self._weight_copies.replace([ts[i] for i in cast], copies)
@@ -609,9 +619,9 @@ class CpuBackend(TorchBackend):
         oneDNN's transposed convolution is slow when it produces only 1-3 channels (the
         input gradient of a network's first layer costs several forwards). There G = Wᵀ d,
         (C·kh·kw, O) × (O, H'·W') per image, is a product of the same size as the forward,
-        and ``F.fold`` sums G's columns back into the image (col2im), which is faster on the
-        paper CNN's and the DCGAN critic's first layers. Used where C ≤ 3 and O ≥ C·kh·kw
-        (below that the fold costs more).
+        and a fold sums G's columns back into the image (``_folded_input_grad``), which is
+        faster on the paper CNN's and the DCGAN critic's first layers. Used where C ≤ 3 and
+        O ≥ C·kh·kw (below that the fold costs more).
         """
         stride, padding, dilation, groups = geom
         o, c, kh, kw = w.shape
@@ -620,9 +630,7 @@ class CpuBackend(TorchBackend):
                 and len(input_shape) == 4):
             # a first layer under autocast: G = Wᵀ d in bf16 and the fold (float32 sums)
             # beat bf16's transposed convolution (bench/RESULTS.md)
-            cols = torch.matmul(_as(w.detach(), low).reshape(o, c * kh * kw).t(),
-                                _as(d, low).reshape(d.shape[0], o, -1))
-            return self._fold(cols, c, (kh, kw), input_shape, geom)
+            return self._folded_input_grad(_as(d, low), _as(w.detach(), low), input_shape, geom)
         if groups != 1 or not _f32_dense(d, w) or d.dim() != 4 or len(input_shape) != 4:
             return super().conv2d_input_grad(d, w, input_shape, geom)
         n = d.shape[0]
@@ -635,19 +643,20 @@ class CpuBackend(TorchBackend):
             return out
         if c > 3 or o < c * kh * kw:
             return super().conv2d_input_grad(d, w, input_shape, geom)
-        cols = torch.matmul(w.detach().reshape(o, c * kh * kw).t(), d.reshape(n, o, -1))
-        return self._fold(cols, c, (kh, kw), input_shape, geom)
+        return self._folded_input_grad(d, w.detach(), input_shape, geom)
 
-    def _fold(self, cols: Tensor, c: int, k: tuple[int, int], input_shape: Sequence[int],
-              geom: ConvGeom) -> Tensor:
-        """F.fold of G (N, C·kh·kw, H'·W') into (N, C, H, W), float32; the extension's
-        sweep for stride 1 and dilation 1 (G float32 or bf16)."""
+    def _folded_input_grad(self, d: Tensor, w: Tensor, input_shape: Sequence[int],
+                           geom: ConvGeom) -> Tensor:
+        """Wᵀ ⋆ d as G = Wᵀ d per image, (C·kh·kw, O) × (O, H'·W') in d's and w's dtype,
+        folded into (N, C, H, W) float32: the extension's sweep for stride 1 and dilation 1
+        (G float32 or bf16), else ``F.fold``."""
         stride, padding, dilation, _ = geom
-        h, w = int(input_shape[2]), int(input_shape[3])
+        o, c, kh, kw = w.shape
+        cols = torch.matmul(w.reshape(o, c * kh * kw).t(), d.reshape(d.shape[0], o, -1))
+        h, wd = int(input_shape[2]), int(input_shape[3])
         if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and _dense(cols):
-            return self.ext.col_fold(cols, c, k[0], k[1], h, w, int(padding[0]),
-                                     int(padding[1]))
-        return F.fold(cols.float(), (h, w), k, dilation=dilation, padding=padding,
+            return self.ext.col_fold(cols, c, kh, kw, h, wd, int(padding[0]), int(padding[1]))
+        return F.fold(cols.float(), (h, wd), (kh, kw), dilation=dilation, padding=padding,
                       stride=stride)
 
     # ---- pooling ----------------------------------------------------------------------
