@@ -253,7 +253,16 @@ class Heads(Protocol):
         ...
 
 
-class Backend(Precision, Products, Elementwise, Norms, Pools, Heads, Protocol):
+class Schedules(Protocol):
+    """A backend's own runner of a whole plan, for the plans it runs natively."""
+
+    def native_schedule(self, plan, x: Tensor, head, keep_saved: bool):
+        """A runner with ``Schedule``'s interface (forward, chain, adjoint_and_backward,
+        head, keep_saved) for this call, or None: the Python schedule runs the plan."""
+        ...
+
+
+class Backend(Precision, Products, Elementwise, Norms, Pools, Heads, Schedules, Protocol):
     """Every method a rule, the schedule or the functional API calls on a backend."""
 
     name: str

@@ -253,7 +253,8 @@ def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | N
                 head, mask: Tensor | None, kernels, value_weight: float,
                 check_finite: bool, keep_saved: bool) -> GradRegOutput:
     with kernels.precision_scope():  # autocast off where the backend runs it in float32
-        schedule = Schedule(plan, kernels, head, keep_saved)
+        schedule = (kernels.native_schedule(plan, x, head, keep_saved)
+                    or Schedule(plan, kernels, head, keep_saved))
         runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels)
         loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),

@@ -67,7 +67,8 @@ class Step:
 
     ``make(kernels, env)`` makes the node's rule in pass 1 (sizes computed on the host read from
     ``env``); ``free_fwd`` / ``free_tan``: the slots whose last reader in pass 1 / pass 3 this
-    step is (released after it)."""
+    step is (released after it); ``module``: the module the rule runs, for a module step or a
+    functional call run as a module (None for the others)."""
 
     ins: tuple[int, ...]
     out: int
@@ -78,6 +79,7 @@ class Step:
     n_tensor_ins: int = 0  # ins[:n_tensor_ins] are the rule's tensors, the rest host values
     free_fwd: tuple[int, ...] = ()
     free_tan: tuple[int, ...] = ()
+    module: nn.Module | None = None
 
 
 @dataclass
@@ -88,6 +90,17 @@ class Plan:
     steps: list[Step]
     n_slots: int
     out: int
+
+    def chain_modules(self) -> list[nn.Module] | None:
+        """The modules of a plan that is one chain of module steps (each reading the one
+        before, the first the input, the last giving the logits), in order; else None."""
+        prev, mods = 0, []
+        for st in self.steps:
+            if st.module is None or st.host is not None or st.ins != (prev,):
+                return None
+            mods.append(st.module)
+            prev = st.out
+        return mods if prev == self.out else None
 
 
 # --- what is a leaf, and a module's rule ---------------------------------------------------
@@ -324,7 +337,7 @@ class _Builder:
         return Call(node.target, args, kwargs), tensors, hosts
 
     def add_rule(self, node: fx.Node, made: Made, tensors: list[int], hosts: list[int],
-                 inplace: bool) -> None:
+                 inplace: bool, module: nn.Module | None = None) -> None:
         ins = tuple(tensors[t.index] for t in made.inputs)
         host_slots = tuple(hosts)
         user_make = made.make
@@ -339,7 +352,7 @@ class _Builder:
             make = make_plain
         out = self.new_slot()
         self.steps.append(Step(ins + host_slots, out, node.name, make=make,
-                               multi=len(ins) != 1, n_tensor_ins=len(ins)))
+                               multi=len(ins) != 1, n_tensor_ins=len(ins), module=module))
         self.aliases.append(made.aliases)
         if inplace:
             self.inplace.append((len(self.steps) - 1, ins[0]))
@@ -374,7 +387,7 @@ class _Builder:
         entry = module_entry(type(m))
         assert entry is not None  # module_maker found it
         self.add_rule(node, Made([TensorArg(0)], _without_resolver(made),
-                                 aliases=entry[1].aliases), [slot], [], _is_inplace(node, m))
+                                 aliases=entry[1].aliases), [slot], [], _is_inplace(node, m), m)
         return None
 
     def call_node(self, node: fx.Node) -> Unsupported | None:
@@ -426,7 +439,7 @@ class _Builder:
             found = module_entry(type(shim))
             assert found is not None  # module_maker found it
             self.add_rule(node, Made([TensorArg(0)], _without_resolver(made),
-                                     aliases=found[1].aliases), tensors, [], inplace)
+                                     aliases=found[1].aliases), tensors, [], inplace, shim)
             return None
         assert entry.factory is not None  # an entry has a module or a factory
         made = entry.factory(call)

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "linear_chain.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradreg-kernels fused CPU kernels (float32; bf16 where CPU autocast needs it)";
@@ -61,4 +62,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_cat", &gradreg::transpose_cat, "[P_1; P_2; ...]ᵀ in one buffer");
   m.def("transpose_cat_sum", &gradreg::transpose_cat_sum,
         "[P_1; P_2; ...]ᵀ in one buffer and the column sums of P_1");
+  pybind11::class_<gradreg::LinearChain>(m, "LinearChain",
+                                         "the four passes of a plain Linear / ReLU chain (bf16)")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<c10::optional<at::Tensor>>, std::vector<double>, bool>(),
+           pybind11::arg("w_low"), pybind11::arg("w32"), pybind11::arg("bias"),
+           pybind11::arg("slope"), pybind11::arg("keep_saved"))
+      .def("forward", &gradreg::LinearChain::forward, "pass 1: the logits")
+      .def("chain", &gradreg::LinearChain::chain, "pass 2: g at the input")
+      .def("tangent", &gradreg::LinearChain::tangent, "pass 3: the logits' tangent")
+      .def("backward", &gradreg::LinearChain::backward, "pass 4: the parameter gradients",
+           pybind11::arg("zbar"), pybind11::arg("need_input_grad"),
+           pybind11::arg("with_tangent"));
 }

@@ -21,6 +21,10 @@ std::tuple<at::Tensor, at::Tensor, bool> mask_forward(const at::Tensor& z, doubl
                                                       c10::optional<at::ScalarType> out_dtype);
 at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
                       c10::optional<at::ScalarType> out_dtype);
+// the same into a given contiguous result (float32 or bf16; a row block of a larger buffer)
+std::tuple<at::Tensor, bool> mask_forward_out(const at::Tensor& z, double lo, at::Tensor& y);
+void mask_apply_out(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
+                    at::Tensor& out);
 std::tuple<at::Tensor, at::Tensor> dropout_forward(const at::Tensor& a, const at::Tensor& keep,
                                                    double scale);
 

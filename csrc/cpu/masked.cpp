@@ -96,12 +96,11 @@ void mask_apply_range(const uint8_t* __restrict bits, const TI* __restrict t,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, bool> mask_forward(const at::Tensor& z, double lo,
-                                                      c10::optional<at::ScalarType> out_dtype) {
+std::tuple<at::Tensor, bool> mask_forward_out(const at::Tensor& z, double lo, at::Tensor& y) {
   check_f32_or_bf16(z, "z");
-  const int64_t n = z.numel();
-  auto y = at::empty_like(z, z.options().dtype(out_dtype.value_or(z.scalar_type())));
   check_f32_or_bf16(y, "mask_forward's result");
+  const int64_t n = z.numel();
+  TORCH_CHECK(y.numel() == n, "mask_forward: the result holds ", y.numel(), " values, z ", n);
   auto bits = empty_bits(n, z);
   uint8_t* bp = bits.data_ptr<uint8_t>();
   const float l = static_cast<float>(lo);
@@ -111,17 +110,24 @@ std::tuple<at::Tensor, at::Tensor, bool> mask_forward(const at::Tensor& z, doubl
       if (!mask_forward_range(zp, yp, bp, l, g0, g1, n)) finite = false;
     });
   });
-  return {y, bits, finite.load()};
+  return {bits, finite.load()};
 }
 
-at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
-                      c10::optional<at::ScalarType> out_dtype) {
+std::tuple<at::Tensor, at::Tensor, bool> mask_forward(const at::Tensor& z, double lo,
+                                                      c10::optional<at::ScalarType> out_dtype) {
+  auto y = at::empty_like(z, z.options().dtype(out_dtype.value_or(z.scalar_type())));
+  auto [bits, finite] = mask_forward_out(z, lo, y);
+  return {y, bits, finite};
+}
+
+void mask_apply_out(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
+                    at::Tensor& out) {
   check_f32_or_bf16(t, "t");
+  check_f32_or_bf16(out, "mask_apply's result");
   const int64_t n = t.numel();
   TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (n + 7) / 8,
               "mask_apply: bit mask does not match a tensor of ", n, " elements");
-  auto out = at::empty_like(t, t.options().dtype(out_dtype.value_or(t.scalar_type())));
-  check_f32_or_bf16(out, "mask_apply's result");
+  TORCH_CHECK(out.numel() == n, "mask_apply: the result holds ", out.numel(), " values, t ", n);
   const uint8_t* bp = bits.data_ptr<uint8_t>();
   const float h = static_cast<float>(hi), l = static_cast<float>(lo);
   with_storage(t, out, [&](const auto* tp, auto* op) {
@@ -129,6 +135,12 @@ at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, do
       mask_apply_range(bp, tp, op, h, l, g0, g1, n);
     });
   });
+}
+
+at::Tensor mask_apply(const at::Tensor& bits, const at::Tensor& t, double hi, double lo,
+                      c10::optional<at::ScalarType> out_dtype) {
+  auto out = at::empty_like(t, t.options().dtype(out_dtype.value_or(t.scalar_type())));
+  mask_apply_out(bits, t, hi, lo, out);
   return out;
 }
 

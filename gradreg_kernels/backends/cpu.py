@@ -40,7 +40,7 @@ from ..activation_math import ActivationSpec, derivs_from_output
 from ..activation_table import ACTIVATIONS
 from ..backend_protocol import BackendState, KeptDelta, Saved, TransposedDelta
 from ..tensor_ops import ConvGeom, channel_view
-from . import cpu_autocast
+from . import cpu_autocast, cpu_chain
 from .cpu_build import CpuBuildError, load_extension
 from .cpu_weight_copies import WeightCopies
 from .torch_ops import NonFinite, TorchBackend
@@ -250,6 +250,11 @@ class CpuBackend(TorchBackend):
     def precision_scope(self) -> contextlib.AbstractContextManager:
         """Autocast off for the step where its dtype has no native products here."""
         return cpu_autocast.float32_scope()
+
+    def native_schedule(self, plan, x: Tensor, head, keep_saved: bool):
+        """A plain Linear / ReLU chain under bf16 autocast: the extension's LinearChain
+        (cpu_chain.py); any other plan: None (the Python schedule)."""
+        return cpu_chain.schedule_for(self, plan, x, head, keep_saved, THIN_MAX)
 
     # ---- products -------------------------------------------------------------------
     def product_weight(self, w: Tensor) -> Tensor:

@@ -40,6 +40,10 @@ class TorchBackend:
         """The context a fused step runs in: here none (autocast as the caller set it)."""
         return contextlib.nullcontext()
 
+    def native_schedule(self, plan, x: Tensor, head, keep_saved: bool):
+        """None: every plan runs on the Python schedule."""
+        return None
+
     # ---- products -------------------------------------------------------------------
     def product_weight(self, w: Tensor) -> Tensor:
         """w itself: torch's ops cast it where autocast asks them to."""

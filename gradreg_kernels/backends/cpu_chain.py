@@ -1,0 +1,115 @@
+"""The cpu backend's native runner of a plain Linear chain under bf16 autocast.
+
+A plan that is one chain
+
+    [Flatten] → Linear → [ReLU | LeakyReLU] → ... → Linear (K ≤ THIN_MAX outputs) → logits
+
+(every hidden layer wider than THIN_MAX, every weight and bias float32 and trainable, x a
+float32 CPU tensor) runs its four passes in the extension's ``LinearChain``
+(csrc/cpu/linear_chain.cpp) when the step's products run in bf16: the same kernels and the
+same arithmetic as the Python schedule on this backend, called from C++, so that the
+schedule's per-step cost in Python (a few hundred µs) is not paid on models whose products
+are short. The head, the penalty and its seed stay in Python, as with the Python schedule.
+``GRADREG_KERNELS_NATIVE_CHAIN=0`` turns it off (the Python schedule then runs these plans).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ..plan import Plan
+from . import cpu_autocast
+
+
+def _layers(plan: Plan, thin_max: int) -> list[tuple[nn.Linear, float]] | None:
+    """(Linear, slope of the activation after it: 0 ReLU, NaN none) per layer of a plain
+    chain plan, or None."""
+    mods = plan.chain_modules()
+    if mods is None:
+        return None
+    layers: list[tuple[nn.Linear, float]] = []
+    for m in mods:
+        t = type(m)
+        if t is nn.Flatten and not layers and m.start_dim == 1 and m.end_dim == -1:
+            continue
+        if t is nn.Linear and getattr(m, "act", None) is None:
+            layers.append((m, math.nan))
+        elif t in (nn.ReLU, nn.LeakyReLU) and layers and math.isnan(layers[-1][1]):
+            slope = 0.0 if t is nn.ReLU else float(m.negative_slope)
+            if not math.isfinite(slope):
+                return None
+            layers[-1] = (layers[-1][0], slope)
+        else:
+            return None
+    if not layers or not math.isnan(layers[-1][1]) or layers[-1][0].out_features > thin_max:
+        return None
+    if any(lin.out_features <= thin_max for lin, _ in layers[:-1]):
+        return None
+    return layers
+
+
+def _plain_param(p: Tensor | None) -> bool:
+    return p is None or (p.dtype == torch.float32 and p.is_cpu and p.is_contiguous()
+                         and p.requires_grad)
+
+
+def schedule_for(backend, plan: Plan, x: Tensor, head, keep_saved: bool, thin_max: int):
+    """A ``LinearChainSchedule`` for this call, or None (the Python schedule runs it)."""
+    if cpu_autocast.product_dtype() is None:
+        return None
+    if os.environ.get("GRADREG_KERNELS_NATIVE_CHAIN", "1") == "0":
+        return None
+    layers = _layers(plan, thin_max)
+    if layers is None or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
+        return None
+    flat = plan.chain_modules()[0].__class__ is nn.Flatten  # type: ignore[index]
+    if x.dim() < 2 or (x.dim() != 2 and not flat):
+        return None
+    if any(not (_plain_param(lin.weight) and _plain_param(lin.bias)) for lin, _ in layers):
+        return None
+    return LinearChainSchedule(backend, layers, head, keep_saved)
+
+
+class LinearChainSchedule:
+    """``Schedule``'s interface over the extension's LinearChain (one per call)."""
+
+    def __init__(self, backend, layers: list[tuple[nn.Linear, float]], head,
+                 keep_saved: bool) -> None:
+        self.backend, self.layers, self.head, self.keep_saved = backend, layers, head, keep_saved
+        self.native = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pass 1: the logits (B, K), float32."""
+        be = self.backend
+        ws = [lin.weight.detach() for lin, _ in self.layers]
+        low = [be.product_weight(w) for w in ws[:-1]] + [ws[-1]]
+        bias = [None if lin.bias is None else lin.bias.detach() for lin, _ in self.layers]
+        self.native = be.ext.LinearChain(low, ws, bias, [s for _, s in self.layers],
+                                         self.keep_saved)
+        return self.native.forward(x)
+
+    def chain(self, pen_grad: Tensor) -> Tensor:
+        """Pass 2: g = ∇_X Σ_n ℓ_n (bf16, x's shape)."""
+        return self.native.chain(pen_grad.contiguous())
+
+    def adjoint_and_backward(self, r: Tensor | None, zbar_data: Tensor, need_input_grad: bool
+                             ) -> tuple[Tensor | None, list]:
+        """Passes 3 and 4, as ``Schedule.adjoint_and_backward``."""
+        zbar = zbar_data
+        if r is not None:
+            hr = self.head.hvp(self.native.tangent(r.contiguous()))
+            if hr is not None:
+                zbar = zbar + hr
+        out = self.native.backward(zbar.float().contiguous(), need_input_grad, r is not None)
+        grads = []
+        for k, (lin, _) in enumerate(self.layers):
+            grads.append((lin.weight, out[2 * k]))
+            if lin.bias is not None:
+                grads.append((lin.bias, out[2 * k + 1]))
+        if not self.keep_saved:
+            self.native = None
+        return (out[-1] if need_input_grad else None), grads
