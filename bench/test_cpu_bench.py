@@ -5,7 +5,8 @@ double backprop, the ordinary first-order step and, when JAX is installed, jax.j
 gradient of the same regularized loss and of the ordinary loss (2 threads, float32).
 ``extra_info`` holds each torch step's peak resident memory above the pre-step level,
 measured in a fresh process (see cpu_workloads.peak_bytes). The groups ``<model>-bf16``
-run the fused cpu step and eager double backprop under ``torch.autocast("cpu",
+run the fused cpu step (also with its native Linear chain turned off, on the Python
+schedule) and eager double backprop under ``torch.autocast("cpu",
 dtype=torch.bfloat16)``, and their library products alone. For the goal table with
 interleaved rounds use ``python bench/cpu_table.py`` (``--autocast bf16``).
 """
@@ -13,6 +14,7 @@ interleaved rounds use ``python bench/cpu_table.py`` (``--autocast bf16``).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,16 +104,30 @@ BF16_MODELS = ("mlp_relu_b64", "mlp_relu_b256", "mlp_softplus_b256", "mlp_silu_b
                "cnn_paper_b64")
 
 
+def _on_python_schedule(step):
+    """The step with the cpu backend's native Linear chain turned off (a plain MLP then runs
+    on the Python schedule): the chain's gain, side by side."""
+    def run() -> None:
+        os.environ["GRADREG_KERNELS_NATIVE_CHAIN"] = "0"
+        try:
+            step()
+        finally:
+            del os.environ["GRADREG_KERNELS_NATIVE_CHAIN"]
+    return run
+
+
 def _bf16_steps(model: str) -> dict:
     cw.AUTOCAST = torch.bfloat16
     try:
-        return cw.torch_steps(WORKLOADS[model])
+        steps = cw.torch_steps(WORKLOADS[model])
     finally:
         cw.AUTOCAST = None
+    steps["fused_cpu_python_schedule"] = _on_python_schedule(steps["fused_cpu"])
+    return steps
 
 
-@pytest.mark.parametrize("method", ("fused_cpu", "eager_double", "products:fused_cpu",
-                                    "products:eager_double"))
+@pytest.mark.parametrize("method", ("fused_cpu", "fused_cpu_python_schedule", "eager_double",
+                                    "products:fused_cpu", "products:eager_double"))
 @pytest.mark.parametrize("model", BF16_MODELS)
 def test_step_bf16(benchmark, model, method):
     """The step under CPU autocast to bf16 (``products:``: its library products alone)."""

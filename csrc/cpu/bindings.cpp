@@ -11,6 +11,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_apply", &gradreg::mask_apply, "t ⊙ (bit ? hi : lo)", pybind11::arg("bits"),
         pybind11::arg("t"), pybind11::arg("hi"), pybind11::arg("lo"),
         pybind11::arg("out_dtype") = pybind11::none());
+  m.def("mask_forward_out",
+        [](const at::Tensor& z, double lo, at::Tensor y) { return gradreg::mask_forward_out(z, lo, y); },
+        "mask_forward into y (a contiguous block of a buffer): the bits, whether z is finite");
+  m.def("mask_apply_out",
+        [](const at::Tensor& bits, const at::Tensor& t, double hi, double lo, at::Tensor out) {
+          gradreg::mask_apply_out(bits, t, hi, lo, out);
+        },
+        "mask_apply into out (a contiguous block of a buffer)");
   m.def("dropout_forward", &gradreg::dropout_forward, "a ⊙ keep · scale and the packed mask");
   m.def("smooth_value", &gradreg::smooth_value, "σ(z) alone");
   m.def("z_mul_add", &gradreg::z_mul_add, "σ'(z) ⊙ t (+ s) from the kept z",

@@ -21,13 +21,12 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..plan import Plan
 from . import cpu_autocast
 
 
-def _layers(plan: Plan, thin_max: int) -> list[tuple[nn.Linear, float]] | None:
+def _layers(plan, thin_max: int) -> list[tuple[nn.Linear, float]] | None:
     """(Linear, slope of the activation after it: 0 ReLU, NaN none) per layer of a plain
-    chain plan, or None."""
+    chain plan (a ``Plan``: its ``chain_modules``), or None."""
     mods = plan.chain_modules()
     if mods is None:
         return None
@@ -57,7 +56,7 @@ def _plain_param(p: Tensor | None) -> bool:
                          and p.requires_grad)
 
 
-def schedule_for(backend, plan: Plan, x: Tensor, head, keep_saved: bool, thin_max: int):
+def schedule_for(backend, plan, x: Tensor, head, keep_saved: bool, thin_max: int):
     """A ``LinearChainSchedule`` for this call, or None (the Python schedule runs it)."""
     if cpu_autocast.product_dtype() is None:
         return None
