@@ -261,3 +261,19 @@ def test_mask_kernels_write_into_a_row_block(n, lo):
 def cpu_chain_ext():
     from gradreg_kernels.backends import cpu
     return cpu.extension()
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40_000])
+def test_widened_and_narrow_into_are_torch_casts(n):
+    ext = cpu_chain_ext()
+    g = torch.Generator().manual_seed(n)
+    low = torch.randn(n, generator=g).bfloat16()
+    assert torch.equal(ext.widened(low), low.float())
+    src = torch.randn(n, generator=g) * 1e3
+    buf = torch.full((2 * n,), 7.0, dtype=torch.bfloat16)
+    assert ext.narrow_into(src, buf[n:]) is True
+    assert torch.equal(buf[n:], src.bfloat16()) and torch.all(buf[:n] == 7.0)
+    src[n // 2] = float("inf")
+    assert ext.narrow_into(src, buf[:n]) is False
+    with pytest.raises(RuntimeError, match="bf16"):
+        ext.widened(src)

@@ -57,6 +57,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether every value of every tensor is finite (one thread)");
   m.def("channel_sum", &gradreg::channel_sum, "Σ t per channel of (N, C, S) (float32 result)");
   m.def("widened_sum", &gradreg::widened_sum, "a + b as float32 (operands float32 or bf16)");
+  m.def("widened", &gradreg::widened, "t's float32 copy (t contiguous bf16)");
+  m.def("narrow_into", [](const at::Tensor& src, at::Tensor dst) { return gradreg::narrow_into(src, dst); },
+        "dst = bf16(src) into a contiguous block; whether src is finite");
   m.def("narrowed_all_finite", &gradreg::narrowed_all_finite,
         "bf16 copies of float32 tensors and whether every value is finite, in one sweep");
   m.def("col_fold", &gradreg::col_fold, "F.fold for stride 1, dilation 1 (float32 result)");

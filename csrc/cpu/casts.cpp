@@ -5,6 +5,10 @@
 //                         float32 gradient, where a cast and an add would pass over it 3 times.
 //   narrowed_all_finite:  bf16 copies of float32 tensors (the weights the products read) and
 //                         whether every value is finite (the parameter check), in one read.
+//   widened / narrow_into: one tensor's float32 copy of bf16 values / bf16 copy of float32
+//                         values into a given contiguous block (a Linear chain's gradient
+//                         and input); AVX-512 sweeps, where ATen's conversion copy runs its
+//                         AVX2 kernel at several times their cost inside a step.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -50,7 +54,39 @@ float narrow_range(const float* __restrict src, bf16* __restrict dst, int64_t b,
   return s;
 }
 
+void widen_range(const bf16* __restrict src, float* __restrict dst, int64_t b, int64_t e) {
+  int64_t i = b;
+#if defined(__AVX512F__)
+  for (; i + 16 <= e; i += 16) store16(dst + i, load16(src + i));
+#endif
+  for (; i < e; ++i) dst[i] = to_f32(src[i]);
+}
+
 }  // namespace
+
+at::Tensor widened(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(),
+              "widened: t must be a contiguous bf16 CPU tensor");
+  auto out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  const bf16* sp = t.const_data_ptr<bf16>();
+  float* dp = out.mutable_data_ptr<float>();
+  at::parallel_for(0, t.numel(), kGrain,
+                   [&](int64_t b, int64_t e) { widen_range(sp, dp, b, e); });
+  return out;
+}
+
+bool narrow_into(const at::Tensor& src, at::Tensor& dst) {
+  check_f32(src, "src");
+  TORCH_CHECK(dst.scalar_type() == at::kBFloat16 && dst.is_contiguous() &&
+                  dst.numel() == src.numel(),
+              "narrow_into: dst must be a contiguous bf16 tensor of src's size");
+  const float* sp = src.const_data_ptr<float>();
+  bf16* dp = dst.mutable_data_ptr<bf16>();
+  const double s = chunked_sum(src.numel(), kGrain, [sp, dp](int64_t b, int64_t e) {
+    return static_cast<double>(narrow_range(sp, dp, b, e));
+  });
+  return !std::isnan(s);
+}
 
 std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<at::Tensor>& ts) {
   std::vector<at::Tensor> out;

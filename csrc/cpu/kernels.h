@@ -85,6 +85,10 @@ at::Tensor channel_sum(const at::Tensor& t);
 at::Tensor widened_sum(const at::Tensor& a, const at::Tensor& b);
 // bf16 copies of float32 tensors and whether every value is finite (the parameter check)
 std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<at::Tensor>& ts);
+// t's float32 copy (t contiguous bf16)
+at::Tensor widened(const at::Tensor& t);
+// dst = bf16(src) (dst a contiguous block of a buffer); whether every value of src is finite
+bool narrow_into(const at::Tensor& src, at::Tensor& dst);
 
 // ---- F.fold for stride 1, dilation 1: (N, C·kh·kw, H'·W') float32 / bf16 → (N, C, H, W) float32
 at::Tensor col_fold(const at::Tensor& cols, int64_t c, int64_t kh, int64_t kw, int64_t h,

@@ -92,7 +92,8 @@ at::Tensor LinearChain::forward(const at::Tensor& x) {
   const int64_t b = x.size(0);
   const auto low = x.options().dtype(kLow);
   layers_[0].ar = at::empty({2 * b, in0}, low);
-  top(layers_[0].ar).copy_(x.view({b, in0}));
+  at::Tensor x_low = top(layers_[0].ar);
+  narrow_into(x.view({b, in0}), x_low);
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
     const at::Tensor a = top(L.ar);
@@ -182,7 +183,7 @@ std::vector<at::Tensor> LinearChain::backward(const at::Tensor& zbar, bool need_
       const at::Tensor zb = top(L.zd);
       through_mask_into(L.bits, ab, L.slope, zb);
       const at::Tensor gw = with_tangent ? at::mm(L.zd.t(), L.ar) : at::mm(zb.t(), top(L.ar));
-      grads[2 * k] = gw.to(at::kFloat);
+      grads[2 * k] = widened(gw);
       if (L.b32.defined()) grads[2 * k + 1] = channel_sum(zb);
       ab = zb;
     }
