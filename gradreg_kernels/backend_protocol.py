@@ -253,6 +253,12 @@ class Heads(Protocol):
         ...
 
 
+class NativeScheduleDeclined(Exception):
+    """A backend's native schedule found in pass 1 what it does not run (the cpu Linear
+    chain: a smooth activation's non-finite pre-activation): the Python schedule runs the
+    call from the start instead."""
+
+
 class Schedules(Protocol):
     """A backend's own runner of a whole plan, for the plans it runs natively."""
 

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from . import checks
 from .autocast import Function
+from .backend_protocol import NativeScheduleDeclined
 from .backends import get_backend
 from .fallback import autograd_terms
 from .plan import Plan, Unsupported, UnsupportedModelError, plan_of
@@ -60,15 +61,26 @@ class _FusedCall:
     """State of one fused call, shared by the Function's forward and backward."""
 
     def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
-                 lam: float, value_weight: float, check_finite: bool, kernels) -> None:
+                 lam: float, value_weight: float, check_finite: bool, kernels,
+                 plan: Plan) -> None:
         self.schedule, self.x, self.y, self.mask = schedule, x, y, mask
         self.lam, self.w, self.check_finite = lam, value_weight, check_finite
-        self.kernels = kernels
+        self.kernels, self.plan = kernels, plan
+
+    def _pass_1(self, x: Tensor) -> Tensor:
+        """The logits; a backend's native schedule that declines the call hands it to the
+        Python schedule."""
+        try:
+            return self.schedule.forward(x)
+        except NativeScheduleDeclined:
+            s = self.schedule
+            self.schedule = Schedule(self.plan, self.kernels, s.head, s.keep_saved)
+            return self.schedule.forward(x)
 
     def forward(self) -> Tensor:
         x, mask = self.x, self.mask
         b = x.shape[0]
-        z = self.schedule.forward(x)
+        z = self._pass_1(x)
         head, y = self.schedule.head, self.y
         if (self.check_finite and head.uses_labels and y is not None
                 and not y.is_floating_point() and not head.checks_own_labels(z)):
@@ -255,7 +267,8 @@ def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | N
     with kernels.precision_scope():  # autocast off where the backend runs it in float32
         schedule = (kernels.native_schedule(plan, x, head, keep_saved)
                     or Schedule(plan, kernels, head, keep_saved))
-        runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels)
+        runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels,
+                            plan)
         loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
                          runner.logits.detach(), kernels.name)

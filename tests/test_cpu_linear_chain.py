@@ -1,7 +1,8 @@
 """The cpu backend's native Linear chain under bf16 autocast (backends/cpu_chain.py).
 
-A plain chain ([Flatten] Linear [ReLU | LeakyReLU] ... Linear with K ≤ 16 outputs) runs its
-four passes in the extension's LinearChain. Its gradients must be as close to the float64
+A plain chain ([Flatten] Linear [σ] ... Linear with K ≤ 16 outputs, σ ReLU, LeakyReLU or a
+smooth activation the extension implements) runs its four passes in the extension's
+LinearChain. Its gradients must be as close to the float64
 oracle as eager autocast double backprop's own (the penalty's own gradient too), its loss,
 penalty and input gradient those of the Python schedule (the same kernels), and every other
 plan must keep the Python schedule.
@@ -53,6 +54,16 @@ CHAINS = {
     "linear_linear": (lambda: nn.Sequential(nn.Linear(29, 35), nn.Linear(35, 21), nn.ReLU(),
                                             nn.Linear(21, 9)), (17, 29), 9),
     "one_layer": (lambda: nn.Sequential(nn.Linear(29, 6)), (9, 29), 6),
+    "silu_softplus": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(75, 45), nn.SiLU(),
+                                            nn.Linear(45, 37), nn.Softplus(2.0, 5.0),
+                                            nn.Linear(37, 7)), (13, 3, 5, 5), 7),
+    "gelu_tanh_elu": (lambda: nn.Sequential(nn.Linear(29, 41), nn.GELU("tanh"),
+                                            nn.Linear(41, 33), nn.Tanh(), nn.Linear(33, 35),
+                                            nn.ELU(0.7), nn.Linear(35, 4)), (10, 29), 4),
+    "mish_sigmoid_hardswish": (lambda: nn.Sequential(nn.Linear(29, 41), nn.Mish(),
+                                                     nn.Linear(41, 33), nn.Sigmoid(),
+                                                     nn.Linear(33, 19), nn.Hardswish(),
+                                                     nn.Linear(19, 6)), (12, 29), 6),
     "functional": (_FunctionalMlp, (10, 29), 5),
 }
 
@@ -129,7 +140,8 @@ def test_native_chain_with_an_annotation_mask_and_without_a_penalty(monkeypatch)
     assert spy.calls == 2
 
 
-@pytest.mark.parametrize("name", ["relu_flatten", "leaky_no_bias", "linear_linear"])
+@pytest.mark.parametrize("name", ["relu_flatten", "leaky_no_bias", "linear_linear",
+                                  "silu_softplus", "gelu_tanh_elu"])
 def test_native_chain_matches_the_python_schedule(name, monkeypatch):
     """Passes 1-2 and the input gradient run the very kernels of the Python schedule: the
     loss, penalty, logits and x.grad are equal; the weight gradients (one doubled-batch
@@ -171,16 +183,37 @@ def test_keep_saved_backward_twice_gives_the_same_gradients(monkeypatch):
         assert torch.equal(g1, g)
 
 
-class _Tiny(nn.Module):
-    def forward(self, x):
-        return x
+@pytest.mark.parametrize("act", [nn.SiLU, nn.Softplus])
+def test_a_non_finite_smooth_pre_activation_runs_on_the_python_schedule(act, monkeypatch):
+    """Where a smooth σ's z holds ±inf / NaN (x unchecked: check_finite=False), the native
+    chain declines in pass 1 and the Python schedule, which sets torch's σ', σ'' there, runs
+    the call: the same loss and gradients as with the native chain turned off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(29, 41), act(), nn.Linear(41, 33), act(), nn.Linear(33, 5))
+    x, y = _inputs((7, 29), 5)
+    x[2, 3] = float("inf")
+    spy = _Spy(monkeypatch)
+    runs = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("GRADREG_KERNELS_NATIVE_CHAIN", native)
+        out, grads = _fused(model, x, y, check_finite=False)
+        runs.append((out.loss, grads))
+    assert spy.calls == 1  # tried, declined
+    (la, ga), (lb, gb) = runs
+    assert torch.equal(la, lb) or (la.isnan() and lb.isnan())
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], equal_nan=True), n
 
 
 OTHER_PLANS = {
     "thin_hidden_layer": lambda: nn.Sequential(nn.Linear(29, 8), nn.ReLU(), nn.Linear(8, 5)),
     "wide_head": lambda: nn.Sequential(nn.Linear(29, 41), nn.ReLU(), nn.Linear(41, 23)),
-    "smooth_activation": lambda: nn.Sequential(nn.Linear(29, 41), nn.SiLU(),
-                                               nn.Linear(41, 5)),
+    "activation_without_sweeps": lambda: nn.Sequential(nn.Linear(29, 41), nn.SELU(),
+                                                       nn.Linear(41, 5)),
+    "piecewise_activation": lambda: nn.Sequential(nn.Linear(29, 41), nn.ReLU6(),
+                                                  nn.Linear(41, 5)),
+    "two_activations": lambda: nn.Sequential(nn.Linear(29, 41), nn.ReLU(), nn.SiLU(),
+                                             nn.Linear(41, 5)),
     "dropout": lambda: nn.Sequential(nn.Linear(29, 41), nn.ReLU(), nn.Dropout(0.2),
                                      nn.Linear(41, 5)),
     "activation_last": lambda: nn.Sequential(nn.Linear(29, 41), nn.ReLU(), nn.Linear(41, 5),
@@ -214,7 +247,8 @@ def test_float32_steps_and_the_switch_keep_the_python_schedule(monkeypatch):
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(widths=st.lists(st.integers(17, 70), min_size=0, max_size=3),
        n_in=st.integers(1, 60), k=st.integers(2, 16), batch=st.integers(1, 33),
-       slopes=st.lists(st.sampled_from([None, 0.0, 0.01, 0.3]), min_size=3, max_size=3),
+       slopes=st.lists(st.sampled_from([None, 0.0, 0.01, 0.3, "silu", "softplus", "tanh"]),
+                       min_size=3, max_size=3),
        bias=st.booleans(), value_weight=st.sampled_from([1.0, 0.0]))
 def test_random_chains_against_the_oracle(widths, n_in, k, batch, slopes, bias, value_weight):
     torch.manual_seed(0)
@@ -222,7 +256,10 @@ def test_random_chains_against_the_oracle(widths, n_in, k, batch, slopes, bias, 
     dims = [n_in, *widths]
     for i in range(len(widths)):
         layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
-        if slopes[i] is not None:
+        smooth = {"silu": nn.SiLU, "softplus": nn.Softplus, "tanh": nn.Tanh}
+        if slopes[i] in smooth:
+            layers.append(smooth[slopes[i]]())
+        elif slopes[i] is not None:
             layers.append(nn.ReLU() if slopes[i] == 0.0 else nn.LeakyReLU(slopes[i]))
     layers.append(nn.Linear(dims[-1], k))
     model = nn.Sequential(*layers)

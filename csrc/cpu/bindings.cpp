@@ -74,11 +74,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_cat_sum", &gradreg::transpose_cat_sum,
         "[P_1; P_2; ...]ᵀ in one buffer and the column sums of P_1");
   pybind11::class_<gradreg::LinearChain>(m, "LinearChain",
-                                         "the four passes of a plain Linear / ReLU chain (bf16)")
+                                         "the four passes of a plain Linear chain (bf16)")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<c10::optional<at::Tensor>>, std::vector<double>, bool>(),
+                          std::vector<c10::optional<at::Tensor>>, std::vector<double>,
+                          std::vector<int64_t>, std::vector<double>, std::vector<double>,
+                          std::vector<bool>, bool>(),
            pybind11::arg("w_low"), pybind11::arg("w32"), pybind11::arg("bias"),
-           pybind11::arg("slope"), pybind11::arg("keep_saved"))
+           pybind11::arg("slope"), pybind11::arg("kind"), pybind11::arg("p0"),
+           pybind11::arg("p1"), pybind11::arg("from_output"), pybind11::arg("keep_saved"))
       .def("forward", &gradreg::LinearChain::forward, "pass 1: the logits")
       .def("chain", &gradreg::LinearChain::chain, "pass 2: g at the input")
       .def("tangent", &gradreg::LinearChain::tangent, "pass 3: the logits' tangent")

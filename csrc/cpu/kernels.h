@@ -37,6 +37,14 @@ std::tuple<at::Tensor, at::Tensor> z_tangent(const at::Tensor& z, const at::Tens
                                              const at::Tensor& u, int64_t kind, double p0,
                                              double p1);
 
+// the same into a given result (a contiguous block of a buffer, the kept tensor's dtype);
+// the tangent's returns its s
+void smooth_value_into(const at::Tensor& z, int64_t kind, double p0, double p1, at::Tensor& y);
+void z_mul_add_into(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& s,
+                    int64_t kind, double p0, double p1, at::Tensor& out);
+at::Tensor z_tangent_into(const at::Tensor& z, const at::Tensor& r, const at::Tensor& u,
+                          int64_t kind, double p0, double p1, at::Tensor& out);
+
 // ---- smooth activations whose σ', σ'' are functions of y = σ(z) (softplus, tanh, sigmoid,
 // elu): the passes keep y alone
 at::Tensor output_mul_add(const at::Tensor& y, const at::Tensor& t,
@@ -44,6 +52,11 @@ at::Tensor output_mul_add(const at::Tensor& y, const at::Tensor& t,
 std::tuple<at::Tensor, at::Tensor> output_tangent(const at::Tensor& y, const at::Tensor& r,
                                                   const at::Tensor& u, int64_t kind, double p0,
                                                   double p1);
+void output_mul_add_into(const at::Tensor& y, const at::Tensor& t,
+                         const c10::optional<at::Tensor>& s, int64_t kind, double p0, double p1,
+                         at::Tensor& out);
+at::Tensor output_tangent_into(const at::Tensor& y, const at::Tensor& r, const at::Tensor& u,
+                               int64_t kind, double p0, double p1, at::Tensor& out);
 
 // ---- softmax heads -------------------------------------------------------------------
 std::vector<at::Tensor> softmax_head(const at::Tensor& z, const at::Tensor& y, bool uniform);

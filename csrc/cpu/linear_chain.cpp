@@ -1,9 +1,10 @@
-// LinearChain (linear_chain.h): the passes of a plain Linear / ReLU chain, layer by layer,
-// with the cpu backend's kernels. Per layer l (a its input, W its weight, σ its mask):
-//   pass 1:  z = a Wᵀ + b (bf16 product),  a' = σ(z) and its bits
-//   pass 2:  δ = σ'(z) ⊙ d,  d' = δ W
-//   pass 3:  r' = σ'(z) ⊙ (r Wᵀ)
-//   pass 4:  z̄ = σ'(z) ⊙ ā,  ΔW = [z̄; δ]ᵀ [a; r] widened to float32,  Δb = Σ_n z̄,  ā' = z̄ W
+// LinearChain (linear_chain.h): the passes of a plain Linear chain, layer by layer, with the
+// cpu backend's kernels. Per layer l (a its input, W its weight, σ its activation):
+//   pass 1:  z = a Wᵀ + b (bf16 product),  a' = σ(z) (and a mask's bits)
+//   pass 2:  δ = σ'(z) ⊙ d,  d' = δ W                 (a smooth σ keeps u = d)
+//   pass 3:  r' = σ'(z) ⊙ (r Wᵀ)                       (and s = σ''(z) ⊙ u ⊙ (r Wᵀ))
+//   pass 4:  z̄ = σ'(z) ⊙ ā (+ s),  ΔW = [z̄; δ]ᵀ [a; r] widened to float32,  Δb = Σ_n z̄,
+//            ā' = z̄ W
 // The last layer (K outputs) runs the float32 thin kernels, as the Python schedule does.
 #include "linear_chain.h"
 
@@ -35,16 +36,6 @@ at::Tensor activate_into(const at::Tensor& z, double slope, at::Tensor y) {
   return bits;
 }
 
-// σ'(z) ⊙ t into out (a copy without an activation)
-void through_mask_into(const at::Tensor& bits, const at::Tensor& t, double slope,
-                       at::Tensor out) {
-  if (bits.defined()) {
-    mask_apply_out(bits, t, 1.0, slope, out);
-  } else {
-    out.copy_(t);
-  }
-}
-
 c10::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
@@ -53,11 +44,14 @@ c10::optional<at::Tensor> opt(const at::Tensor& t) {
 
 LinearChain::LinearChain(std::vector<at::Tensor> w_low, std::vector<at::Tensor> w32,
                          std::vector<c10::optional<at::Tensor>> bias, std::vector<double> slope,
-                         bool keep_saved)
+                         std::vector<int64_t> kind, std::vector<double> p0,
+                         std::vector<double> p1, std::vector<bool> from_output, bool keep_saved)
     : keep_saved_(keep_saved) {
   const size_t n = w_low.size();
-  TORCH_CHECK(n > 0 && w32.size() == n && bias.size() == n && slope.size() == n,
-              "LinearChain: one weight, bias and slope per layer");
+  TORCH_CHECK(n > 0 && w32.size() == n && bias.size() == n && slope.size() == n &&
+                  kind.size() == n && p0.size() == n && p1.size() == n &&
+                  from_output.size() == n,
+              "LinearChain: one weight, bias and activation per layer");
   layers_.resize(n);
   for (size_t l = 0; l < n; ++l) {
     Layer& L = layers_[l];
@@ -74,12 +68,40 @@ LinearChain::LinearChain(std::vector<at::Tensor> w_low, std::vector<at::Tensor> 
       check_f32(L.b32, "bias");
       if (!L.thin) L.b_low = L.b32.to(kLow);
     }
-    L.slope = slope[l];
-    TORCH_CHECK(!L.thin || !L.has_act(), "LinearChain: the last layer has no activation");
+    if (std::isfinite(slope[l])) {
+      L.act = Act::kMask;
+      L.slope = slope[l];
+    } else if (kind[l] >= 0) {
+      L.act = Act::kSmooth;
+      L.kind = kind[l];
+      L.p0 = p0[l];
+      L.p1 = p1[l];
+      L.from_output = from_output[l];
+    }
+    TORCH_CHECK(!L.thin || L.act == Act::kNone, "LinearChain: the last layer has no activation");
     if (l > 0)
       TORCH_CHECK(L.w32.size(1) == layers_[l - 1].w32.size(0),
                   "LinearChain: layer ", l, " reads ", L.w32.size(1), " features, layer ", l - 1,
                   " gives ", layers_[l - 1].w32.size(0));
+  }
+}
+
+void LinearChain::act_mul_add(const Layer& L, const at::Tensor& t, const at::Tensor& s,
+                              at::Tensor out) {
+  switch (L.act) {
+    case Act::kMask:
+      mask_apply_out(L.bits, t, 1.0, L.slope, out);
+      break;
+    case Act::kSmooth:
+      if (L.from_output) {
+        output_mul_add_into(L.kept, t, opt(s), L.kind, L.p0, L.p1, out);
+      } else {
+        z_mul_add_into(L.kept, t, opt(s), L.kind, L.p0, L.p1, out);
+      }
+      break;
+    case Act::kNone:
+      out.copy_(t);
+      break;
   }
 }
 
@@ -100,10 +122,17 @@ at::Tensor LinearChain::forward(const at::Tensor& x) {
     if (L.thin) return thin_linear(a, L.w32, opt(L.b32));
     Layer& next = layers_[l + 1];
     next.ar = at::empty({2 * b, L.w32.size(0)}, low);
-    if (L.has_act()) {
+    if (L.act != Act::kNone) {
       const at::Tensor z =
           L.b_low.defined() ? at::addmm(L.b_low, a, L.w_low.t()) : at::mm(a, L.w_low.t());
-      L.bits = activate_into(z, L.slope, top(next.ar));
+      at::Tensor y = top(next.ar);
+      if (L.act == Act::kMask) {
+        L.bits = activate_into(z, L.slope, y);
+      } else {
+        TORCH_CHECK(all_finite(z), kNonFinite);
+        smooth_value_into(z, L.kind, L.p0, L.p1, y);
+        L.kept = L.from_output ? y : z;
+      }
     } else {
       at::Tensor y = top(next.ar);
       if (L.b_low.defined()) {
@@ -129,7 +158,8 @@ at::Tensor LinearChain::chain(const at::Tensor& pen_grad) {
     }
     L.zd = at::empty({2 * b, L.w32.size(0)}, d.options().dtype(kLow));
     const at::Tensor delta = bottom(L.zd);
-    through_mask_into(L.bits, d, L.slope, delta);
+    if (L.act == Act::kSmooth) L.u = d;
+    act_mul_add(L, d, at::Tensor(), delta);
     if (l == 0 && !keep_saved_) {
       // g is made where pass 3 reads r: the caller scales it into r in place
       at::Tensor g = bottom(L.ar);
@@ -153,8 +183,13 @@ at::Tensor LinearChain::tangent(const at::Tensor& r_in) {
     const at::Tensor r = bottom(L.ar);
     if (L.thin) return thin_linear(r, L.w32, c10::nullopt);
     at::Tensor out = bottom(layers_[l + 1].ar);
-    if (L.has_act()) {
+    if (L.act == Act::kMask) {
       mask_apply_out(L.bits, at::mm(r, L.w_low.t()), 1.0, L.slope, out);
+    } else if (L.act == Act::kSmooth) {
+      const at::Tensor t = at::mm(r, L.w_low.t());
+      L.s = L.from_output ? output_tangent_into(L.kept, t, L.u, L.kind, L.p0, L.p1, out)
+                          : z_tangent_into(L.kept, t, L.u, L.kind, L.p0, L.p1, out);
+      if (!keep_saved_) L.u = at::Tensor();
     } else {
       at::mm_out(out, r, L.w_low.t());
     }
@@ -181,7 +216,7 @@ std::vector<at::Tensor> LinearChain::backward(const at::Tensor& zbar, bool need_
       if (gb.has_value()) grads[2 * k + 1] = *gb;
     } else {
       const at::Tensor zb = top(L.zd);
-      through_mask_into(L.bits, ab, L.slope, zb);
+      act_mul_add(L, ab, with_tangent ? L.s : at::Tensor(), zb);
       const at::Tensor gw = with_tangent ? at::mm(L.zd.t(), L.ar) : at::mm(zb.t(), top(L.ar));
       grads[2 * k] = widened(gw);
       if (L.b32.defined()) grads[2 * k + 1] = channel_sum(zb);
@@ -190,7 +225,7 @@ std::vector<at::Tensor> LinearChain::backward(const at::Tensor& zbar, bool need_
     at::Tensor next;
     if (k > 0 || need_input_grad)
       next = L.thin ? thin_input_grad(ab, L.w32, kLow) : at::mm(ab, L.w_low);
-    if (!keep_saved_) L.ar = L.zd = L.d = L.bits = at::Tensor();
+    if (!keep_saved_) L.ar = L.zd = L.d = L.bits = L.kept = L.u = L.s = at::Tensor();
     ab = next;
   }
   if (need_input_grad) grads.push_back(ab.view(x_shape_));

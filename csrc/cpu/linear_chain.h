@@ -1,6 +1,6 @@
 // The four passes of a plain Linear chain in one native object (CPU autocast, bf16 products):
 //
-//   x → [Linear → (ReLU | LeakyReLU)?] × (L − 1) → Linear (K ≤ THIN_MAX outputs) → logits
+//   x → [Linear → (ReLU | LeakyReLU | a smooth σ)?] × (L − 1) → Linear (K ≤ THIN_MAX) → logits
 //
 // The same kernels and the same arithmetic as the Python schedule's cpu backend runs for
 // these layers (docs/math.md §6), called from here: bf16 products through ATen's mm / addmm
@@ -21,13 +21,19 @@ namespace gradreg {
 class LinearChain {
  public:
   // Layer l: weight w_low[l] (out, in) bf16, as the products read it; w32[l] its float32
-  // source (read by the thin kernels of the last layer); bias[l] float32 or none; slope[l]
-  // the activation after it (0: ReLU, another finite value: LeakyReLU, NaN: none; the last
-  // layer has none). keep_saved: nothing is released between passes, so that passes 3-4
-  // can run again.
+  // source (read by the thin kernels of the last layer); bias[l] float32 or none. The
+  // activation after it: slope[l] finite for a masked one (0: ReLU, else LeakyReLU's
+  // slope); else kind[l] ≥ 0 for a smooth one (activation_codes.h), with its parameters
+  // p0[l], p1[l] and from_output[l] (σ', σ'' functions of y, which is kept; else z is);
+  // else none (the last layer has none). keep_saved: nothing is released between passes,
+  // so that passes 3-4 can run again. A smooth layer's z with a NaN / ±inf stops pass 1
+  // with kNonFinite in the message (the caller runs the step another way).
   LinearChain(std::vector<at::Tensor> w_low, std::vector<at::Tensor> w32,
               std::vector<c10::optional<at::Tensor>> bias, std::vector<double> slope,
-              bool keep_saved);
+              std::vector<int64_t> kind, std::vector<double> p0, std::vector<double> p1,
+              std::vector<bool> from_output, bool keep_saved);
+
+  static constexpr const char* kNonFinite = "LinearChain: non-finite pre-activation";
 
   // pass 1: x (B, ...) float32 → logits (B, K) float32
   at::Tensor forward(const at::Tensor& x);
@@ -46,16 +52,26 @@ class LinearChain {
   // two row blocks of one buffer each, written there by the sweeps that make them (a in
   // pass 1, δ in pass 2, r in pass 3, z̄ in pass 4), so that the product reads them with no
   // stacking copy and its one bf16 result is widened once.
+  enum class Act { kNone, kMask, kSmooth };
   struct Layer {
     at::Tensor w_low, w32, b32, b_low;
-    double slope;  // NaN: no activation
-    bool thin;
+    Act act = Act::kNone;
+    double slope = 0.0;           // kMask
+    int64_t kind = -1;            // kSmooth: its code, parameters and what it keeps
+    double p0 = 0.0, p1 = 0.0;
+    bool from_output = false;
+    bool thin = false;
     at::Tensor ar;    // (2B, in) bf16: [a; r], the layer's input and its tangent
     at::Tensor zd;    // (2B, out) bf16: [z̄; δ] (hidden layers)
     at::Tensor d;     // the thin layer's δ: ∇ℓ at the logits (B, K) float32
-    at::Tensor bits;  // the activation's packed mask
-    bool has_act() const { return slope == slope; }
+    at::Tensor bits;  // kMask: the packed mask
+    at::Tensor kept;  // kSmooth: y or z
+    at::Tensor u;     // kSmooth: pass 2's gradient at the output, until pass 3
+    at::Tensor s;     // kSmooth: pass 3's σ'' ⊙ u ⊙ r, until pass 4
   };
+  // σ' ⊙ t (+ s) of layer L's activation into out (a copy without one)
+  static void act_mul_add(const Layer& L, const at::Tensor& t, const at::Tensor& s,
+                          at::Tensor out);
   std::vector<Layer> layers_;
   bool keep_saved_;
   std::vector<int64_t> x_shape_;

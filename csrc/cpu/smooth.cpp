@@ -152,13 +152,19 @@ void with_kind(int64_t kind, double p0, double p1, const char* what, Body&& body
 
 }  // namespace
 
+void smooth_value_into(const at::Tensor& z, int64_t kind, double p0, double p1, at::Tensor& y) {
+  check_f32_or_bf16(z, "z");
+  check_state_operand(z, y, "smooth_value's result");
+  with_same_storage(z, y, [&](const auto* zp, auto* yp) {
+    with_kind(kind, p0, p1, "smooth_value", [&](auto f) { value_sweep(zp, yp, z.numel(), f); });
+  });
+}
+
 at::Tensor smooth_value(const at::Tensor& z, int64_t kind, double p0, double p1) {
   // y in z's dtype (float32, or bf16 under CPU autocast)
   check_f32_or_bf16(z, "z");
   auto y = at::empty_like(z);
-  with_same_storage(z, y, [&](const auto* zp, auto* yp) {
-    with_kind(kind, p0, p1, "smooth_value", [&](auto f) { value_sweep(zp, yp, z.numel(), f); });
-  });
+  smooth_value_into(z, kind, p0, p1, y);
   return y;
 }
 
@@ -179,6 +185,20 @@ std::tuple<at::Tensor, at::Tensor> z_tangent(const at::Tensor& z, const at::Tens
   with_kind(kind, p0, p1, "z_tangent",
             [&](auto f) { out = state_tangent(z, r, u, f, "z_tangent"); });
   return out;
+}
+
+void z_mul_add_into(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& s,
+                    int64_t kind, double p0, double p1, at::Tensor& out) {
+  with_kind(kind, p0, p1, "z_mul_add",
+            [&](auto f) { state_mul_add(z, t, s, f, "z_mul_add", out); });
+}
+
+at::Tensor z_tangent_into(const at::Tensor& z, const at::Tensor& r, const at::Tensor& u,
+                          int64_t kind, double p0, double p1, at::Tensor& out) {
+  at::Tensor s;
+  with_kind(kind, p0, p1, "z_tangent",
+            [&](auto f) { s = std::get<1>(state_tangent(z, r, u, f, "z_tangent", out)); });
+  return s;
 }
 
 }  // namespace gradreg

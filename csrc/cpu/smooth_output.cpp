@@ -90,4 +90,20 @@ std::tuple<at::Tensor, at::Tensor> output_tangent(const at::Tensor& y, const at:
   return out;
 }
 
+void output_mul_add_into(const at::Tensor& y, const at::Tensor& t,
+                         const c10::optional<at::Tensor>& s, int64_t kind, double p0, double p1,
+                         at::Tensor& out) {
+  with_kind(kind, p0, p1, "output_mul_add",
+            [&](auto derivs) { state_mul_add(y, t, s, derivs, "output_mul_add", out); });
+}
+
+at::Tensor output_tangent_into(const at::Tensor& y, const at::Tensor& r, const at::Tensor& u,
+                               int64_t kind, double p0, double p1, at::Tensor& out) {
+  at::Tensor s;
+  with_kind(kind, p0, p1, "output_tangent", [&](auto derivs) {
+    s = std::get<1>(state_tangent(y, r, u, derivs, "output_tangent", out));
+  });
+  return s;
+}
+
 }  // namespace gradreg

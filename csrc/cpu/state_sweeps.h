@@ -55,13 +55,19 @@ GRADREG_OWN_FUNCTION void mul_add_sweep(const T* __restrict kp, const T* __restr
   });
 }
 
+// out: where the result goes (a contiguous block of a buffer), or undefined: a new tensor
 template <typename Derivs>
 at::Tensor state_mul_add(const at::Tensor& kept, const at::Tensor& t,
-                         const c10::optional<at::Tensor>& s, Derivs derivs, const char* what) {
+                         const c10::optional<at::Tensor>& s, Derivs derivs, const char* what,
+                         at::Tensor out = at::Tensor()) {
   check_f32_or_bf16(kept, what);
   check_state_operand(kept, t, what);
   if (s.has_value()) check_state_operand(kept, *s, what);
-  auto out = at::empty_like(t);
+  if (out.defined()) {
+    check_state_operand(kept, out, what);
+  } else {
+    out = at::empty_like(t);
+  }
   with_values(kept, [&](const auto* kp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     mul_add_sweep<T>(kp, t.const_data_ptr<T>(),
@@ -89,11 +95,17 @@ GRADREG_OWN_FUNCTION void tangent_sweep(const T* __restrict kp, const T* __restr
 template <typename Derivs>
 std::tuple<at::Tensor, at::Tensor> state_tangent(const at::Tensor& kept, const at::Tensor& r,
                                                  const at::Tensor& u, Derivs derivs,
-                                                 const char* what) {
+                                                 const char* what,
+                                                 at::Tensor out = at::Tensor()) {
   check_f32_or_bf16(kept, what);
   check_state_operand(kept, r, what);
   check_state_operand(kept, u, what);
-  auto out = at::empty_like(r), s = at::empty_like(r);
+  if (out.defined()) {
+    check_state_operand(kept, out, what);
+  } else {
+    out = at::empty_like(r);
+  }
+  auto s = at::empty_like(r);
   with_values(kept, [&](const auto* kp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     tangent_sweep<T>(kp, r.const_data_ptr<T>(), u.const_data_ptr<T>(), out.mutable_data_ptr<T>(),

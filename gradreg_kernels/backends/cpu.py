@@ -252,9 +252,10 @@ class CpuBackend(TorchBackend):
         return cpu_autocast.float32_scope()
 
     def native_schedule(self, plan, x: Tensor, head, keep_saved: bool):
-        """A plain Linear / ReLU chain under bf16 autocast: the extension's LinearChain
-        (cpu_chain.py); any other plan: None (the Python schedule)."""
-        return cpu_chain.schedule_for(self, plan, x, head, keep_saved, THIN_MAX)
+        """A plain Linear chain (ReLU, LeakyReLU or a smooth activation between the layers)
+        under bf16 autocast: the extension's LinearChain (cpu_chain.py); any other plan:
+        None (the Python schedule)."""
+        return cpu_chain.schedule_for(self, plan, x, head, keep_saved, THIN_MAX, _SMOOTH_KINDS)
 
     # ---- products -------------------------------------------------------------------
     def product_weight(self, w: Tensor) -> Tensor:

@@ -2,14 +2,19 @@
 
 A plan that is one chain
 
-    [Flatten] → Linear → [ReLU | LeakyReLU] → ... → Linear (K ≤ THIN_MAX outputs) → logits
+    [Flatten] → Linear → [σ] → ... → Linear (K ≤ THIN_MAX outputs) → logits
 
-(every hidden layer wider than THIN_MAX, every weight and bias float32 and trainable, x a
+(σ: ReLU, LeakyReLU or a smooth activation the extension's sweeps implement: Softplus,
+SiLU, GELU, Tanh, Sigmoid, ELU, Mish, Hardswish)
+with every hidden layer wider than THIN_MAX, every weight and bias float32 and trainable, x a
 float32 CPU tensor) runs its four passes in the extension's ``LinearChain``
 (csrc/cpu/linear_chain.cpp) when the step's products run in bf16: the same kernels and the
 same arithmetic as the Python schedule on this backend, called from C++, so that the
 schedule's per-step cost in Python (a few hundred µs) is not paid on models whose products
 are short. The head, the penalty and its seed stay in Python, as with the Python schedule.
+A smooth activation's pre-activation with a NaN / ±inf declines the call in pass 1
+(``NativeScheduleDeclined``): the Python schedule, which sets torch's σ', σ'' there, runs
+it instead.
 ``GRADREG_KERNELS_NATIVE_CHAIN=0`` turns it off (the Python schedule then runs these plans).
 """
 
@@ -21,30 +26,56 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..activation_math import activation_spec, derivs_from_output
+from ..activation_table import MODULE_TYPES
+from ..backend_protocol import NativeScheduleDeclined
 from . import cpu_autocast
 
+#: the extension's message for a smooth activation's non-finite pre-activation
+NON_FINITE = "LinearChain: non-finite pre-activation"
 
-def _layers(plan, thin_max: int) -> list[tuple[nn.Linear, float]] | None:
-    """(Linear, slope of the activation after it: 0 ReLU, NaN none) per layer of a plain
-    chain plan (a ``Plan``: its ``chain_modules``), or None."""
+
+#: an activation as the native chain takes it: (slope, kind, p0, p1, from_output); slope
+#: finite for ReLU / LeakyReLU, kind ≥ 0 for a smooth one, neither for no activation
+Act = tuple[float, int, float, float, bool]
+NO_ACT: Act = (math.nan, -1, 0.0, 0.0, False)
+
+
+def _activation(m: nn.Module, smooth_kinds: dict[str, int]) -> Act | None:
+    """The native chain's form of the activation module m, or None (not one it runs)."""
+    if type(m) not in MODULE_TYPES:
+        return None
+    spec = activation_spec(m)
+    if spec.name in ("relu", "leaky_relu"):
+        slope = 0.0 if spec.name == "relu" else float(spec.params[0])
+        return (slope, -1, 0.0, 0.0, False) if math.isfinite(slope) else None
+    kind = smooth_kinds.get(spec.name)
+    if kind is None:
+        return None
+    p = tuple(float(v) for v in spec.params) + (0.0, 0.0)
+    return (math.nan, kind, p[0], p[1], derivs_from_output(spec))
+
+
+def _layers(plan, thin_max: int, smooth_kinds: dict[str, int]
+            ) -> list[tuple[nn.Linear, Act]] | None:
+    """(Linear, the activation after it) per layer of a plain chain plan (a ``Plan``: its
+    ``chain_modules``), or None."""
     mods = plan.chain_modules()
     if mods is None:
         return None
-    layers: list[tuple[nn.Linear, float]] = []
+    layers: list[tuple[nn.Linear, Act]] = []
     for m in mods:
         t = type(m)
         if t is nn.Flatten and not layers and m.start_dim == 1 and m.end_dim == -1:
             continue
         if t is nn.Linear and getattr(m, "act", None) is None:
-            layers.append((m, math.nan))
-        elif t in (nn.ReLU, nn.LeakyReLU) and layers and math.isnan(layers[-1][1]):
-            slope = 0.0 if t is nn.ReLU else float(m.negative_slope)
-            if not math.isfinite(slope):
-                return None
-            layers[-1] = (layers[-1][0], slope)
-        else:
+            layers.append((m, NO_ACT))
+            continue
+        act = _activation(m, smooth_kinds) if layers and layers[-1][1] is NO_ACT else None
+        if act is None:
             return None
-    if not layers or not math.isnan(layers[-1][1]) or layers[-1][0].out_features > thin_max:
+        layers[-1] = (layers[-1][0], act)
+    if not layers or layers[-1][1] is not NO_ACT or layers[-1][0].out_features > thin_max:
         return None
     if any(lin.out_features <= thin_max for lin, _ in layers[:-1]):
         return None
@@ -56,13 +87,15 @@ def _plain_param(p: Tensor | None) -> bool:
                          and p.requires_grad)
 
 
-def schedule_for(backend, plan, x: Tensor, head, keep_saved: bool, thin_max: int):
-    """A ``LinearChainSchedule`` for this call, or None (the Python schedule runs it)."""
+def schedule_for(backend, plan, x: Tensor, head, keep_saved: bool, thin_max: int,
+                 smooth_kinds: dict[str, int]):
+    """A ``LinearChainSchedule`` for this call, or None (the Python schedule runs it);
+    ``smooth_kinds``: the smooth activations the extension's sweeps implement, by name."""
     if cpu_autocast.product_dtype() is None:
         return None
     if os.environ.get("GRADREG_KERNELS_NATIVE_CHAIN", "1") == "0":
         return None
-    layers = _layers(plan, thin_max)
+    layers = _layers(plan, thin_max, smooth_kinds)
     if layers is None or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
         return None
     flat = plan.chain_modules()[0].__class__ is nn.Flatten  # type: ignore[index]
@@ -76,7 +109,7 @@ def schedule_for(backend, plan, x: Tensor, head, keep_saved: bool, thin_max: int
 class LinearChainSchedule:
     """``Schedule``'s interface over the extension's LinearChain (one per call)."""
 
-    def __init__(self, backend, layers: list[tuple[nn.Linear, float]], head,
+    def __init__(self, backend, layers: list[tuple[nn.Linear, Act]], head,
                  keep_saved: bool) -> None:
         self.backend, self.layers, self.head, self.keep_saved = backend, layers, head, keep_saved
         self.native = None
@@ -87,9 +120,15 @@ class LinearChainSchedule:
         ws = [lin.weight.detach() for lin, _ in self.layers]
         low = [be.product_weight(w) for w in ws[:-1]] + [ws[-1]]
         bias = [None if lin.bias is None else lin.bias.detach() for lin, _ in self.layers]
-        self.native = be.ext.LinearChain(low, ws, bias, [s for _, s in self.layers],
+        acts = [a for _, a in self.layers]
+        self.native = be.ext.LinearChain(low, ws, bias, *[list(v) for v in zip(*acts)],
                                          self.keep_saved)
-        return self.native.forward(x)
+        try:
+            return self.native.forward(x)
+        except RuntimeError as e:
+            if NON_FINITE not in str(e):
+                raise
+            raise NativeScheduleDeclined(str(e)) from e
 
     def chain(self, pen_grad: Tensor) -> Tensor:
         """Pass 2: g = ∇_X Σ_n ℓ_n (bf16, x's shape)."""
