@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+from workloads import median_seconds  # noqa: E402
+
 from gradreg_kernels import gradreg_loss  # noqa: E402
 from gradreg_kernels import plan as plan_mod  # noqa: E402
 
 
 def _median_us(f, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
+    return median_seconds(f, n) * 1e6
 
 
 def models() -> dict[str, nn.Module]:

@@ -12,24 +12,14 @@ time of aten::mm / aten::addmm inside it, and the replayed products (medians of 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import cpu_workloads as cw
 import torch
 from product_replay import record_products, replay
 from torch.profiler import ProfilerActivity, profile
+from workloads import median_seconds
 
 PRODUCTS = ("aten::mm", "aten::addmm")
-
-
-def _median_ms(fn, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def measure(w: cw.Workload, steps: int) -> tuple[float, float, float]:
@@ -41,12 +31,12 @@ def measure(w: cw.Workload, steps: int) -> tuple[float, float, float]:
     for _ in range(10):
         step()
     alone = replay(record_products(step))
-    whole = _median_ms(step, steps)
+    whole = median_seconds(step, steps) * 1e3
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
     inside = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCTS)
-    return whole, inside / steps / 1e3, _median_ms(alone, steps)
+    return whole, inside / steps / 1e3, median_seconds(alone, steps) * 1e3
 
 
 def main() -> None:

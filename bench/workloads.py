@@ -8,6 +8,8 @@ Every step function takes (model, x, y) and leaves the parameter gradients fille
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -75,3 +77,13 @@ def fused_step(backend: str, lam: float = LAM
 
     step.__name__ = f"fused_{backend}"
     return step
+
+
+def median_seconds(fn: Callable[[], object], n: int) -> float:
+    """The median wall time of n calls of fn, in seconds."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
