@@ -314,3 +314,25 @@ def test_widened_and_narrow_into_are_torch_casts(n):
     assert ext.narrow_into(src, buf[:n]) is False
     with pytest.raises(RuntimeError, match="bf16"):
         ext.widened(src)
+
+
+@pytest.mark.parametrize("head,k,value_weight", [("mse", 3, 1.0), ("bce", 1, 1.0),
+                                                 ("output", 1, -1.0), ("logprob_sum", 4, 1.0)])
+def test_native_chain_under_the_other_heads(head, k, value_weight, monkeypatch):
+    """The head stays in Python: any head's ∇ℓ and H t meet the chain at the logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(23, 31), nn.SiLU(), nn.Linear(31, 27), nn.ReLU(),
+                          nn.Linear(27, k))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 23, generator=g)
+    y = {"mse": torch.randn(9, 3, generator=g), "bce": torch.rand(9, 1, generator=g),
+         "output": None, "logprob_sum": torch.randint(0, 4, (9,), generator=g)}[head]
+    spy = _Spy(monkeypatch)
+    ref = oracle_grads(copy.deepcopy(model).double(), x.double(),
+                       None if y is None else (y.double() if y.is_floating_point() else y),
+                       LAM, head=head, value_weight=value_weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = oracle_grads(model, x, y, LAM, head=head, value_weight=value_weight)[0]
+    _, fused = _fused(model, x, y, value_weight=value_weight, head=head)
+    assert spy.calls == 1
+    assert _rel(fused, ref) <= 1.25 * _rel(eager, ref)
