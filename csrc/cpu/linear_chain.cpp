@@ -115,7 +115,7 @@ at::Tensor LinearChain::forward(const at::Tensor& x) {
   const auto low = x.options().dtype(kLow);
   layers_[0].ar = at::empty({2 * b, in0}, low);
   at::Tensor x_low = top(layers_[0].ar);
-  narrow_into(x.view({b, in0}), x_low);
+  narrow_into(x.view({b, in0}), x_low);  // x's finiteness: the caller's check (check_finite)
   for (size_t l = 0; l < layers_.size(); ++l) {
     Layer& L = layers_[l];
     const at::Tensor a = top(L.ar);
