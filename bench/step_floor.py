@@ -6,12 +6,14 @@ below however fast its kernels are.
     python bench/step_floor.py [--rounds 300] [--threads 2]
 
 Times, interleaved: the fused cpu step under bf16 autocast (with and without the parameter
-check), in float32, and eager double backprop under bf16 autocast (µs per step, median).
+check, and on the Python schedule instead of the native Linear chain), in float32, and eager
+double backprop under bf16 autocast (µs per step, median).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -28,11 +30,15 @@ def steps() -> dict:
                       nn.Linear(24, 10))
     x, y = torch.randn(2, 32), torch.randint(0, 10, (2,))
 
-    def fused(bf16: bool, check: bool):
+    def fused(bf16: bool, check: bool, native: bool = True):
         def step() -> None:
             m.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                gradreg_loss(m, x, y, 0.1, backend="cpu", check_finite=check).loss.backward()
+            os.environ["GRADREG_KERNELS_NATIVE_CHAIN"] = "1" if native else "0"
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    gradreg_loss(m, x, y, 0.1, backend="cpu", check_finite=check).loss.backward()
+            finally:
+                del os.environ["GRADREG_KERNELS_NATIVE_CHAIN"]
         return step
 
     def eager() -> None:
@@ -45,6 +51,7 @@ def steps() -> dict:
 
     return {"fused cpu, bf16 autocast": fused(True, True),
             "fused cpu, bf16, check_finite=False": fused(True, False),
+            "fused cpu, bf16, Python schedule": fused(True, True, native=False),
             "fused cpu, float32": fused(False, True), "eager double, bf16 autocast": eager}
 
 
