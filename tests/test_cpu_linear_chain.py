@@ -44,6 +44,13 @@ class _FunctionalMlp(nn.Module):
         return self.fc3(F.leaky_relu(self.fc2(F.relu(self.fc1(x))), 0.05))
 
 
+def _shared_weights() -> nn.Sequential:
+    """One Linear run twice (its two gradient terms are summed)."""
+    shared = nn.Linear(40, 40)
+    return nn.Sequential(nn.Linear(23, 40), nn.ReLU(), shared, nn.ReLU(), shared, nn.SiLU(),
+                         nn.Linear(40, 5))
+
+
 CHAINS = {
     "relu_flatten": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(75, 45), nn.ReLU(),
                                            nn.Linear(45, 37), nn.ReLU(), nn.Linear(37, 7)),
@@ -65,6 +72,7 @@ CHAINS = {
                                                      nn.Linear(33, 19), nn.Hardswish(),
                                                      nn.Linear(19, 6)), (12, 29), 6),
     "functional": (_FunctionalMlp, (10, 29), 5),
+    "shared_weights": (_shared_weights, (9, 23), 5),
 }
 
 
