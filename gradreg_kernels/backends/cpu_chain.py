@@ -4,18 +4,18 @@ A plan that is one chain
 
     [Flatten] → Linear → [σ] → ... → Linear (K ≤ THIN_MAX outputs) → logits
 
-(σ: ReLU, LeakyReLU or a smooth activation the extension's sweeps implement: Softplus,
-SiLU, GELU, Tanh, Sigmoid, ELU, Mish, Hardswish)
-with every hidden layer wider than THIN_MAX, every weight and bias float32 and trainable, x a
-float32 CPU tensor) runs its four passes in the extension's ``LinearChain``
-(csrc/cpu/linear_chain.cpp) when the step's products run in bf16: the same kernels and the
-same arithmetic as the Python schedule on this backend, called from C++, so that the
+with σ ReLU, LeakyReLU or a smooth activation the extension's sweeps implement (Softplus,
+SiLU, GELU, Tanh, Sigmoid, ELU, Mish, Hardswish), every hidden layer wider than THIN_MAX,
+every weight and bias float32 and trainable and x a float32 CPU tensor, runs its four
+passes in the extension's ``LinearChain`` (csrc/cpu/linear_chain.cpp) when the step's
+products run in bf16: the kernels and storage of the Python schedule on this backend,
+called from C++ (each weight gradient one doubled-batch product, rounded once), so that the
 schedule's per-step cost in Python (a few hundred µs) is not paid on models whose products
 are short. The head, the penalty and its seed stay in Python, as with the Python schedule.
 A smooth activation's pre-activation with a NaN / ±inf declines the call in pass 1
 (``NativeScheduleDeclined``): the Python schedule, which sets torch's σ', σ'' there, runs
-it instead.
-``GRADREG_KERNELS_NATIVE_CHAIN=0`` turns it off (the Python schedule then runs these plans).
+it instead. ``GRADREG_KERNELS_NATIVE_CHAIN=0`` turns the native chain off (the Python
+schedule then runs these plans).
 """
 
 from __future__ import annotations
