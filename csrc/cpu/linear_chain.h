@@ -2,10 +2,10 @@
 //
 //   x → [Linear → (ReLU | LeakyReLU | a smooth σ)?] × (L − 1) → Linear (K ≤ THIN_MAX) → logits
 //
-// The same kernels and the same arithmetic as the Python schedule's cpu backend runs for
-// these layers (docs/math.md §6), called from here: bf16 products through ATen's mm / addmm
-// (oneDNN), the packed-mask sweeps, the thin kernels of the last layer, the float32 bias
-// sums and weight-gradient widening. What it saves is the schedule's per-step cost in
+// The kernels and storage the Python schedule's cpu backend uses for these layers
+// (docs/math.md §6), called from here: bf16 products through ATen's mm / addmm (oneDNN), the
+// packed-mask and smooth sweeps, the thin kernels of the last layer, the float32 bias sums
+// and weight-gradient widening (each weight gradient one doubled-batch product). What it saves is the schedule's per-step cost in
 // Python (rules, backend dispatch, a few hundred µs a step), which the small batches of an
 // MLP cannot hide behind their products. The head, the penalty and its seed stay with the
 // caller (forward → chain → [caller: penalty, r] → tangent → [caller: head HVP] → backward).
