@@ -109,12 +109,22 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _train(tmp_path, name: str, nproc: int, *extra: str) -> list[dict]:
-    """Run the trainer to its end; returns metrics.jsonl."""
+    """Run the trainer to its end; returns metrics.jsonl. As in ``_run``, a run in which gloo
+    aborted a process (under load, now and then, at teardown) is run once more: a fresh run
+    into the same folder and a resumed one both end where the first would have (the trainer
+    is deterministic and resuming a finished run changes nothing); an abort that repeats, an
+    error and wrong metrics still fail the test."""
     out = tmp_path / name
-    res = subprocess.run(_train_cmd(out, nproc, *extra), capture_output=True, text=True,
-                         env=ENV, timeout=240)
-    assert res.returncode == 0, res.stdout + res.stderr
+    for attempt in range(2):
+        res = subprocess.run(_train_cmd(out, nproc, *extra), capture_output=True, text=True,
+                             env=ENV, timeout=240)
+        if res.returncode == 0:
+            break
+        assert attempt == 0 and GLOO_TEARDOWN_ABORT in res.stderr, res.stdout + res.stderr
     return _metrics(out)
 
 
