@@ -95,12 +95,7 @@ std::tuple<std::vector<at::Tensor>, bool> narrowed_all_finite(const std::vector<
   for (const auto& t : ts) {
     check_f32(t, "t");
     auto c = at::empty(t.sizes(), t.options().dtype(at::kBFloat16));
-    const float* sp = t.const_data_ptr<float>();
-    bf16* dp = c.mutable_data_ptr<bf16>();
-    const double s = chunked_sum(t.numel(), kGrain, [sp, dp](int64_t b, int64_t e) {
-      return static_cast<double>(narrow_range(sp, dp, b, e));
-    });
-    finite = finite && !std::isnan(s);
+    finite = narrow_into(t, c) && finite;
     out.push_back(c);
   }
   return {out, finite};
