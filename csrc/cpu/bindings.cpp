@@ -73,6 +73,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose_cat", &gradreg::transpose_cat, "[P_1; P_2; ...]ᵀ in one buffer");
   m.def("transpose_cat_sum", &gradreg::transpose_cat_sum,
         "[P_1; P_2; ...]ᵀ in one buffer and the column sums of P_1");
+  pybind11::register_exception<gradreg::NonFinitePreActivation>(m, "NonFinitePreActivation",
+                                                                PyExc_RuntimeError);
   pybind11::class_<gradreg::LinearChain>(m, "LinearChain",
                                          "the four passes of a plain Linear chain (bf16)")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>,

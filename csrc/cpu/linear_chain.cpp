@@ -129,7 +129,8 @@ at::Tensor LinearChain::forward(const at::Tensor& x) {
       if (L.act == Act::kMask) {
         L.bits = activate_into(z, L.slope, y);
       } else {
-        TORCH_CHECK(all_finite(z), kNonFinite);
+        if (!all_finite(z))
+          throw NonFinitePreActivation("LinearChain: non-finite pre-activation");
         smooth_value_into(z, L.kind, L.p0, L.p1, y);
         L.kept = L.from_output ? y : z;
       }

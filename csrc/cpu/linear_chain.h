@@ -14,9 +14,16 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <stdexcept>
 #include <vector>
 
 namespace gradreg {
+
+// What LinearChain::forward throws where a smooth activation's pre-activation holds a NaN /
+// ±inf (its sweeps are exact for finite values only; torch's σ', σ'' belong there)
+struct NonFinitePreActivation : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 class LinearChain {
  public:
@@ -27,13 +34,11 @@ class LinearChain {
   // p0[l], p1[l] and from_output[l] (σ', σ'' functions of y, which is kept; else z is);
   // else none (the last layer has none). keep_saved: nothing is released between passes,
   // so that passes 3-4 can run again. A smooth layer's z with a NaN / ±inf stops pass 1
-  // with kNonFinite in the message (the caller runs the step another way).
+  // with NonFinitePreActivation (the caller runs the step another way).
   LinearChain(std::vector<at::Tensor> w_low, std::vector<at::Tensor> w32,
               std::vector<c10::optional<at::Tensor>> bias, std::vector<double> slope,
               std::vector<int64_t> kind, std::vector<double> p0, std::vector<double> p1,
               std::vector<bool> from_output, bool keep_saved);
-
-  static constexpr const char* kNonFinite = "LinearChain: non-finite pre-activation";
 
   // pass 1: x (B, ...) float32 → logits (B, K) float32
   at::Tensor forward(const at::Tensor& x);

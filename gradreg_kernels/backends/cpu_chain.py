@@ -31,10 +31,6 @@ from ..activation_table import MODULE_TYPES
 from ..backend_protocol import NativeScheduleDeclined
 from . import cpu_autocast
 
-#: the extension's message for a smooth activation's non-finite pre-activation
-NON_FINITE = "LinearChain: non-finite pre-activation"
-
-
 #: an activation as the native chain takes it: (slope, kind, p0, p1, from_output); slope
 #: finite for ReLU / LeakyReLU, kind ≥ 0 for a smooth one, neither for no activation
 Act = tuple[float, int, float, float, bool]
@@ -56,13 +52,10 @@ def _activation(m: nn.Module, smooth_kinds: dict[str, int]) -> Act | None:
     return (math.nan, kind, p[0], p[1], derivs_from_output(spec))
 
 
-def _layers(plan, thin_max: int, smooth_kinds: dict[str, int]
+def _layers(mods: list[nn.Module], thin_max: int, smooth_kinds: dict[str, int]
             ) -> list[tuple[nn.Linear, Act]] | None:
-    """(Linear, the activation after it) per layer of a plain chain plan (a ``Plan``: its
+    """(Linear, the activation after it) per layer of a plain chain (a ``Plan``'s
     ``chain_modules``), or None."""
-    mods = plan.chain_modules()
-    if mods is None:
-        return None
     layers: list[tuple[nn.Linear, Act]] = []
     for m in mods:
         t = type(m)
@@ -95,11 +88,11 @@ def schedule_for(backend, plan, x: Tensor, head, keep_saved: bool, thin_max: int
         return None
     if os.environ.get("GRADREG_KERNELS_NATIVE_CHAIN", "1") == "0":
         return None
-    layers = _layers(plan, thin_max, smooth_kinds)
+    mods = plan.chain_modules()
+    layers = None if mods is None else _layers(mods, thin_max, smooth_kinds)
     if layers is None or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
         return None
-    flat = plan.chain_modules()[0].__class__ is nn.Flatten  # type: ignore[index]
-    if x.dim() < 2 or (x.dim() != 2 and not flat):
+    if x.dim() < 2 or (x.dim() != 2 and type(mods[0]) is not nn.Flatten):
         return None
     if any(not (_plain_param(lin.weight) and _plain_param(lin.bias)) for lin, _ in layers):
         return None
@@ -125,9 +118,7 @@ class LinearChainSchedule:
                                          self.keep_saved)
         try:
             return self.native.forward(x)
-        except RuntimeError as e:
-            if NON_FINITE not in str(e):
-                raise
+        except be.ext.NonFinitePreActivation as e:
             raise NativeScheduleDeclined(str(e)) from e
 
     def chain(self, pen_grad: Tensor) -> Tensor:
