@@ -36,6 +36,7 @@ class LinearRule(Rule):
         self.need_w, self.need_b = wants_grad(self.w), wants_grad(self.b)
         self.lead = None  # the leading shape of an N-D input (None for the usual (N, in))
         self.a = self.d = self.r = self.gw_tangent = None
+        self.term_in_pass_3 = False
 
     def has_trainable_params(self) -> bool:
         return self.need_w or self.need_b
@@ -59,22 +60,21 @@ class LinearRule(Rule):
             self.a = a
         return self._shaped(self.kernels.linear(a, self.wp, self.bd))
 
-    def _tangent_term_in_pass_3(self, n: int) -> bool:
-        out_f, in_f = self.w.shape
-        return self.kernels.weight_term_in_tangent_pass(n, out_f, in_f)
-
     def chain(self, d: Tensor) -> Tensor:
         d2 = self._flat(d, self.w.shape[0])
         u = self._shaped(self.kernels.linear_input_grad(d2, self.wp))
         if self.need_w:
-            self.d = (self.kernels.keep_delta(d2, self.w.shape[1])
-                      if self._tangent_term_in_pass_3(d2.shape[0]) else d2)
+            # where the dᵀ r term runs, decided once: pass 2 keeps d for it, pass 3 follows
+            out_f, in_f = self.w.shape
+            self.term_in_pass_3 = self.kernels.weight_term_in_tangent_pass(d2.shape[0], out_f,
+                                                                           in_f)
+            self.d = self.kernels.keep_delta(d2, in_f) if self.term_in_pass_3 else d2
         return u
 
     def tangent(self, r: Tensor) -> Tensor:
         r2 = self._flat(r, self.w.shape[1])
         if self.need_w:
-            if self._tangent_term_in_pass_3(r2.shape[0]):
+            if self.term_in_pass_3:
                 self.gw_tangent = self.kernels.linear_weight_term(self.d, r2)
                 if not self.keep_saved:
                     self.d = None
