@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from workloads import interleaved_times
 
 SHAPES = [(2, 32, 24), (64, 64, 64), (64, 784, 512), (256, 784, 512), (256, 512, 512)]
 
@@ -44,17 +44,8 @@ def main() -> None:
     print("| a (B×K) by Wᵀ (K×N) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for shape in SHAPES:
-        fs = calls(*shape)
-        for f in fs.values():
-            for _ in range(10):
-                f()
-        times: dict[str, list[float]] = {k: [] for k in fs}
         rounds = args.rounds if shape[0] * shape[1] * shape[2] < 1e7 else max(20, args.rounds // 5)
-        for _ in range(rounds):
-            for k, f in fs.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times(calls(*shape), rounds, warmup=10)
         cells = [f"{statistics.median(times[k]) * 1e6:.1f}" for k in names]
         print(f"| {shape[0]}×{shape[1]} by {shape[1]}×{shape[2]} | " + " | ".join(cells) + " |")
 

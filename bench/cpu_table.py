@@ -21,21 +21,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import cpu_workloads as cw
 import torch
 from product_replay import record_products, replay
-
-
-def _time(step, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t0)
-    return out
-
+from workloads import interleaved_times
 
 TORCH_METHODS = ("fused_cpu", "fused_torch", "eager_double", "ordinary")
 
@@ -53,13 +43,8 @@ def measure(w: cw.Workload, rounds: int, reps: int, ceiling: bool = False
     note = jax_s if isinstance(jax_s, str) else None
     if note is None:
         steps.update(jax_s)
-    for s in steps.values():  # warm-up (JIT compile, oneDNN primitive caches, the build)
-        for _ in range(3):
-            s()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, s in steps.items():
-            times[k] += _time(s, reps)
+    # 3 warm-up calls each: JIT compile, oneDNN primitive caches, the build
+    times = interleaved_times(steps, rounds, warmup=3, reps=reps)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return med, note
 

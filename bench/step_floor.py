@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 from torch import nn
+from workloads import interleaved_times
 
 from gradreg_kernels import gradreg_loss
 
@@ -61,16 +61,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    steps_ = steps()
-    for s in steps_.values():
-        for _ in range(30):
-            s()
-    times: dict[str, list[float]] = {k: [] for k in steps_}
-    for _ in range(args.rounds):
-        for k, s in steps_.items():
-            t0 = time.perf_counter()
-            s()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(steps(), args.rounds, warmup=30)
     for k, v in times.items():
         print(f"{k}: {statistics.median(v) * 1e6:.0f} µs")
 

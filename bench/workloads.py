@@ -79,11 +79,31 @@ def fused_step(backend: str, lam: float = LAM
     return step
 
 
-def median_seconds(fn: Callable[[], object], n: int) -> float:
-    """The median wall time of n calls of fn, in seconds."""
+def call_times(fn: Callable[[], object], n: int) -> list[float]:
+    """The wall times of n calls of fn, in seconds."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], n: int) -> float:
+    """The median wall time of n calls of fn, in seconds."""
+    return statistics.median(call_times(fn, n))
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                      reps: int = 1) -> dict[str, list[float]]:
+    """Each fn called ``warmup`` times, then ``rounds`` rounds in which each in turn runs
+    ``reps`` calls (load from other processes then hits all of them alike): the calls'
+    wall times in seconds, by name."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k] += call_times(fn, reps)
+    return times
