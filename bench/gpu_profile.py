@@ -1,6 +1,10 @@
 """Where the fused step spends its GPU time: the top kernels of one model, side by side
 with eager double backprop (torch.profiler, CUDA time), to guide the next kernel work.
 
+The profiler lists a kernel's time twice: on the kernel's own row (a device event) and on
+the row of the operator that launched it. GPU time and the kernel count are summed over
+the device events alone (``step_totals``), host time over the host events alone.
+
     PYTHONPATH=$PWD python3 bench/gpu_profile.py [--model mnist_cnn] [--batch 256]
 """
 
@@ -17,6 +21,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_models import MODELS  # noqa: E402
 
 from gradreg_kernels import gradreg_loss  # noqa: E402
+
+
+def step_totals(events, steps: int) -> tuple[float, float, float]:
+    """(GPU ms, host ms, kernels) per step from ``prof.key_averages()``: device time and
+    launches of the device rows (kernels, copies, fills), self host time of the others."""
+    device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    host = [e for e in events if e not in device]
+    gpu_ms = sum(e.self_device_time_total for e in device) / steps / 1e3
+    host_ms = sum(e.self_cpu_time_total for e in host) / steps / 1e3
+    return gpu_ms, host_ms, sum(e.count for e in device) / steps
 
 
 def main() -> None:
@@ -55,12 +69,9 @@ def main() -> None:
                 fn()
             torch.cuda.synchronize()
         ka = prof.key_averages()
-        dev = [getattr(e, "self_device_time_total", 0.0) for e in ka]
-        gpu_ms = sum(dev) / 5 / 1e3
-        host_ms = sum(e.self_cpu_time_total for e in ka) / 5 / 1e3
-        kernels = sum(e.count for e, t in zip(ka, dev) if t > 0 and e.self_cpu_time_total == 0)
+        gpu_ms, host_ms, kernels = step_totals(ka, 5)
         print(f"\n## {name}: {args.model} B={args.batch}: GPU busy {gpu_ms:.2f} ms/step, "
-              f"host {host_ms:.2f} ms/step, about {kernels / 5:.0f} kernels/step")
+              f"host {host_ms:.2f} ms/step, {kernels:.0f} kernels/step")
         print(ka.table(sort_by="self_device_time_total", row_limit=args.rows))
 
 

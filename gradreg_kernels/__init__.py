@@ -5,6 +5,7 @@
     out.loss.backward()
 """
 
+from .auto_capture import AutoCapture
 from .backends import backend_names, get_backend, register_backend
 from .checks import NonFiniteLossError
 from .loss import FallbackWarning, GradRegOutput, gradreg_loss
@@ -12,6 +13,7 @@ from .loss_module import GradRegLoss
 from .plan import UnsupportedModelError, build_plan
 
 __all__ = [
+    "AutoCapture",
     "FallbackWarning",
     "GradRegLoss",
     "GradRegOutput",

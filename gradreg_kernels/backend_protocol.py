@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
+from torch.nn import Module
 
 from .activation_math import ActivationSpec
 from .tensor_ops import ConvGeom
@@ -169,6 +170,10 @@ class Elementwise(Protocol):
         """(Σ (M ⊙ g)², M² ⊙ g) of the input gradient g (N, ...)."""
         ...
 
+    #: whether gradreg_loss reads its finite checks back once, after pass 2
+    #: (checks.DeferredChecks), rather than one by one before pass 1
+    defers_finite_checks: bool
+
     def all_finite(self, t: Tensor) -> bool:
         """Whether every value of t is finite."""
         ...
@@ -205,6 +210,13 @@ class Norms(Protocol):
         """(k ⊙ P ā (+ s), Σ ā ⊙ x̂ per channel, Σ ā per channel)."""
         ...
 
+    def bn_update_running_stats(self, module: Module, mean: Tensor, var: Tensor, n: int
+                                ) -> None:
+        """A BatchNorm module's running statistics (and num_batches_tracked) after a batch
+        of n values per channel with mean μ and biased variance var (C,), as its forward
+        updates them."""
+        ...
+
     def channel_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Σ a ⊙ b over every dimension but channel dimension 1: (C,)."""
         ...
@@ -222,8 +234,14 @@ class Pools(Protocol):
         """out[n, c, i] = r[n, c, idx[n, c, i]]."""
         ...
 
-    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
-        """The transpose of ``pool_gather``: d summed into the positions idx points to."""
+    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int],
+                     disjoint: tuple[int, int, int, int] | None = None) -> Tensor:
+        """The transpose of ``pool_gather``: d summed into the positions idx points to.
+
+        ``disjoint`` = (stride_h, stride_w, pad_h, pad_w) where no two pooling windows share
+        an input position (stride ≥ dilation·(kernel − 1) + 1 along both dims), so input
+        (h, w) lies in window ((h + pad_h) // stride_h, (w + pad_w) // stride_w) or in none;
+        None where windows may overlap."""
         ...
 
 

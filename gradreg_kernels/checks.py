@@ -132,10 +132,15 @@ def check_labels(y: Tensor, x: Tensor, name: str = "y") -> Tensor:
     return y.long()
 
 
-def check_label_range(y: Tensor, logits: Tensor) -> None:
+def check_matrix_logits(logits: Tensor) -> None:
+    """A softmax head's logits are (B, K)."""
     if logits.dim() != 2:
         raise ValueError("a softmax head needs (B, K) logits from the model, got shape "
                          f"{tuple(logits.shape)}")
+
+
+def check_label_range(y: Tensor, logits: Tensor) -> None:
+    check_matrix_logits(logits)
     check_labels_in_range(y, logits.shape[1])
 
 
@@ -226,3 +231,44 @@ def check_finite_loss(loss: Tensor, data: Tensor, penalty: Tensor) -> None:
             f"non-finite loss {float(loss)}: data term = {float(data)}, penalty = "
             f"{float(penalty)}; no gradient was produced (lower the learning rate or lam, or "
             "check the inputs)")
+
+
+class DeferredChecks:
+    """The finite checks of one fused step as device values, read back once.
+
+    On a GPU every check that reads a value back is a host synchronization. Here the sums
+    that the immediate checks read one by one stay on the device: Σ x, Σ mask and Σ_p ‖p‖₁
+    now, before pass 1; the data term, the penalty and the loss at ``settle``, after pass 2,
+    which reads all of them in one ``tolist()``. Each sum is finite unless a value it covers
+    is not (or the sum overflows, which the sweep of the failure path tells apart); a label
+    outside [0, K) makes the softmax heads' data term NaN, so the labels need no read of their
+    own. Only a non-finite value takes the failure path, which raises the error the immediate
+    check would have raised (x, mask, parameter, label, loss, in that order). Nothing has
+    touched the model by then: BatchNorm's running statistics are applied after ``settle``.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, mask: Tensor | None,
+                 params: Sequence[Tensor]) -> None:
+        self.model, self.x, self.mask, self.params = model, x, mask, params
+        dt = torch.promote_types(x.dtype, torch.float32)
+        self.parts = [x.detach().sum(dtype=dt)]
+        if mask is not None:
+            self.parts.append(mask.detach().sum(dtype=dt))
+        if params:
+            norms = torch._foreach_norm([p.detach() for p in params], 1)
+            self.parts.append(torch.stack(norms).sum(dtype=dt))
+
+    def settle(self, loss: Tensor, data: Tensor, penalty: Tensor,
+               labels: tuple[Tensor, int] | None) -> None:
+        """Raise the named error for the first non-finite value, after one read-back.
+
+        ``labels``: (y, K) where the head reads class labels whose range was not checked."""
+        values = torch.stack([*self.parts, data.detach(), penalty.detach(),
+                              loss.detach()]).tolist()
+        if all(math.isfinite(v) for v in values):
+            return
+        check_finite_input(self.x, self.mask)
+        check_finite_params(self.model, list(self.params))
+        if labels is not None:
+            check_labels_in_range(*labels)
+        check_finite_loss(loss, data, penalty)

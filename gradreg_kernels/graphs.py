@@ -7,8 +7,9 @@ The fused step:
 
     step = GraphedStep(model, x, y, lam)       # warms up, then captures (x, y: examples)
     for x, y in loader:                        # same shapes, dtypes and device every time
+        opt.zero_grad()                        # allowed: the gradients are re-attached
         loss = step(x, y)                      # p.grad now holds this batch's gradient
-        opt.step()                             # do NOT zero_grad(set_to_none=True)
+        opt.step()
 
 A user's own step (a converted model's forward, ``autograd.grad(create_graph=True)``,
 penalty, backward), any function of tensors that runs on one device without reading values
@@ -19,18 +20,68 @@ back to the host:
         loss = step(x)                         # a static tensor: copy it to keep it
         opt.step()
 
-Each replay overwrites p.grad in place (no accumulation across replays), updates
-BatchNorm running statistics and draws fresh dropout masks, as an uncaptured step would.
+Each replay overwrites the captured gradient tensors in place (no accumulation across
+replays), updates BatchNorm running statistics and draws fresh dropout masks, as an
+uncaptured step would. After each replay every parameter whose gradient the step fills has
+its captured gradient as ``p.grad`` again: ``zero_grad()`` (which sets ``p.grad = None``)
+between replays is safe. A parameter whose storage was replaced since the capture
+(``p.data = ...``, ``model.to(...)``) is refused with an error: the graph reads the old one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .loss import gradreg_loss
+
+
+class _CudaGraph:
+    """How a step is recorded: warm-up calls on a side stream, then one CUDA-graph capture
+    (which runs no kernel) into a shared memory pool; ``replay`` launches the recording."""
+
+    def __init__(self, device: torch.device, pool=None) -> None:
+        self.device, self.pool = device, pool
+        self.graph = torch.cuda.CUDAGraph()
+
+    def warm(self, fn: Callable[[], object], times: int) -> None:
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(times):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def record(self, fn: Callable[[], object]) -> object:
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def _device_guard(device: torch.device):
+    """The context that makes ``device`` current (a model on cuda:1 while cuda:0 is)."""
+    return torch.cuda.device(device)
+
+
+def _referenced_modules(fn: Callable[..., object]) -> list[nn.Module]:
+    """The modules ``fn`` names: itself, its ``__self__``, a partial's arguments, the
+    variables its code reads from enclosing scopes and globals (one level deep)."""
+    objs: list[object] = [fn, getattr(fn, "__self__", None)]
+    if isinstance(fn, functools.partial):
+        objs += [fn.func, *fn.args, *fn.keywords.values()]
+        fn = fn.func
+    try:
+        found = inspect.getclosurevars(fn)
+        objs += [*found.nonlocals.values(), *found.globals.values()]
+    except TypeError:  # a builtin or a callable object without code
+        pass
+    return [o for o in objs if isinstance(o, nn.Module)]
 
 
 class CapturedStep:
@@ -40,17 +91,20 @@ class CapturedStep:
     ``fn`` must run on the inputs' GPU without host read-backs (``.item()``, printing a
     value, data-dependent shapes); its tensors' shapes, dtypes and devices must not change
     between calls. What it returns (a tensor, or a structure of them) is the captured output:
-    the same tensors, overwritten by every replay. Gradients it fills (p.grad) are
-    overwritten likewise, so a ``zero_grad(set_to_none=True)`` inside ``fn`` is right (it
-    runs at capture), and one between replays is not (the replays write into the captured
-    p.grad). ``warmup`` uncaptured calls on a side stream come first: kernels compile and
+    the same tensors, overwritten by every replay. The gradients it fills are overwritten
+    likewise (a ``zero_grad(set_to_none=True)`` inside ``fn`` makes each replay's gradient
+    that batch's alone), and re-attached as ``p.grad`` after every replay, for ``params``
+    and the parameters of every module ``fn`` names (in its closure, its globals, a
+    partial's arguments or as its ``__self__``): pass ``params`` when it reaches its model
+    some other way. ``warmup`` uncaptured calls on a side stream come first: kernels compile and
     autotune there, and the allocator settles.
     """
 
-    def __init__(self, fn: Callable[..., object], *inputs: Tensor, warmup: int = 3) -> None:
+    def __init__(self, fn: Callable[..., object], *inputs: Tensor, warmup: int = 3,
+                 params: Iterable[Tensor] | None = None, _recorder=None) -> None:
         if not inputs or not all(isinstance(t, Tensor) for t in inputs):
             raise TypeError("CapturedStep needs the example inputs as tensors after fn")
-        if not all(t.is_cuda for t in inputs):
+        if _recorder is None and not all(t.is_cuda for t in inputs):
             devices = sorted({str(t.device) for t in inputs})
             raise ValueError(f"CapturedStep needs CUDA tensors, got inputs on {devices}")
         if len({t.device for t in inputs}) != 1:
@@ -59,32 +113,60 @@ class CapturedStep:
             raise ValueError(f"warmup must be >= 1 (kernels compile before capture), "
                              f"got {warmup}")
         self.fn = fn
+        self.device = inputs[0].device
         self.inputs = tuple(t.detach().clone() for t in inputs)
-        device = self.inputs[0].device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(*self.inputs)
+        self.recorder = _recorder or _CudaGraph(self.device)
+        given = list(params) if params is not None else []
+        named = [p for m in _referenced_modules(fn) for p in m.parameters()]
+        with self._guard():
+            self.recorder.warm(self._run, warmup)
+            self.output = self.recorder.record(self._run)
+        by_id = {id(p): p for p in [*given, *named]}
+        #: (parameter, its captured gradient) for every parameter the step fills
+        self.grads = [(p, p.grad) for p in by_id.values() if p.grad is not None]
+        self._storage = [(p, p.data_ptr()) for p in by_id.values()]
+
+    def _run(self) -> object:
+        return self.fn(*self.inputs)
+
+    def _guard(self):
+        return _device_guard(self.device) if self.device.type == "cuda" else _no_guard()
 
     def __call__(self, *inputs: Tensor) -> object:
-        """Copy ``inputs`` into the captured inputs, replay, and return the captured output."""
+        """Copy ``inputs`` into the captured inputs, replay, re-attach the gradients and
+        return the captured output."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"CapturedStep was captured with {len(self.inputs)} inputs, "
                              f"got {len(inputs)}")
         for i, (new, old) in enumerate(zip(inputs, self.inputs)):
-            if not isinstance(new, Tensor) or new.shape != old.shape or new.dtype != old.dtype:
-                what = (f"{tuple(new.shape)} {new.dtype}" if isinstance(new, Tensor)
-                        else type(new).__name__)
-                raise ValueError(f"CapturedStep input {i} was captured as "
-                                 f"{tuple(old.shape)} {old.dtype}, got {what}")
-            old.copy_(new)
-        self.graph.replay()
+            if (not isinstance(new, Tensor) or new.shape != old.shape or new.dtype != old.dtype
+                    or new.device != old.device):
+                what = (f"{tuple(new.shape)} {new.dtype} on {new.device}"
+                        if isinstance(new, Tensor) else type(new).__name__)
+                raise ValueError(f"CapturedStep input {i} was captured as {tuple(old.shape)} "
+                                 f"{old.dtype} on {old.device}, got {what}")
+        for p, ptr in self._storage:
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} was given new storage after the "
+                    "capture (p.data = ..., model.to(...)); the graph reads the old one. "
+                    "Capture the step again")
+        with self._guard():
+            for new, old in zip(inputs, self.inputs):
+                old.copy_(new)
+            self.recorder.replay()
+        for p, g in self.grads:
+            if p.grad is not g:
+                p.grad = g
         return self.output
+
+
+class _no_guard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class GraphedStep:
@@ -92,15 +174,17 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor | None, lam: float, *,
                  head: str = "ce", mask: Tensor | None = None, backend: str = "auto",
-                 value_weight: float = 1.0, warmup: int = 3) -> None:
-        if not x.is_cuda:
+                 value_weight: float = 1.0, warmup: int = 3, _recorder=None) -> None:
+        if _recorder is None and not x.is_cuda:
             raise ValueError(f"GraphedStep needs CUDA tensors, got x on {x.device}")
         self.model, self.lam, self.head, self.backend = model, lam, head, backend
         self.value_weight = value_weight
         self.has_y, self.has_mask = y is not None, mask is not None
+        self.names = ["x"] + (["y"] if self.has_y else []) + (["mask"] if self.has_mask else [])
         examples = [x] + ([y] if self.has_y else []) + ([mask] if self.has_mask else [])
         model.zero_grad(set_to_none=True)
-        self.captured = CapturedStep(self._step, *examples, warmup=warmup)
+        self.captured = CapturedStep(self._step, *examples, warmup=warmup,
+                                     params=model.parameters(), _recorder=_recorder)
 
     def _step(self, x: Tensor, *rest: Tensor):
         y = rest[0] if self.has_y else None
@@ -120,6 +204,12 @@ class GraphedStep:
         if self.has_mask and mask is None:
             raise ValueError("GraphedStep was captured with a mask; pass one")
         args = [x] + ([y] if self.has_y else []) + ([mask] if self.has_mask else [])
+        for name, new, old in zip(self.names, args, self.captured.inputs):
+            if not isinstance(new, Tensor) or new.shape != old.shape or new.dtype != old.dtype:
+                what = (f"{tuple(new.shape)} {new.dtype}" if isinstance(new, Tensor)
+                        else type(new).__name__)
+                raise ValueError(f"GraphedStep was captured for {name} of shape "
+                                 f"{tuple(old.shape)} {old.dtype}, got {what}")
         return self.captured(*args).loss.detach()
 
     @property

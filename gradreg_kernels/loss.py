@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import checks
+from . import backend_choice, checks
 from .autocast import Function
 from .backend_protocol import NativeScheduleDeclined
-from .backends import get_backend
+from .backends import get_backend, measurable_backends
 from .fallback import autograd_terms
 from .plan import Plan, Unsupported, UnsupportedModelError, plan_of
 from .rules.heads import check_head_targets, make_head, validate_head
@@ -62,10 +62,10 @@ class _FusedCall:
 
     def __init__(self, schedule: Schedule, x: Tensor, y: Tensor | None, mask: Tensor | None,
                  lam: float, value_weight: float, check_finite: bool, kernels,
-                 plan: Plan) -> None:
+                 plan: Plan, deferred: checks.DeferredChecks | None = None) -> None:
         self.schedule, self.x, self.y, self.mask = schedule, x, y, mask
         self.lam, self.w, self.check_finite = lam, value_weight, check_finite
-        self.kernels, self.plan = kernels, plan
+        self.kernels, self.plan, self.deferred = kernels, plan, deferred
 
     def _pass_1(self, x: Tensor) -> Tensor:
         """The logits; a backend's native schedule that declines the call hands it to the
@@ -82,17 +82,25 @@ class _FusedCall:
         b = x.shape[0]
         z = self._pass_1(x)
         head, y = self.schedule.head, self.y
+        labels = None  # (y, K) for the deferred check
         if (self.check_finite and head.uses_labels and y is not None
                 and not y.is_floating_point() and not head.checks_own_labels(z)):
-            checks.check_label_range(y, z)
+            if self.deferred is not None and getattr(head, "nan_on_bad_labels", False):
+                checks.check_matrix_logits(z)
+                labels = (y, z.shape[1])
+            else:
+                checks.check_label_range(y, z)
         ev = head.evaluate(z, y)
         g = self.schedule.chain(ev.pen_grad)
         pen_sum, seed = self.kernels.penalty_terms(g, mask)
         self.data = ev.data.mean()
         self.penalty = pen_sum.div_(b)  # a fresh 0-dim sum: divided in place
         loss = _weighted_sum(self.data, self.penalty, self.w, self.lam)
-        if self.check_finite:
+        if self.deferred is not None:
+            self.deferred.settle(loss, self.data, self.penalty, labels)
+        elif self.check_finite:
             checks.check_finite_loss(loss, self.data, self.penalty)
+        self.schedule.commit()
         self.logits, self.data_grad = z, ev.data_grad
         self.g = None if self.lam == 0 else seed
         return loss
@@ -202,14 +210,17 @@ def gradreg_loss(
             in ``F.cross_entropy(..., reduction="none")`` (the batch mean divides by B, not
             by the summed weights).
         mask: annotation mask broadcastable to x; penalises ‖mask ⊙ ∇ℓ‖².
-        backend: "auto", "torch" or a registered fast backend.
+        backend: "auto", "torch" or a registered fast backend. On a GPU, "auto" times the
+            whole step on each usable backend at the first call of a model and batch shape,
+            and runs the fastest (one AutoBackendChoice warning says which; backend_choice).
         strict: raise UnsupportedModelError instead of falling back.
         value_weight: weight w of the data term (0 gives the penalty alone, e.g. for R1).
             A weight of exactly 0 (``lam`` or ``value_weight``) removes its term: a
             non-finite term under it is absent, not 0 · inf = NaN. Both 0 is an error.
         check_finite: check x, mask, labels and the trainable parameters (a ValueError
             naming the first non-finite one), and raise NonFiniteLossError on a NaN/inf
-            loss before any gradient is produced (each check syncs with the device).
+            loss before any gradient is produced and before BatchNorm's running statistics
+            change. On a GPU the checks read back once per step (checks.DeferredChecks).
         keep_saved: keep every saved tensor until the graph is freed, so that backward can
             run more than once (retain_graph=True, gradcheck); by default what the passes
             saved is released as backward proceeds, which lowers peak memory.
@@ -233,9 +244,16 @@ def gradreg_loss(
                          "(a zero weight removes its term); give at least one a weight")
 
     plan = plan_of(model)
+    if backend == "auto" and not isinstance(plan, Unsupported) and backend_choice.measured(
+            x.device):
+        backend = _measured_backend(model, x, y, lam, head, mask, value_weight, data,
+                                    label_smoothing, class_weight)
     # the backend only for a fused step: a model that falls back never builds an extension
     kernels = None if isinstance(plan, Unsupported) else get_backend(backend, x.device)
-    if check_finite:
+    deferred = None
+    if check_finite and kernels is not None and kernels.defers_finite_checks:
+        deferred = checks.DeferredChecks(model, x, mask, params)  # one read-back, at the end
+    elif check_finite:
         checks.check_finite_input(
             x, mask, checks.all_finite if kernels is None else kernels.all_finite)
         checks.check_finite_params(model, params, checks.all_finite_many if kernels is None
@@ -248,7 +266,25 @@ def gradreg_loss(
         return _autograd_loss(model, x, y, lam, head_obj, mask, value_weight, check_finite)
     assert kernels is not None
     return _fused_loss(plan, params, x, y, lam, head_obj, mask, kernels, value_weight, check_finite,
-                       keep_saved)
+                       keep_saved, deferred)
+
+
+def _measured_backend(model, x, y, lam, head, mask, value_weight, data, label_smoothing,
+                      class_weight) -> str:
+    """The fastest backend for this model and batch (backend_choice), one of several."""
+    candidates = measurable_backends(x.device)
+    if len(candidates) < 2:
+        return "auto"
+
+    def run(name: str) -> None:
+        model.zero_grad(set_to_none=True)
+        gradreg_loss(model, x.detach(), y, lam, head=head, mask=mask, backend=name,
+                     value_weight=value_weight, check_finite=False, data=data,
+                     label_smoothing=label_smoothing,
+                     class_weight=class_weight).loss.backward()
+
+    extra = (y is None, mask is None, head if isinstance(head, str) else id(head))
+    return backend_choice.choose(model, x, candidates, run, extra)
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -263,12 +299,13 @@ def _uncompiled(model: nn.Module) -> nn.Module:
 
 def _fused_loss(plan: Plan, params: list[nn.Parameter], x: Tensor, y: Tensor | None, lam: float,
                 head, mask: Tensor | None, kernels, value_weight: float,
-                check_finite: bool, keep_saved: bool) -> GradRegOutput:
+                check_finite: bool, keep_saved: bool,
+                deferred: checks.DeferredChecks | None = None) -> GradRegOutput:
     with kernels.precision_scope():  # autocast off where the backend runs it in float32
         schedule = (kernels.native_schedule(plan, x, head, keep_saved)
                     or Schedule(plan, kernels, head, keep_saved))
         runner = _FusedCall(schedule, x, y, mask, lam, value_weight, check_finite, kernels,
-                            plan)
+                            plan, deferred)
         loss = _FusedGradReg.apply(runner, params, x, *params)
     return GradRegOutput(loss, runner.data.detach(), runner.penalty.detach(),
                          runner.logits.detach(), kernels.name)

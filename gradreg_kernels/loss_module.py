@@ -55,6 +55,13 @@ class GradRegLoss(nn.Module):
                             label_smoothing=self.label_smoothing,
                             class_weight=self._class_weight())
 
+    def captured(self, *, max_graphs: int = 8, warmup: int = 2):
+        """This loss's whole training step (forward and backward), captured in CUDA graphs
+        on demand and replayed: ``loss = step(x, y)`` (gradreg_kernels.auto_capture)."""
+        from .auto_capture import AutoCapture
+
+        return AutoCapture(self, max_graphs=max_graphs, warmup=warmup)
+
     def _class_weight(self) -> Tensor | None:
         w = self._buffers.get("class_weight")
         return w if isinstance(w, Tensor) else None

@@ -602,6 +602,12 @@ def _signature(model: nn.Module) -> list:
     return out
 
 
+def plan_signature(model: nn.Module) -> tuple:
+    """``_signature(model)`` as a hashable tuple: equal exactly when ``plan_of`` would give
+    the same plan (a key for what was built from the plan, such as a captured graph)."""
+    return tuple(_signature(model))
+
+
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

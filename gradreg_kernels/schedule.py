@@ -59,6 +59,13 @@ class Schedule:
                 env[s] = None
         return env[self.plan.out]
 
+    def commit(self) -> None:
+        """Every rule's effect on its module's state (BatchNorm's running statistics), once
+        the loss of passes 1-2 passed the finite checks."""
+        for rule in self.rules:
+            if rule is not None:
+                rule.commit()
+
     def chain(self, pen_grad: Tensor) -> Tensor:
         """Pass 2: g = ∇_X Σ_n ℓ_n from the head's gradient at the logits."""
         adj: list = [None] * self.plan.n_slots

@@ -50,3 +50,16 @@ def batchnorm_second_order(xhat: Tensor, inv_std: Tensor, gamma_c: Tensor, delta
     s = delta.to(torch.promote_types(delta.dtype, p_r.dtype)) - m_delta
     s.mul_(mx_r).addcmul_(xhat, dots - mx_r * mx_delta).addcmul_(p_r, mx_delta)
     return s.mul_(coef)
+
+
+@torch.no_grad()
+def update_running_stats(m: torch.nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
+                         n: int) -> None:
+    """m's running statistics after a batch of n values per channel with mean μ and biased
+    variance var (C,), as nn.BatchNorm's forward updates them: num_batches_tracked + 1,
+    momentum (or the cumulative average when momentum is None), the unbiased variance."""
+    m.num_batches_tracked.add_(1)
+    f = (1.0 / float(m.num_batches_tracked)) if m.momentum is None else m.momentum
+    m.running_mean.mul_(1 - f).add_(mean.detach().to(m.running_mean.dtype), alpha=f)
+    m.running_var.mul_(1 - f).add_((var.detach() * (n / (n - 1))).to(m.running_var.dtype),
+                                   alpha=f)

@@ -22,6 +22,9 @@ class BackendEntry:
     device_types: tuple[str, ...]
     available: Callable[[], str | None]  # None when usable, else the reason it is not
     priority: int = 0
+    #: its first use compiles a native extension (minutes): "auto" measures it only once
+    #: it is built
+    builds_on_first_use: bool = False
 
 
 _REGISTRY: dict[str, BackendEntry] = {}
@@ -123,6 +126,15 @@ def _resolve(name: str, device: torch.device) -> BackendEntry:
     return e
 
 
+def measurable_backends(device: torch.device) -> list[str]:
+    """The backends "auto" may measure on ``device``: usable there, highest priority first,
+    without those whose first use would build an extension that is not built yet."""
+    entries = sorted((e for e in _REGISTRY.values() if device.type in e.device_types),
+                     key=lambda e: -e.priority)
+    return [e.name for e in entries
+            if (not e.builds_on_first_use or e.name in _INSTANCES) and e.available() is None]
+
+
 def _instance(e: BackendEntry) -> TorchBackend:
     if e.name not in _INSTANCES:
         _INSTANCES[e.name] = e.factory()
@@ -135,7 +147,7 @@ def _register_gpu_backends() -> None:
     register_backend(BackendEntry("triton", g.make_triton, g.triton_device_types(),
                                   g.triton_unavailable, priority=20))
     register_backend(BackendEntry("cuda", g.make_cuda, ("cuda",), g.cuda_unavailable,
-                                  priority=15))
+                                  priority=15, builds_on_first_use=True))
 
 
 _register_gpu_backends()

@@ -524,6 +524,10 @@ class CpuBackend(TorchBackend):
         return super().dropout_apply(saved, t)
 
     # ---- the loss's scalars -------------------------------------------------------------
+    #: the checks run before pass 1, each in one sweep (a read-back costs nothing on the
+    #: CPU, and the parameter sweep makes the weights' bf16 copies under autocast)
+    defers_finite_checks = False
+
     def all_finite(self, t: Tensor) -> bool:
         """One sweep of Σ (t − t), NaN as soon as one value is not finite (no temporary)."""
         if not _dense(t):
@@ -684,10 +688,11 @@ class CpuBackend(TorchBackend):
             return super().pool_gather(r, idx)
         return self.ext.pool_gather(r, idx)
 
-    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
+    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int],
+                     disjoint: tuple[int, int, int, int] | None = None) -> Tensor:
         if (d.dtype not in (torch.float32, torch.bfloat16) or d.dim() != 4
                 or not idx.is_contiguous()):
-            return super().pool_scatter(d, idx, input_shape)
+            return super().pool_scatter(d, idx, input_shape, disjoint=disjoint)
         plane = int(input_shape[2]) * int(input_shape[3])
         return self.ext.pool_scatter(d.contiguous(), idx, plane).view(input_shape)
 

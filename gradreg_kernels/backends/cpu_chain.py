@@ -121,6 +121,9 @@ class LinearChainSchedule:
         except be.ext.NonFinitePreActivation as e:
             raise NativeScheduleDeclined(str(e)) from e
 
+    def commit(self) -> None:
+        """Linear layers and activations keep no module state: nothing to apply."""
+
     def chain(self, pen_grad: Tensor) -> Tensor:
         """Pass 2: g = ∇_X Σ_n ℓ_n (bf16, x's shape)."""
         return self.native.chain(pen_grad.contiguous())

@@ -27,6 +27,7 @@ from ..tensor_ops import (
     channel_sum,
     channel_view,
     scale_fresh,
+    update_running_stats,
 )
 
 
@@ -239,6 +240,10 @@ class TorchBackend:
         return p * (t - (p * t).sum(1, keepdim=True))
 
     # ---- the penalty ------------------------------------------------------------------
+    #: gradreg_loss's finite checks as device sums read back once after pass 2
+    #: (checks.DeferredChecks: one host synchronization per step on a GPU)
+    defers_finite_checks = True
+
     def all_finite(self, t: Tensor) -> bool:
         """Whether every value of t is finite (gradreg_loss's input check)."""
         return checks.all_finite(t)
@@ -281,8 +286,11 @@ class TorchBackend:
         """out[n, c, i] = r[n, c, idx[n, c, i]]: (N, C, H, W) → idx's shape."""
         return r.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
 
-    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
-        """The transpose of ``pool_gather``: sums d into the input positions idx points to."""
+    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int],
+                     disjoint: tuple[int, int, int, int] | None = None) -> Tensor:
+        """The transpose of ``pool_gather``: sums d into the input positions idx points to.
+        ``disjoint`` (stride_h, stride_w, pad_h, pad_w) says that no two windows share an
+        input position (the scatter-add here does not need it)."""
         n, c = input_shape[0], input_shape[1]
         out = d.new_zeros(n, c, input_shape[2] * input_shape[3])
         out.scatter_add_(2, idx.flatten(2), d.flatten(2))
@@ -383,6 +391,13 @@ class TorchBackend:
         no P δ, see ``tensor_ops.batchnorm_second_order``)."""
         return batchnorm_second_order(xhat, inv_std, gamma_c, delta, self._cmean(delta),
                                       mx_delta, p_r, mx_r, self._cmean(delta * p_r))
+
+    def bn_update_running_stats(self, module: torch.nn.modules.batchnorm._BatchNorm,
+                                mean: Tensor, var: Tensor, n: int) -> None:
+        """module's running statistics after a batch of n values per channel with mean μ
+        and biased variance var (C,), as nn.BatchNorm's forward updates them
+        (tensor_ops.update_running_stats)."""
+        update_running_stats(module, mean, var, n)
 
 
 @dataclass

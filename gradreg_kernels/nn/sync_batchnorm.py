@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..registry import register_alias
-from ..rules.norm import update_running_stats
 from ..rules.sync_norm import sync_group
+from ..tensor_ops import update_running_stats
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):

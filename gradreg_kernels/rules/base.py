@@ -7,6 +7,8 @@ For a layer y = F(a; θ) with Jacobian J = ∂y/∂a (notation of docs/math.md):
 - ``tangent(r)``        pass 3: J r (the adjoint of the chain, run forward); accumulates the
                         θ-gradient of ⟨d, J r⟩ and keeps the second-order term at a.
 - ``backward(abar)``    pass 4: Jᵀ ā + (second-order term); accumulates (∂F/∂θ)ᵀ ā.
+- ``commit()``          after passes 1-2, once the loss passed the finite checks: the
+                        step's effect on module state (BatchNorm's running statistics).
 
 After pass 4, ``param_grads()`` lists (parameter, gradient) for every parameter that
 requires a gradient. A rule object serves one call of the schedule.
@@ -30,6 +32,10 @@ class Rule:
 
     def set_keep_saved(self, keep: bool) -> None:
         self.keep_saved = keep
+
+    def commit(self) -> None:
+        """Apply what pass 1 computed for the module's state (nothing here); runs once the
+        loss is known finite, so a step that raises leaves the module as it was."""
 
     def has_trainable_params(self) -> bool:
         """Whether pass 4 must fill a gradient here (so the rules before need theirs)."""

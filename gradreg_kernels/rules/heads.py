@@ -76,6 +76,9 @@ class SoftmaxHead:
     uniform = False
     name = "ce"
     uses_labels = True
+    #: a label outside [0, K) gives its row a NaN data term and gradient (every backend's
+    #: softmax head), so the deferred finite check finds it without reading the labels
+    nan_on_bad_labels = True
 
     def __init__(self, kernels: Backend) -> None:
         self.kernels = kernels

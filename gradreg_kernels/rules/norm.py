@@ -15,8 +15,9 @@ where s = ∂/∂a ⟨d, (γ/σ) P r⟩ (the dependence of σ and x̂ on a) is
 Derivation: ∂σ/∂a_i = x̂_i/N and ∂x̂_j/∂a_i = (δ_ij − 1/N − x̂_i x̂_j/N)/σ, so
 ∂S_v/∂a = P v/σ and ∂(γ/σ)/∂a = −γ x̂/(N σ²); ⟨d, P r⟩ = Σ d r − Σd Σr/N − S_d S_r/N.
 
-Running statistics are updated once in pass 1, exactly as nn.BatchNorm's forward does
-(unbiased variance, momentum or cumulative average, num_batches_tracked).
+Running statistics are updated once per step, exactly as nn.BatchNorm's forward does
+(unbiased variance, momentum or cumulative average, num_batches_tracked), from pass 1's
+batch statistics at ``commit`` (after the finite checks: a step that raises leaves them).
 """
 
 from __future__ import annotations
@@ -33,19 +34,6 @@ from .base import Rule, wants_grad
 def uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
     """nn.BatchNorm's own rule for when the batch statistics are used."""
     return m.training or (m.running_mean is None and m.running_var is None)
-
-
-@torch.no_grad()
-def update_running_stats(m: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
-                         n: int) -> None:
-    """m's running statistics after a batch of n values per channel with mean μ and biased
-    variance var (C,), as nn.BatchNorm's forward updates them: num_batches_tracked + 1,
-    momentum (or the cumulative average when momentum is None), the unbiased variance."""
-    m.num_batches_tracked.add_(1)
-    f = (1.0 / float(m.num_batches_tracked)) if m.momentum is None else m.momentum
-    m.running_mean.mul_(1 - f).add_(mean.detach().to(m.running_mean.dtype), alpha=f)
-    m.running_var.mul_(1 - f).add_((var.detach() * (n / (n - 1))).to(m.running_var.dtype),
-                                   alpha=f)
 
 
 class BatchNormEvalRule(Rule):
@@ -103,6 +91,7 @@ class BatchNormTrainRule(Rule):
         self.module, self.kernels = module, kernels
         self.gamma, self.beta = module.weight, module.bias
         self.tan_gamma = self.s = None
+        self.batch_stats: tuple[Tensor, Tensor, int] | None = None
 
     def forward(self, a: Tensor) -> Tensor:
         m = self.module
@@ -115,8 +104,14 @@ class BatchNormTrainRule(Rule):
                              f"channel, got input of shape {tuple(a.shape)}")
         y, mean, var = self._normalize(a, m.eps)
         if m.training and m.track_running_stats:
-            update_running_stats(m, mean, var, n)
+            self.batch_stats = (mean, var, n)
         return y
+
+    def commit(self) -> None:
+        """The running statistics from this batch's (μ, var), as nn.BatchNorm updates them."""
+        if self.batch_stats is not None:
+            self.kernels.bn_update_running_stats(self.module, *self.batch_stats)
+            self.batch_stats = None
 
     def _normalize(self, a: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         """y = γ x̂ + β over the batch statistics (saving x̂, 1/σ, k = γ/σ), μ and var."""

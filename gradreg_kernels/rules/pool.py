@@ -18,11 +18,26 @@ from ..registry import register_function, register_module
 from .base import FixedLinearRule, Rule
 
 
+def disjoint_windows(kernel_size, stride, padding, dilation
+                     ) -> tuple[int, int, int, int] | None:
+    """(stride_h, stride_w, pad_h, pad_w) when no two max-pool windows share an input
+    position, i.e. stride ≥ dilation·(kernel − 1) + 1 (the window's extent) along both dims
+    (then input row h lies in window row (h + pad_h) // stride_h or in none); else None."""
+    pair = torch.nn.modules.utils._pair
+    if stride is None or (isinstance(stride, tuple | list) and len(stride) == 0):
+        stride = kernel_size  # as F.max_pool2d reads a missing stride
+    k, s, p, d = (pair(v) for v in (kernel_size, stride, padding, dilation))
+    if all(s[i] >= d[i] * (k[i] - 1) + 1 for i in (0, 1)):
+        return int(s[0]), int(s[1]), int(p[0]), int(p[1])
+    return None
+
+
 class MaxPool2dRule(Rule):
     def __init__(self, module: nn.MaxPool2d, kernels: Backend) -> None:
         self.module, self.kernels = module, kernels
         m = module
         self.args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        self.disjoint = disjoint_windows(m.kernel_size, m.stride, m.padding, m.dilation)
 
     def forward(self, a: Tensor) -> Tensor:
         self.in_shape = a.shape
@@ -30,13 +45,15 @@ class MaxPool2dRule(Rule):
         return y
 
     def chain(self, d: Tensor) -> Tensor:
-        return self.kernels.pool_scatter(d, self.idx, self.in_shape)
+        return self.kernels.pool_scatter(d, self.idx, self.in_shape, disjoint=self.disjoint)
 
     def tangent(self, r: Tensor) -> Tensor:
         return self.kernels.pool_gather(r, self.idx)
 
     def backward(self, abar: Tensor, need_input_grad: bool = True) -> Tensor | None:
-        return self.kernels.pool_scatter(abar, self.idx, self.in_shape) if need_input_grad else None
+        if not need_input_grad:
+            return None
+        return self.kernels.pool_scatter(abar, self.idx, self.in_shape, disjoint=self.disjoint)
 
 
 class AvgPool2dRule(FixedLinearRule):

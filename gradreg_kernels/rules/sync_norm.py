@@ -23,7 +23,7 @@ from ..backend_protocol import Backend
 from ..registry import register_module
 from ..tensor_ops import batchnorm_second_order, channel_sum, channel_view
 from .base import wants_grad
-from .norm import BatchNormEvalRule, BatchNormTrainRule, update_running_stats, uses_batch_stats
+from .norm import BatchNormEvalRule, BatchNormTrainRule, uses_batch_stats
 
 
 def sync_group(m: nn.SyncBatchNorm):
@@ -80,7 +80,7 @@ class SyncBatchNormTrainRule(BatchNormTrainRule):
         y = self.xhat if gamma is None else self.xhat * self.gamma_c + channel_view(
             self.beta.detach(), a)
         if m.training and m.track_running_stats:
-            update_running_stats(m, mean.flatten(), var, int(n))
+            self.batch_stats = (mean.flatten(), var, int(n))
         return y
 
     def chain(self, d: Tensor) -> Tensor:

@@ -135,6 +135,16 @@ class TritonBackend(TorchBackend):
             return super().softmax_ce(z, y)
         return softmax_head.softmax_ce(z, y)
 
+    def softmax_head(
+        self, z: Tensor, y: Tensor, uniform: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """TorchBackend.softmax_head's four results in one launch (softmax_head.py)."""
+        if (z.dim() != 2 or not supported(z) or z.numel() == 0
+                or z.shape[1] > softmax_head.MAX_K or y.shape != z.shape[:1]
+                or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            return super().softmax_head(z, y, uniform)
+        return softmax_head.softmax_head(z, y, uniform)
+
     def target_head(self, kind: str, z: Tensor, y: Tensor
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
         if z.dim() != 2 or not supported(z, y) or y.shape != z.shape \
@@ -160,10 +170,14 @@ class TritonBackend(TorchBackend):
             return super().pool_gather(r, idx)
         return pool.pool_gather(r, idx)
 
-    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int]) -> Tensor:
+    def pool_scatter(self, d: Tensor, idx: Tensor, input_shape: Sequence[int],
+                     disjoint: tuple[int, int, int, int] | None = None) -> Tensor:
+        """Disjoint windows: one gather-style launch over the input; else atomics (pool.py)."""
         if not supported(d) or d.dim() != 4:
-            return super().pool_scatter(d, idx, input_shape)
-        return pool.pool_scatter(d, idx, input_shape)
+            return super().pool_scatter(d, idx, input_shape, disjoint=disjoint)
+        if disjoint is not None and (d.shape != idx.shape or len(input_shape) != 4):
+            disjoint = None
+        return pool.pool_scatter(d, idx, input_shape, disjoint=disjoint)
 
     # ---- train-mode batch norm --------------------------------------------------------
     def bn_train_forward(self, a: Tensor, gamma: Tensor | None, beta: Tensor | None,
@@ -207,3 +221,9 @@ class TritonBackend(TorchBackend):
         if not supported(abar, xhat, k, s) or abar.shape != xhat.shape:
             return super().bn_backward(abar, xhat, k, s)
         return batchnorm.bn_backward(abar, xhat, k, s)
+
+    def bn_update_running_stats(self, module: torch.nn.modules.batchnorm._BatchNorm,
+                                mean: Tensor, var: Tensor, n: int) -> None:
+        if not batchnorm.running_stats_supported(module, mean, var):
+            return super().bn_update_running_stats(module, mean, var, n)
+        batchnorm.update_running_stats(module, mean, var, n)

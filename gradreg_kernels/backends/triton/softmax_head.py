@@ -1,9 +1,12 @@
-"""The heads' kernels: softmax cross-entropy (value and probabilities in one pass, and its
-HVP) and the target heads mse / bce.
+"""The heads' kernels: softmax cross-entropy (value, probabilities and both gradients in one
+pass, and its HVP) and the target heads mse / bce.
 
 For logits z (N, K) and labels y (N,):
-    CE_n = logsumexp(z_n) − z_{n, y_n},   p = softmax(z)        (_softmax_ce_kernel)
+    CE_n = logsumexp(z_n) − z_{n, y_n},   p = softmax(z)
+    ∇CE = p − e_y,   ∇ℓ = p − 1/K (uniform) or ∇CE                (_softmax_head_kernel)
     H t  = p ⊙ t − p (pᵀ t) row by row                          (_softmax_hvp_kernel)
+A label outside [0, K) gives its row CE_n = NaN and ∇CE_n = NaN (no other class is read);
+the uniform ∇ℓ = p − 1/K does not depend on the label.
 For targets y (N, K): ℓ_n = (1/K) Σ_k e, ∇ℓ = e′/K and the Hessian's diagonal e″/K with
     mse: e = (z − y)²,  e′ = 2 (z − y)     bce: e = BCE with logits, e′ = σ − y, e″ = σ(1 − σ)
                                                                  (_target_head_kernel)
@@ -26,8 +29,9 @@ def _block_m(k: int) -> int:
 
 
 @triton.jit(do_not_specialize=["n"])
-def _softmax_ce_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, n, k, stride_z,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _softmax_head_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, dg_ptr, pg_ptr, n, k, stride_z, inv_k,
+                         GRADS: tl.constexpr, UNIFORM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     rm = rows < n
@@ -39,11 +43,19 @@ def _softmax_ce_kernel(z_ptr, y_ptr, ce_ptr, p_ptr, n, k, stride_z,
     tot = tl.where(rm, tl.sum(e, axis=1), 1.0)
     lse = zmax + tl.log(tot)
     y = tl.load(y_ptr + rows, mask=rm, other=0)
-    zy = tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-    ce = tl.where((y >= 0) & (y < k), lse - zy, float("nan"))  # unchecked bad label: NaN
+    ok = (y >= 0) & (y < k)  # a bad label matches no column and makes its row NaN
+    hit = cols[None, :] == y[:, None]
+    zy = tl.sum(tl.where(hit, z, 0.0), axis=1)
+    ce = tl.where(ok, lse - zy, float("nan"))
     tl.store(ce_ptr + rows, ce.to(ce_ptr.dtype.element_ty), mask=rm)
     p = e / tot[:, None]
-    tl.store(p_ptr + rows[:, None] * k + cols[None, :], p.to(p_ptr.dtype.element_ty), mask=m2)
+    offs = rows[:, None] * k + cols[None, :]
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=m2)
+    if GRADS:
+        dg = tl.where(ok[:, None], p - tl.where(hit, 1.0, 0.0), float("nan"))
+        tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=m2)
+        if UNIFORM:
+            tl.store(pg_ptr + offs, (p - inv_k).to(pg_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -65,17 +77,40 @@ def _rows(z: Tensor) -> Tensor:
     return z if z.stride(1) == 1 else z.contiguous()
 
 
-def softmax_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """(CE (N,), p (N, K)) in float32 for 16-bit logits (as autocast's log_softmax), else z's."""
+def _head_dtype(z: Tensor) -> torch.dtype:
+    """float32 for 16-bit logits (as autocast's log_softmax), else z's dtype."""
+    return torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+
+
+def _launch_head(z: Tensor, y: Tensor, grads: bool, uniform: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z = _rows(z)
     n, k = z.shape
-    out_dt = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+    out_dt = _head_dtype(z)
     ce = torch.empty(n, dtype=out_dt, device=z.device)
     p = torch.empty((n, k), dtype=out_dt, device=z.device)
-    kernels, bm = triton.next_power_of_2(k), _block_m(k)
-    _softmax_ce_kernel[(triton.cdiv(n, bm),)](z, y.contiguous(), ce, p, n, k, z.stride(0),
-                                              BLOCK_M=bm, BLOCK_K=kernels)
+    dg = torch.empty_like(p) if grads else p
+    pg = torch.empty_like(p) if grads and uniform else dg
+    block_k, bm = triton.next_power_of_2(k), _block_m(k)
+    _softmax_head_kernel[(triton.cdiv(n, bm),)](z, y.contiguous(), ce, p, dg, pg, n, k,
+                                                z.stride(0), 1.0 / k, GRADS=grads,
+                                                UNIFORM=grads and uniform,
+                                                BLOCK_M=bm, BLOCK_K=block_k)
+    return ce, p, dg, pg
+
+
+def softmax_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(CE (N,), p (N, K)) for logits z (N, K) and labels y (N,), in ``_head_dtype(z)``."""
+    ce, p, _, _ = _launch_head(z, y, grads=False, uniform=False)
     return ce, p
+
+
+def softmax_head(z: Tensor, y: Tensor, uniform: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(CE (N,), p (N, K), ∇CE = p − e_y (N, K), ∇ℓ (N, K)) in one launch, in
+    ``_head_dtype(z)``; ∇ℓ = p − 1/K if ``uniform``, else the ∇CE tensor itself. A label
+    outside [0, K) makes its row of CE and ∇CE NaN (TorchBackend.softmax_head)."""
+    return _launch_head(z, y, grads=True, uniform=uniform)
 
 
 def softmax_hvp(p: Tensor, t: Tensor) -> Tensor:
@@ -83,9 +118,9 @@ def softmax_hvp(p: Tensor, t: Tensor) -> Tensor:
     p, t = p.contiguous(), _rows(t)
     n, k = p.shape
     out = torch.empty((n, k), dtype=torch.promote_types(p.dtype, t.dtype), device=p.device)
-    kernels, bm = triton.next_power_of_2(k), _block_m(k)
+    block_k, bm = triton.next_power_of_2(k), _block_m(k)
     _softmax_hvp_kernel[(triton.cdiv(n, bm),)](p, t, out, n, k, t.stride(0),
-                                               BLOCK_M=bm, BLOCK_K=kernels)
+                                               BLOCK_M=bm, BLOCK_K=block_k)
     return out
 
 
@@ -120,7 +155,7 @@ def target_head(kind: str, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor
     data = torch.empty(n, dtype=torch.float32, device=z.device)
     grad = torch.empty((n, k), dtype=torch.float32, device=z.device)
     d2 = torch.empty_like(grad) if kind == "bce" else grad  # mse stores no d2
-    kernels, bm = triton.next_power_of_2(k), _block_m(k)
+    block_k, bm = triton.next_power_of_2(k), _block_m(k)
     _target_head_kernel[(triton.cdiv(n, bm),)](z, y, data, grad, d2, n, k, BCE=kind == "bce",
-                                               BLOCK_M=bm, BLOCK_K=kernels)
+                                               BLOCK_M=bm, BLOCK_K=block_k)
     return data, grad, (d2 if kind == "bce" else None)
