@@ -33,8 +33,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-if "triton" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels on the CPU
+if __name__ == "__main__" and not os.environ.get("TRITON_INTERPRET"):
+    # run as a script: the Triton kernels on the CPU (set before triton is imported); an
+    # importer (the tests) keeps its own environment, which its child processes inherit
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
