@@ -248,7 +248,7 @@ class DeferredChecks:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, mask: Tensor | None,
-                 params: Sequence[Tensor]) -> None:
+                 params: Sequence[nn.Parameter]) -> None:
         self.model, self.x, self.mask, self.params = model, x, mask, params
         dt = torch.promote_types(x.dtype, torch.float32)
         self.parts = [x.detach().sum(dtype=dt)]
