@@ -35,8 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from .graphs import CapturedStep, _CudaGraph
-from .loss import GradRegOutput, gradreg_loss
+from .loss import GradRegOutput
 from .loss_module import GradRegLoss
+from .model_state import ModelState
 from .plan import plan_signature
 
 #: the parts of a key, in order, as the refusal names them
@@ -131,45 +132,23 @@ class AutoCapture:
         """Warm up, capture and put back what the warm-up changed; a new graph."""
         f, model = self.loss_fn, self.model
         has_y, has_mask = y is not None, mask is not None
-        opts = dict(head=f.head, backend=f.backend, value_weight=f.value_weight, data=f.data,
-                    label_smoothing=f.label_smoothing, class_weight=f._class_weight(),
-                    strict=f.strict, check_finite=False)
-        lam = f.lam
 
         def step(xx: Tensor, *rest: Tensor) -> GradRegOutput:
             yy = rest[0] if has_y else None
             mm = rest[-1] if has_mask else None
             model.zero_grad(set_to_none=True)
-            out = gradreg_loss(model, xx, yy, lam, mask=mm, **opts)
+            # forward, not the module call: a GradRegLoss hook would run at the capture only
+            out = f.forward(xx, yy, mm, check_finite=False)
             out.loss.backward()
             return out
 
         if self._pool is None and x.is_cuda:
             self._pool = torch.cuda.graph_pool_handle()
         recorder = (self._recorder or _CudaGraph)(x.device, self._pool)
-        saved = _ModelState(model, x.device)
+        saved = ModelState(model, x.device)
         examples = [x] + ([y] if has_y else []) + ([mask] if has_mask else [])
         captured = CapturedStep(step, *examples, warmup=self.warmup,
                                 params=model.parameters(), _recorder=recorder)
         saved.restore()
         self.captures += 1
         return _Entry(captured, has_y, has_mask)
-
-
-class _ModelState:
-    """The model's buffers and the random-number generators (CPU and the device's), put
-    back by ``restore``."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.cpu_rng = torch.get_rng_state()
-        self.device = device
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.device)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .model_state import ModelState
 from .plan import plan_signature
 
 #: device types on which "auto" is measured (elsewhere the priority order decides)
@@ -70,36 +71,16 @@ def time_step(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-class _State:
-    """Buffers, gradients and generators of the model, put back by ``restore``."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.grads = [(p, None if p.grad is None else p.grad.detach().clone())
-                      for p in model.parameters()]
-        self.device = device
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        for p, g in self.grads:
-            p.grad = g
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.device)
-
-
-def choose(model: nn.Module, x: Tensor, candidates: list[str],
+def choose(model: nn.Module, x: Tensor, candidates: Callable[[], list[str]],
            run: Callable[[str], None], extra_key: tuple = (),
            timer: Callable[[Callable[[], None], torch.device], float] | None = None) -> str:
-    """The fastest of ``candidates`` for (model, x), measured once per key and remembered
-    ("auto", the priority order, where nothing is remembered and steps cannot run now).
+    """The fastest of the backends ``candidates()`` names for (model, x), measured once per
+    key and remembered ("auto", the priority order, where nothing is remembered and steps
+    cannot run now or ``candidates()`` names none).
 
-    ``run(name)`` makes one whole step (forward and backward) on backend ``name``; a backend
-    whose step raises is left out. ``timer`` times one call (``time_step`` by default)."""
+    ``candidates`` is called only where nothing is remembered for the key. ``run(name)``
+    makes one whole step (forward and backward) on backend ``name``; a backend whose step
+    raises is left out. ``timer`` times one call (``time_step`` by default)."""
     key = (x.device.type, x.device.index, tuple(x.shape), x.dtype, plan_signature(model),
            extra_key)
     hit = _CHOICES.get(key)
@@ -107,11 +88,14 @@ def choose(model: nn.Module, x: Tensor, candidates: list[str],
         return hit
     if not _can_measure_now(x.device):
         return "auto"  # the priority order
+    names = candidates()
+    if not names:
+        return "auto"
     timer = timer or time_step
-    state = _State(model, x.device)
+    state = ModelState(model, x.device, grads=True)
     times: dict[str, float] = {}
     failed: dict[str, str] = {}
-    for name in candidates:
+    for name in names:
         try:
             run(name)  # compiles, autotunes, allocates
             times[name] = min(timer(lambda n=name: run(n), x.device) for _ in range(REPEATS))

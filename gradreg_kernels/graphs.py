@@ -30,9 +30,10 @@ between replays is safe. A parameter whose storage was replaced since the captur
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +65,16 @@ class _CudaGraph:
         self.graph.replay()
 
 
-def _device_guard(device: torch.device):
-    """The context that makes ``device`` current (a model on cuda:1 while cuda:0 is)."""
-    return torch.cuda.device(device)
+def _spec(t: object, device: bool = True) -> str:
+    """An input as a refusal names it: shape, dtype (and device), or its type."""
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"{tuple(t.shape)} {t.dtype}" + (f" on {t.device}" if device else "")
+
+
+def _matches(new: object, old: Tensor, device: bool = True) -> bool:
+    return (isinstance(new, Tensor) and new.shape == old.shape and new.dtype == old.dtype
+            and (not device or new.device == old.device))
 
 
 def _referenced_modules(fn: Callable[..., object]) -> list[nn.Module]:
@@ -98,10 +106,15 @@ class CapturedStep:
     partial's arguments or as its ``__self__``): pass ``params`` when it reaches its model
     some other way. ``warmup`` uncaptured calls on a side stream come first: kernels compile and
     autotune there, and the allocator settles.
+
+    A call's inputs must match the captured ones in number, shape, dtype and device; a
+    wrapper passes ``names`` (one per input) and ``owner`` (its class name) to have a wrong
+    shape or dtype refused as ``"<owner> was captured for <name> of shape ..."``.
     """
 
     def __init__(self, fn: Callable[..., object], *inputs: Tensor, warmup: int = 3,
-                 params: Iterable[Tensor] | None = None, _recorder=None) -> None:
+                 params: Iterable[Tensor] | None = None, names: Sequence[str] | None = None,
+                 owner: str = "CapturedStep", _recorder=None) -> None:
         if not inputs or not all(isinstance(t, Tensor) for t in inputs):
             raise TypeError("CapturedStep needs the example inputs as tensors after fn")
         if _recorder is None and not all(t.is_cuda for t in inputs):
@@ -112,7 +125,9 @@ class CapturedStep:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (kernels compile before capture), "
                              f"got {warmup}")
-        self.fn = fn
+        if names is not None and len(names) != len(inputs):
+            raise ValueError(f"CapturedStep got {len(names)} names for {len(inputs)} inputs")
+        self.fn, self.names, self.owner = fn, names, owner
         self.device = inputs[0].device
         self.inputs = tuple(t.detach().clone() for t in inputs)
         self.recorder = _recorder or _CudaGraph(self.device)
@@ -129,22 +144,34 @@ class CapturedStep:
     def _run(self) -> object:
         return self.fn(*self.inputs)
 
-    def _guard(self):
-        return _device_guard(self.device) if self.device.type == "cuda" else _no_guard()
+    def _guard(self) -> contextlib.AbstractContextManager:
+        """The context that makes the inputs' GPU current (a model on cuda:1 while cuda:0
+        is); none off CUDA."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    def _check_inputs(self, inputs: Sequence[object]) -> None:
+        """Refuse ``inputs`` unless they match the captured inputs: their number, then (with
+        ``names``) each one's shape and dtype by name, then each one's shape, dtype and
+        device by position."""
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"CapturedStep was captured with {len(self.inputs)} inputs, "
+                             f"got {len(inputs)}")
+        pairs = list(zip(inputs, self.inputs))
+        for name, (new, old) in zip(self.names or (), pairs):
+            if not _matches(new, old, device=False):
+                raise ValueError(f"{self.owner} was captured for {name} of shape "
+                                 f"{_spec(old, device=False)}, got {_spec(new, device=False)}")
+        for i, (new, old) in enumerate(pairs):
+            if not _matches(new, old):
+                raise ValueError(f"CapturedStep input {i} was captured as {_spec(old)}, "
+                                 f"got {_spec(new)}")
 
     def __call__(self, *inputs: Tensor) -> object:
         """Copy ``inputs`` into the captured inputs, replay, re-attach the gradients and
         return the captured output."""
-        if len(inputs) != len(self.inputs):
-            raise ValueError(f"CapturedStep was captured with {len(self.inputs)} inputs, "
-                             f"got {len(inputs)}")
-        for i, (new, old) in enumerate(zip(inputs, self.inputs)):
-            if (not isinstance(new, Tensor) or new.shape != old.shape or new.dtype != old.dtype
-                    or new.device != old.device):
-                what = (f"{tuple(new.shape)} {new.dtype} on {new.device}"
-                        if isinstance(new, Tensor) else type(new).__name__)
-                raise ValueError(f"CapturedStep input {i} was captured as {tuple(old.shape)} "
-                                 f"{old.dtype} on {old.device}, got {what}")
+        self._check_inputs(inputs)
         for p, ptr in self._storage:
             if p.data_ptr() != ptr:
                 raise RuntimeError(
@@ -161,14 +188,6 @@ class CapturedStep:
         return self.output
 
 
-class _no_guard:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 class GraphedStep:
     """gradreg_loss(model, x, y, lam, ...).loss.backward() as one replayable CUDA graph."""
 
@@ -180,11 +199,12 @@ class GraphedStep:
         self.model, self.lam, self.head, self.backend = model, lam, head, backend
         self.value_weight = value_weight
         self.has_y, self.has_mask = y is not None, mask is not None
-        self.names = ["x"] + (["y"] if self.has_y else []) + (["mask"] if self.has_mask else [])
+        names = ["x"] + (["y"] if self.has_y else []) + (["mask"] if self.has_mask else [])
         examples = [x] + ([y] if self.has_y else []) + ([mask] if self.has_mask else [])
         model.zero_grad(set_to_none=True)
         self.captured = CapturedStep(self._step, *examples, warmup=warmup,
-                                     params=model.parameters(), _recorder=_recorder)
+                                     params=model.parameters(), names=names,
+                                     owner="GraphedStep", _recorder=_recorder)
 
     def _step(self, x: Tensor, *rest: Tensor):
         y = rest[0] if self.has_y else None
@@ -204,12 +224,6 @@ class GraphedStep:
         if self.has_mask and mask is None:
             raise ValueError("GraphedStep was captured with a mask; pass one")
         args = [x] + ([y] if self.has_y else []) + ([mask] if self.has_mask else [])
-        for name, new, old in zip(self.names, args, self.captured.inputs):
-            if not isinstance(new, Tensor) or new.shape != old.shape or new.dtype != old.dtype:
-                what = (f"{tuple(new.shape)} {new.dtype}" if isinstance(new, Tensor)
-                        else type(new).__name__)
-                raise ValueError(f"GraphedStep was captured for {name} of shape "
-                                 f"{tuple(old.shape)} {old.dtype}, got {what}")
         return self.captured(*args).loss.detach()
 
     @property

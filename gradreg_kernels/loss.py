@@ -271,10 +271,12 @@ def gradreg_loss(
 
 def _measured_backend(model, x, y, lam, head, mask, value_weight, data, label_smoothing,
                       class_weight) -> str:
-    """The fastest backend for this model and batch (backend_choice), one of several."""
-    candidates = measurable_backends(x.device)
-    if len(candidates) < 2:
-        return "auto"
+    """The fastest backend for this model and batch (backend_choice), one of several:
+    "auto" (the priority order) where fewer than two can be measured."""
+
+    def candidates() -> list[str]:
+        names = measurable_backends(x.device)
+        return names if len(names) >= 2 else []
 
     def run(name: str) -> None:
         model.zero_grad(set_to_none=True)

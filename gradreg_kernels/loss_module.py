@@ -46,11 +46,16 @@ class GradRegLoss(nn.Module):
         self.check_finite, self.keep_saved = check_finite, keep_saved
         self.register_buffer("class_weight", class_weight)
 
-    def forward(self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None
-                ) -> GradRegOutput:
+    def forward(self, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None, *,
+                check_finite: bool | None = None) -> GradRegOutput:
+        """The loss on (x, y[, mask]) with this module's options; ``check_finite`` given
+        overrides the module's ``check_finite`` for this call (a captured step passes
+        False: the checks read values back to the host)."""
+        if check_finite is None:
+            check_finite = self.check_finite
         return gradreg_loss(self.model, x, y, self.lam, head=self.head, mask=mask,
                             backend=self.backend, strict=self.strict,
-                            value_weight=self.value_weight, check_finite=self.check_finite,
+                            value_weight=self.value_weight, check_finite=check_finite,
                             keep_saved=self.keep_saved, data=self.data,
                             label_smoothing=self.label_smoothing,
                             class_weight=self._class_weight())

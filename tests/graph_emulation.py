@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from gradreg_kernels.model_state import ModelState
+
 
 class EmulatedGraph:
     """A CUDA graph's contract on the CPU, for the bookkeeping around replays.
@@ -23,12 +25,9 @@ class EmulatedGraph:
             fn()
 
     def record(self, fn):
-        buffers = [b.clone() for b in self.model.buffers()]
-        rng = torch.get_rng_state()
+        saved = ModelState(self.model, torch.device("cpu"))
         self.fn, self.out = fn, fn()
-        for b, saved in zip(self.model.buffers(), buffers):
-            b.copy_(saved)
-        torch.set_rng_state(rng)
+        saved.restore()
         self.grads = [p.grad for p in self.params]
         return self.out
 

@@ -144,3 +144,14 @@ def test_captured_steps_on_the_gpu_train_as_uncaptured_ones(no_tf32):
     assert step.captures == 2
     for (name, a), b in zip(captured.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_check_finite_given_to_the_loss_module_overrides_its_own():
+    x, y = _batch()
+    loss_fn = GradRegLoss(_model(), 0.5, backend="torch")
+    with pytest.raises(ValueError, match="non-finite"):
+        loss_fn(x * float("nan"), y)
+    assert not torch.isfinite(loss_fn(x * float("nan"), y, check_finite=False).loss)
+    unchecked = GradRegLoss(_model(), 0.5, backend="torch", check_finite=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        unchecked(x * float("nan"), y, check_finite=True)

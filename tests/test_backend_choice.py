@@ -103,11 +103,11 @@ def test_a_backend_that_fails_is_not_chosen(measured_cpu):
         gradreg_loss(copy.deepcopy(model), x, y, 0.5, backend=name).loss.backward()
 
     with pytest.warns(AutoBackendChoice, match="torch 1000.00 ms"):
-        best = backend_choice.choose(model, x, ["cpu", "torch"], run,
+        best = backend_choice.choose(model, x, lambda: ["cpu", "torch"], run,
                                      timer=lambda step, dev: (step(), times["torch"])[1])
     assert best == "torch"
     with pytest.raises(RuntimeError, match="no backend ran the step: cpu: RuntimeError"):
-        backend_choice.choose(model, x[:5], ["cpu"], run)
+        backend_choice.choose(model, x[:5], lambda: ["cpu"], run)
 
 
 def test_priority_decides_where_not_measured(monkeypatch):
@@ -121,5 +121,25 @@ def test_priority_decides_where_not_measured(monkeypatch):
     model = _model()
     x, _ = _batch()
     with torch.no_grad():
-        assert backend_choice.choose(model, x, ["torch", "cpu"], lambda name: None) == "auto"
+        assert backend_choice.choose(model, x, lambda: ["torch", "cpu"],
+                                     lambda name: None) == "auto"
     assert measurable_backends(torch.device("cpu"))[:2] == ["cpu", "torch"]
+
+
+def test_a_remembered_choice_lists_no_backends(measured_cpu, monkeypatch):
+    """The measurable backends are listed only where no choice is remembered for the key."""
+    import gradreg_kernels.loss as loss
+
+    listed: list[torch.device] = []
+
+    def listing(device):
+        listed.append(device)
+        return measurable_backends(device)
+
+    monkeypatch.setattr(loss, "measurable_backends", listing)
+    model = _model()
+    x, y = _batch()
+    with pytest.warns(AutoBackendChoice):
+        gradreg_loss(model, x, y, 0.5)
+    gradreg_loss(model, x, y, 0.5)
+    assert len(listed) == 1
