@@ -82,7 +82,9 @@ def test_ddp_gradients_equal_one_process_on_the_whole_batch(case, dtype, tol, tm
         assert all(b == "cpu" if dtype == torch.float32 else b in ("cpu", "torch")
                    for b in got["backends"]), got["backends"]
         for n, g in want.items():
-            err = float((got["grads"][n] - g).norm()) / max(float(g.norm()), 1e-3 * scale)
+            # floored at 1 % of the largest: a gradient zero in exact arithmetic (a bias
+            # before train-mode BN) is rounding noise of a few ulps of it on both sides
+            err = float((got["grads"][n] - g).norm()) / max(float(g.norm()), 1e-2 * scale)
             assert err < tol, (r, n, err)
         for n, b in want_buffers.items():
             assert torch.allclose(got["buffers"][n].to(b.dtype), b, rtol=tol, atol=tol), (r, n)

@@ -60,8 +60,8 @@ def _assert_same_grads(new: dict, ref: dict, tol: float = 1e-4) -> None:
     flat = [torch.cat([g.flatten() for g in d.values()]) for d in (new, ref)]
     assert _rel(flat[0], flat[1]) < tol
     total = flat[1].norm()
-    for n, g in ref.items():
-        assert _rel(new[n], g, floor=1e-3 * float(total)) < tol, n
+    for n, g in ref.items():  # floored at 1 % of the whole: 1e-6 of it absolute, ~8 ulps
+        assert _rel(new[n], g, floor=1e-2 * float(total)) < tol, n
 
 
 def _user_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lam: float):

@@ -307,10 +307,14 @@ class TorchBackend:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """y = γ x̂ + β with x̂ = (a − μ)/σ, σ = √(var + eps) over the batch.
 
-        Returns y, x̂, 1/σ (broadcastable), μ and the biased variance (both (C,)).
+        Returns y, x̂, 1/σ (broadcastable), μ and the biased variance (both (C,)). A bf16 or
+        float16 ``a`` (autocast) has its statistics, x̂ and y computed in float32, as torch's
+        own batch norm does, and y and x̂ stored in a's dtype; 1/σ, μ and var stay float32.
         """
-        mean = self._cmean(a)
-        xc = a - mean
+        low = a.dtype in (torch.bfloat16, torch.float16)
+        a_s = a.float() if low else a
+        mean = self._cmean(a_s)
+        xc = a_s - mean
         var = self._cmean(xc * xc)
         inv_std = torch.rsqrt(var + eps)
         if (a.device.type == "cpu" and a.dtype != torch.float64
@@ -320,10 +324,14 @@ class TorchBackend:
             a64 = a.double()
             xc64 = a64 - self._cmean(a64)
             var64 = self._cmean(xc64 * xc64)
-            inv_std, var = torch.rsqrt(var64 + eps).to(a.dtype), var64.to(a.dtype)
-            xc = xc64.to(a.dtype)
+            inv_std, var = torch.rsqrt(var64 + eps).to(a_s.dtype), var64.to(a_s.dtype)
+            xc = xc64.to(a_s.dtype)
         xhat = xc * inv_std
         y = xhat if gamma is None else xhat * channel_view(gamma, a) + channel_view(beta, a)
+        if low:
+            xhat_low = xhat.to(a.dtype)
+            y = xhat_low if gamma is None else y.to(a.dtype)
+            xhat = xhat_low
         return y, xhat, inv_std, mean.flatten(), var.flatten()
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
