@@ -52,11 +52,35 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-6) -> None:
 
 
 # ---- products ----------------------------------------------------------------------------
-# n · in · out below ONEDNN_MIN_WORK runs on MKL, above on oneDNN (Wᵀ as a strided view;
-# the weight product copies the narrower side): both orders of in / out
+@pytest.fixture(params=[True, False], ids=["onednn", "mkl"])
+def products(request, monkeypatch):
+    """Both product libraries, whichever this CPU's default is (cpu.ONEDNN_PRODUCTS: oneDNN
+    on AVX-512 CPUs, MKL on AVX2 ones)."""
+    from gradreg_kernels.backends import cpu
+
+    monkeypatch.setattr(cpu, "ONEDNN_PRODUCTS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("choice,want", [("onednn", True), ("mkl", False)])
+def test_product_library_follows_the_environment(monkeypatch, choice, want):
+    from gradreg_kernels.backends import cpu
+
+    monkeypatch.setenv("GRADREG_KERNELS_PRODUCTS", choice)
+    assert cpu._onednn_products() is want
+    monkeypatch.setattr(cpu, "ONEDNN_PRODUCTS", want)
+    assert cpu._product_path(512, 10**8) == choice
+    assert cpu._product_path(512, 1000) == "mkl" and cpu._product_path(16, 10**8) == "thin"
+    monkeypatch.setenv("GRADREG_KERNELS_PRODUCTS", "blas")
+    with pytest.raises(ValueError, match="GRADREG_KERNELS_PRODUCTS"):
+        cpu._onednn_products()
+
+
+# n · in · out below ONEDNN_MIN_WORK runs on MKL, above on oneDNN where it is chosen (Wᵀ as a
+# strided view; the weight product copies the narrower side): both orders of in / out
 @pytest.mark.parametrize("n", [1, 3, 67, 131, 300, 1111])
 @pytest.mark.parametrize("out_f, in_f", [(29, 37), (41, 23)])
-def test_linear_products(kernels, n, out_f, in_f):
+def test_linear_products(kernels, products, n, out_f, in_f):
     a, w, b = torch.randn(n, in_f), torch.randn(out_f, in_f), torch.randn(out_f)
     d, d2, a2 = torch.randn(n, out_f), torch.randn(n, out_f), torch.randn(n, in_f)
     close(kernels.linear(a, w, b), REF.linear(a, w, b))
@@ -68,7 +92,7 @@ def test_linear_products(kernels, n, out_f, in_f):
 
 
 @pytest.mark.parametrize("n, out_f, in_f", [(5, 29, 37), (256, 300, 97), (131, 129, 2000)])
-def test_weight_product_accumulates_in_place(kernels, n, out_f, in_f):
+def test_weight_product_accumulates_in_place(kernels, products, n, out_f, in_f):
     """acc += Σ dᵀa in place on both backends (the oneDNN one in blocks of output rows, the
     last one short), one pair and two."""
     pairs = [(torch.randn(n, out_f), torch.randn(n, in_f)) for _ in range(2)]
@@ -82,7 +106,7 @@ def test_weight_product_accumulates_in_place(kernels, n, out_f, in_f):
             close(out, ref.float())
 
 
-def test_weight_product_reads_stacked_operands_without_a_copy(kernels):
+def test_weight_product_reads_stacked_operands_without_a_copy(kernels, products):
     """The Linear rule's [a; r] buffer is read as one operand; other parts are concatenated."""
     from gradreg_kernels.backends.cpu import _stacked_rows
 
@@ -97,7 +121,7 @@ def test_weight_product_reads_stacked_operands_without_a_copy(kernels):
           REF.linear_weight_grad([(z, a), (d, r)]))
 
 
-def test_products_see_weights_updated_in_place(kernels):
+def test_products_see_weights_updated_in_place(kernels, products):
     """oneDNN reads W through a view on every call: an optimizer step in place is seen."""
     w, d, a = torch.randn(512, 784), torch.randn(256, 512), torch.randn(256, 784)
     for _ in range(2):
@@ -164,12 +188,18 @@ def test_linear_param_grads_sum_the_bias_in_the_layout_sweep(kernels, need_w, ne
                 assert gb is None
 
 
-def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(kernels):
+def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(kernels,
+                                                                             monkeypatch):
     """keep_delta gives δᵀ (a new buffer: δ itself can go) where oneDNN's product copies δ
-    transposed anyway, δ as it is elsewhere; every weight product reads the kept form."""
+    transposed anyway, δ as it is elsewhere (MKL's products included); every weight product
+    reads the kept form, on either library."""
     from gradreg_kernels.backend_protocol import TransposedDelta
+    from gradreg_kernels.backends import cpu
 
     d, a, a2 = torch.randn(300, 200), torch.randn(300, 301), torch.randn(300, 301)
+    monkeypatch.setattr(cpu, "ONEDNN_PRODUCTS", False)
+    assert kernels.keep_delta(d, 301) is d
+    monkeypatch.setattr(cpu, "ONEDNN_PRODUCTS", True)
     kept = kernels.keep_delta(d, 301)
     assert isinstance(kept, TransposedDelta) and kept.t.is_contiguous()
     assert kept.t._base is None and kept.t.data_ptr() != d.data_ptr()
@@ -185,10 +215,12 @@ def test_kept_delta_is_its_transposed_copy_and_serves_every_weight_product(kerne
     gw, gb = kernels.linear_param_grads([(kept, a)], None, True, True)
     close(gw, ref)
     close(gb, d.double().sum(0))
+    monkeypatch.setattr(cpu, "ONEDNN_PRODUCTS", False)  # a δᵀ kept before a switch to MKL
+    close(kernels.linear_weight_grad([(kept, a)]), ref)
 
 
 @pytest.mark.parametrize("keep_saved", [False, True])
-def test_step_with_kept_deltas_matches_float64_oracle(kernels, keep_saved):
+def test_step_with_kept_deltas_matches_float64_oracle(kernels, products, keep_saved):
     """An MLP whose dᵀr terms run in pass 3 from the kept δᵀ (B = 300; λ large enough that the
     penalty's terms carry the gradient): against the float64 oracle; under keep_saved a
     second backward adds the same gradients again."""
@@ -685,7 +717,7 @@ def _fast_path_cnn():
 
 @pytest.mark.parametrize("value_weight", [1.0, 0.0])
 @pytest.mark.parametrize("b", [2, 37, 130])
-def test_fast_paths_match_float64_oracle(kernels, b, value_weight):
+def test_fast_paths_match_float64_oracle(kernels, products, b, value_weight):
     torch.manual_seed(b)
     model = _fast_path_cnn()
     x, y = torch.randn(b, 1, 12, 12), torch.randint(0, 5, (b,))

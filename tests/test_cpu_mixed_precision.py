@@ -172,12 +172,15 @@ def _ext():
     return extension()
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 1001])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 1001])
 @pytest.mark.parametrize("lo", [0.0, 0.2])
 @pytest.mark.parametrize("dt_in,dt_out", [(torch.bfloat16, torch.bfloat16),
                                           (torch.float32, torch.bfloat16),
-                                          (torch.bfloat16, torch.float32)])
+                                          (torch.bfloat16, torch.float32),
+                                          (torch.float32, torch.float32)])
 def test_mask_kernels_read_and_write_bf16(n, lo, dt_in, dt_out):
+    """The 16-lane (AVX-512), 8-lane (AVX2) and scalar sweeps against torch, at sizes that
+    leave a tail for each, NaN included (ReLU keeps its bit on, LeakyReLU off)."""
     g = torch.Generator().manual_seed(n)
     z = torch.randn(n, generator=g).to(dt_in)
     z[0] = float("nan") if n > 1 else z[0]
@@ -187,9 +190,9 @@ def test_mask_kernels_read_and_write_bf16(n, lo, dt_in, dt_out):
     assert y.dtype == dt_out and torch.equal(y[fin], want[fin])
     assert finite == bool(fin.all())
     t = torch.randn(n, generator=g).to(dt_in)
-    out = _ext().mask_apply(bits, t, 1.0, lo, dt_out)
+    out = _ext().mask_apply(bits, t, 1.25, lo, dt_out)
     on = (z.float() > 0) if lo else ~(z.float() <= 0)
-    want_t = torch.where(on, t.float(), t.float() * lo).to(dt_out)
+    want_t = torch.where(on, t.float() * 1.25, t.float() * lo).to(dt_out)
     assert out.dtype == dt_out and torch.equal(out, want_t)
 
 

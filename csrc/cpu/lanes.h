@@ -3,6 +3,7 @@
 // as torch's own bf16 kernels do.
 //   to_f32 / from_f32:  one element
 //   load16 / store16:   16 elements as one AVX-512 float32 register
+//   load8 / store8:     8 elements as one AVX2 float32 register (CPUs without AVX-512)
 // bf16 → float32 is exact (the top 16 bits of a float); float32 → bf16 uses the AVX512_BF16
 // instruction where the CPU has it (-march=native), else the same rounding in integer lanes.
 #pragma once
@@ -13,7 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -70,6 +71,38 @@ inline void store16(bf16* p, __m512 v) {
   const __m256i h = _mm512_cvtepi32_epi16(r);
 #endif
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+#endif
+
+#if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+// the rounding of from_f32<bf16> in eight integer lanes
+inline void store8(bf16* p, __m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i top = _mm256_srli_epi32(x, 16);
+  const __m256i lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i q = _mm256_blendv_epi8(r, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
+  // every lane holds a value below 2^16: the unsigned pack keeps it
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+// the 8 bits of `byte` as an 8-lane select mask (lane k on where bit k is set)
+inline __m256 byte_mask8(uint8_t byte) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(byte), sel);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
 }
 #endif
 

@@ -4,7 +4,8 @@
 // lo = 0 an off element is exactly 0 even where t is NaN or ±inf. The bit at a NaN z is
 // torch's choice: ReLU's backward reads its output (NaN <= 0 is false: on), LeakyReLU's
 // reads z > 0 (false: the slope). With AVX-512 a 16-lane compare gives
-// 16 mask bits at once and a masked blend applies them; elsewhere the selects are arithmetic,
+// 16 mask bits at once and a masked blend applies them, with AVX2 an 8-lane compare gives
+// one byte (movemask) and the byte widened to 8 lanes selects; elsewhere the selects are arithmetic,
 // not branches (the bits are random: a mispredicted branch per element would cost more
 // than the whole sweep). Operands and results are float32 or bfloat16, each its own
 // (lanes.h): under CPU autocast a sweep reads a float32 δ and writes the bf16 operand of the
@@ -53,6 +54,21 @@ bool mask_forward_range(const TI* __restrict z, TO* __restrict y, uint8_t* __res
     std::memcpy(bits + i / 8, &mb, 2);
   }
   finite = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  const __m256 zero = _mm256_setzero_ps(), l = _mm256_set1_ps(lo);
+  const bool relu = lo == 0.f;
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= end; i += 8) {
+    const __m256 v = load8(z + i);
+    acc = _mm256_add_ps(acc, _mm256_sub_ps(v, v));
+    const __m256 m = relu ? _mm256_cmp_ps(v, zero, _CMP_NLE_UQ)
+                          : _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
+    store8(y + i, _mm256_blendv_ps(_mm256_mul_ps(v, l), v, m));
+    bits[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(m));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float f : lanes) finite += f;
 #endif
   for (; i < end; i += 8) {
     uint8_t byte = 0;
@@ -84,6 +100,13 @@ void mask_apply_range(const uint8_t* __restrict bits, const TI* __restrict t,
     const __mmask16 m = static_cast<__mmask16>(mb);
     const __m512 off = lo == 0.f ? _mm512_setzero_ps() : _mm512_mul_ps(v, l);
     store16(out + i, _mm512_mask_blend_ps(m, off, _mm512_mul_ps(v, h)));
+  }
+#elif defined(__AVX2__)
+  const __m256 h = _mm256_set1_ps(hi), l = _mm256_set1_ps(lo);
+  for (; i + 8 <= end; i += 8) {
+    const __m256 v = load8(t + i);
+    const __m256 off = lo == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(v, l);
+    store8(out + i, _mm256_blendv_ps(off, _mm256_mul_ps(v, h), byte_mask8(bits[i / 8])));
   }
 #endif
   for (; i < end; ++i) {

@@ -2,12 +2,14 @@
 
 Same kernels, same math as ``TorchBackend``; only how each step runs changes:
 
-- products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``), faster than MKL's
-  sgemm on AVX-512 CPUs (bench/RESULTS.md, "How products are chosen"). oneDNN's linear
-  reads its weight through strides, so ``d W`` runs on the view Wᵀ with no copy, and
-  the doubled-batch weight product ``[z̄; δ]ᵀ [a; r]`` copies only the
-  narrower side transposed (``transpose_cat``) and reads the other as a view. Products
-  below ``ONEDNN_MIN_WORK`` multiply-adds stay on MKL, whose call costs less;
+- on AVX-512 CPUs products go through oneDNN (``torch.ops.mkldnn._linear_pointwise``),
+  about twice MKL's sgemm rate there; elsewhere (AVX2) they stay on MKL, as fast or
+  faster (bench/RESULTS.md, "How the cpu backend chooses its products"; ``ONEDNN_PRODUCTS``,
+  ``GRADREG_KERNELS_PRODUCTS=onednn|mkl`` overrides). oneDNN's linear reads its weight
+  through strides, so ``d W`` runs on the view Wᵀ with no copy, and the doubled-batch weight
+  product ``[z̄; δ]ᵀ [a; r]`` copies only the narrower side transposed (``transpose_cat``)
+  and reads the other as a view. Products below ``ONEDNN_MIN_WORK`` multiply-adds stay on
+  MKL, whose call costs less;
 - every elementwise step is one C++ sweep: ReLU / LeakyReLU / Dropout keep a packed bit
   mask (1 bit per element); smooth activations keep their output y where σ', σ'' are
   functions of it, else z, and recompute σ', σ'' inside each later sweep; the
@@ -46,8 +48,24 @@ from .cpu_weight_copies import WeightCopies
 from .torch_ops import NonFinite, TorchBackend
 
 # Below this many multiply-adds a product runs on MKL, whose call costs less than oneDNN's
-# (the crossover measured for bench/RESULTS.md, "How products are chosen").
+# (the crossover measured for bench/RESULTS.md, "How the cpu backend chooses its products").
 ONEDNN_MIN_WORK = 600_000
+
+
+def _onednn_products() -> bool:
+    """Whether the float32 linear products above ONEDNN_MIN_WORK run on oneDNN: on CPUs
+    where torch dispatches AVX-512 kernels (oneDNN 2.2-2.5× MKL's sgemm rate measured
+    there), not on AVX2 ones (MKL 5-10 % faster alone, 11 % in the B = 256 MLP's step).
+    ``GRADREG_KERNELS_PRODUCTS=onednn`` or ``=mkl`` decides instead."""
+    choice = os.environ.get("GRADREG_KERNELS_PRODUCTS", "")
+    if choice in ("onednn", "mkl"):
+        return choice == "onednn"
+    if choice:
+        raise ValueError(f"GRADREG_KERNELS_PRODUCTS must be 'onednn' or 'mkl', got {choice!r}")
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+ONEDNN_PRODUCTS = _onednn_products()
 
 # A layer with at most this many outputs (a classifier's last Linear) runs its products in
 # the extension's one-sweep kernels (thin_*): at K = 10 a library call costs several times the
@@ -218,10 +236,11 @@ def _without_history(t: Tensor | None) -> Tensor | None:
 
 def _product_path(out_f: int, work: int) -> str:
     """Where a linear product with ``out_f`` outputs and ``work`` multiply-adds runs: "thin"
-    (the extension's one-sweep kernels), "mkl" (below ONEDNN_MIN_WORK) or "onednn"."""
+    (the extension's one-sweep kernels), "mkl" (below ONEDNN_MIN_WORK, or where
+    ONEDNN_PRODUCTS is off) or "onednn"."""
     if out_f <= THIN_MAX:
         return "thin"
-    return "mkl" if work < ONEDNN_MIN_WORK else "onednn"
+    return "onednn" if ONEDNN_PRODUCTS and work >= ONEDNN_MIN_WORK else "mkl"
 
 
 def _casts_weight(w: Tensor) -> bool:
@@ -362,7 +381,9 @@ class CpuBackend(TorchBackend):
             dk, a = pairs[0]
             if (len(pairs) == 1 and isinstance(dk, TransposedDelta) and acc is None and not bias
                     and _f32_dense(a) and a.dim() == 2):
-                return self._mm(dk.t, a.t(), None, "none", [], ""), None
+                if ONEDNN_PRODUCTS:
+                    return self._mm(dk.t, a.t(), None, "none", [], ""), None
+                return torch.mm(dk.t, a), None
             # any other use reads δ back through a view of δᵀ
             pairs = [(d.delta() if isinstance(d, TransposedDelta) else d, a) for d, a in pairs]
         flat = [t for pair in pairs for t in pair]
