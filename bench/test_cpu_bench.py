@@ -7,8 +7,10 @@ gradient of the same regularized loss and of the ordinary loss (2 threads, float
 measured in a fresh process (see cpu_workloads.peak_bytes). The groups ``<model>-bf16``
 run the fused cpu step (also with its native Linear chain turned off, on the Python
 schedule) and eager double backprop under ``torch.autocast("cpu",
-dtype=torch.bfloat16)``, and their library products alone. For the goal table with
-interleaved rounds use ``python bench/cpu_table.py`` (``--autocast bf16``).
+dtype=torch.bfloat16)``, and their library products alone. The group
+``float32-products-256x784x512`` runs a Linear layer's three products on oneDNN and on MKL
+(bench/float32_product_libraries.py: which one the cpu backend picks on this CPU). For the
+goal table with interleaved rounds use ``python bench/cpu_table.py`` (``--autocast bf16``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import bf16_accuracy
 import cpu_workloads as cw
+import float32_product_libraries
 import pytest
 import step_floor
 import torch
@@ -85,17 +88,27 @@ def test_products_alone(benchmark, model, method):
     benchmark.pedantic(run, rounds=ROUNDS.get(model, 30), iterations=1, warmup_rounds=3)
 
 
-def test_recorder_counts_the_mlp_products():
+@pytest.mark.parametrize("library", ["onednn", "mkl"])
+def test_recorder_counts_the_mlp_products(monkeypatch, library):
     """MLP 784-512-512-10: eager double backprop makes 3 forward, 3 chain, 6 weight and
     input-gradient and 6 double-backward products (18); the fused cpu step makes the two
     wide layers' 11 product-sized units as 9 oneDNN calls (the weight products over the
-    doubled batch), the 10-output layer running in the extension's own kernels."""
+    doubled batch) or, on MKL, as 11 calls (each two-pair weight product an mm and an
+    addmm_ into it), the 10-output layer running in the extension's own kernels."""
+    from gradreg_kernels.backends import cpu
+
+    monkeypatch.setattr(cpu, "ONEDNN_PRODUCTS", library == "onednn")
     w = WORKLOADS["mlp_relu_b64"]
     steps = cw.torch_steps(w)
     eager = record_products(steps["eager_double"])
     assert len(eager) == 18
     fused = record_products(steps["fused_cpu"])
-    assert [str(p.func) for p in fused] == ["mkldnn._linear_pointwise.default"] * 9
+    calls = sorted(str(p.func) for p in fused)
+    if library == "onednn":
+        assert calls == ["mkldnn._linear_pointwise.default"] * 9
+    else:
+        assert calls == (["aten.addmm.default"] * 2 + ["aten.addmm_.default"] * 2
+                         + ["aten.mm.default"] * 7)
     replay(fused)()  # the copies replay on their own
 
 
@@ -169,3 +182,12 @@ def test_bf16_gradients_on_bench_models_as_close_as_eager(model):
     for vw in (1.0, 0.0):
         fused, eager = bf16_accuracy.errors(WORKLOADS[model], vw, seed=0)
         assert 1e-4 < fused <= 1.25 * eager, (model, vw, fused, eager)
+
+
+@pytest.mark.parametrize("call", list(float32_product_libraries.calls(1, 1, 1)))
+def test_float32_product_libraries(benchmark, call):
+    """A Linear layer's three float32 products (B = 256, 784 → 512) on oneDNN and on MKL."""
+    fn = float32_product_libraries.calls(256, 784, 512)[call]
+    benchmark.group = "float32-products-256x784x512"
+    benchmark.name = call.replace("ᵀ", "T").replace(" ", "_")
+    benchmark.pedantic(fn, rounds=30, iterations=1, warmup_rounds=3)
