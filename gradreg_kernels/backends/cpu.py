@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,12 +57,14 @@ def _onednn_products() -> bool:
     """Whether the float32 linear products above ONEDNN_MIN_WORK run on oneDNN: on CPUs
     where torch dispatches AVX-512 kernels (oneDNN 2.2-2.5× MKL's sgemm rate measured
     there), not on AVX2 ones (MKL 5-10 % faster alone, 11 % in the B = 256 MLP's step).
-    ``GRADREG_KERNELS_PRODUCTS=onednn`` or ``=mkl`` decides instead."""
+    ``GRADREG_KERNELS_PRODUCTS=onednn`` or ``=mkl`` decides instead (any other value is
+    named in a RuntimeWarning and the CPU decides)."""
     choice = os.environ.get("GRADREG_KERNELS_PRODUCTS", "")
     if choice in ("onednn", "mkl"):
         return choice == "onednn"
     if choice:
-        raise ValueError(f"GRADREG_KERNELS_PRODUCTS must be 'onednn' or 'mkl', got {choice!r}")
+        warnings.warn(f"GRADREG_KERNELS_PRODUCTS must be 'onednn' or 'mkl', got {choice!r}; "
+                      f"choosing by this CPU instead", RuntimeWarning, stacklevel=2)
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
