@@ -158,9 +158,10 @@ def _pre_bn_bias(model: nn.Sequential) -> set[str]:
 def test_drop_in_autocast_gradients_as_close_to_the_oracle_as_eager(backend, net, data_term):
     """The converted model's bf16 gradients (its batch-norm statistics in float32, as torch's
     own batch norm keeps them) against the float64 oracle: on average over six fresh models
-    and inputs no worse than eager autocast's own error on the same ones, the penalty's alone
-    too (no data term). One draw's error swings with the ReLU units a rounding flips, hence
-    the mean; statistics rounded to bf16 come out a third worse on ``bn_relu``."""
+    and inputs within 1.25× eager autocast's own error on the same ones (the fused step's
+    bound), the penalty's alone too (no data term). One draw's error swings with the ReLU
+    units a rounding flips, hence the mean; statistics rounded to bf16 come out a third
+    worse on ``bn_relu``."""
     errs: dict[str, list[float]] = {"eager": [], "dropin": []}
     for seed in range(6):
         torch.manual_seed(seed)
@@ -174,7 +175,7 @@ def test_drop_in_autocast_gradients_as_close_to_the_oracle_as_eager(backend, net
             assert all(g.dtype == torch.float32 for g in got.values())
             errs[kind].append(_rel([got[n] for n in names], [ref[n] for n in names]))
     mean = {k: sum(v) / len(v) for k, v in errs.items()}
-    assert mean["dropin"] <= 1.15 * mean["eager"], errs
+    assert mean["dropin"] <= 1.25 * mean["eager"], errs
 
 
 @pytest.mark.gpu
