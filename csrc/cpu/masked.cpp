@@ -3,9 +3,9 @@
 // later pass is out = bit ? t·hi : t·lo in one sweep, a select as torch's backward is: with
 // lo = 0 an off element is exactly 0 even where t is NaN or ±inf. The bit at a NaN z is
 // torch's choice: ReLU's backward reads its output (NaN <= 0 is false: on), LeakyReLU's
-// reads z > 0 (false: the slope). With AVX-512 a 16-lane compare gives
-// 16 mask bits at once and a masked blend applies them, with AVX2 an 8-lane compare gives
-// one byte (movemask) and the byte widened to 8 lanes selects; elsewhere the selects are arithmetic,
+// reads z > 0 (false: the slope). With AVX-512 a 16-lane compare gives 16 mask bits at
+// once and a masked blend applies them, with AVX2 an 8-lane compare gives one byte
+// (movemask) and the byte widened to 8 lanes selects; elsewhere the selects are arithmetic,
 // not branches (the bits are random: a mispredicted branch per element would cost more
 // than the whole sweep). Operands and results are float32 or bfloat16, each its own
 // (lanes.h): under CPU autocast a sweep reads a float32 δ and writes the bf16 operand of the

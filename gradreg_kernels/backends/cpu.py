@@ -55,8 +55,9 @@ ONEDNN_MIN_WORK = 600_000
 
 def _onednn_products() -> bool:
     """Whether the float32 linear products above ONEDNN_MIN_WORK run on oneDNN: on CPUs
-    where torch dispatches AVX-512 kernels (oneDNN 2.2-2.5× MKL's sgemm rate measured
-    there), not on AVX2 ones (MKL 5-10 % faster alone, 11 % in the B = 256 MLP's step).
+    where torch dispatches AVX-512 kernels (oneDNN 1.2-2.5× MKL's sgemm rate measured
+    there), not on AVX2 ones (MKL 5-30 % faster alone at the MLPs' sizes, oneDNN up to
+    10 % at the paper CNN's FC layer; MKL 11 % faster in the B = 256 MLP's step).
     ``GRADREG_KERNELS_PRODUCTS=onednn`` or ``=mkl`` decides instead (any other value is
     named in a RuntimeWarning and the CPU decides)."""
     choice = os.environ.get("GRADREG_KERNELS_PRODUCTS", "")

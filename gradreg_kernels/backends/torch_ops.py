@@ -329,9 +329,8 @@ class TorchBackend:
         xhat = xc * inv_std
         y = xhat if gamma is None else xhat * channel_view(gamma, a) + channel_view(beta, a)
         if low:
-            xhat_low = xhat.to(a.dtype)
-            y = xhat_low if gamma is None else y.to(a.dtype)
-            xhat = xhat_low
+            xhat = xhat.to(a.dtype)
+            y = xhat if gamma is None else y.to(a.dtype)
         return y, xhat, inv_std, mean.flatten(), var.flatten()
 
     def bn_project(self, v: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
